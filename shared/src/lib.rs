@@ -1,0 +1,9 @@
+//! Formats and kernel plumbing that both binaries speak: IP prefixes,
+//! `subnet.env`, network-namespace entry and a thin netlink layer.
+
+pub mod ip;
+pub mod netlink;
+pub mod netns;
+pub mod subnet_env;
+
+pub use ip::IpNet;

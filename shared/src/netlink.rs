@@ -1,0 +1,537 @@
+//! The one netlink layer of the project. Callers speak in domain terms
+//! (`create_bridge`, `replace_route`, `add_address`); netlink messages stay here.
+//!
+//! A [`Netlink`] is bound to the network namespace its socket was created in:
+//! [`Netlink::connect`] for the caller's own namespace, [`Netlink::connect_in`]
+//! for another one. Both need a tokio runtime with I/O enabled.
+
+use std::fs::File;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_core::ErrorMessage;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
+};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+
+use crate::ip::IpNet;
+use crate::netns;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// ENODEV/ENOENT/ESRCH: the link, address or route does not exist.
+    #[error("{op}: not found")]
+    NotFound { op: String },
+    /// EEXIST: it is there already.
+    #[error("{op}: already exists")]
+    Exists { op: String },
+    #[error("{op}: {source}")]
+    Kernel { op: String, source: io::Error },
+    #[error("{op}: {msg}")]
+    Other { op: String, msg: String },
+}
+
+impl NetlinkError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, NetlinkError::NotFound { .. })
+    }
+    pub fn is_exists(&self) -> bool {
+        matches!(self, NetlinkError::Exists { .. })
+    }
+    /// The errno behind the error, when the kernel gave one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::NotFound { .. } => Some(libc::ENODEV),
+            NetlinkError::Exists { .. } => Some(libc::EEXIST),
+            NetlinkError::Kernel { source, .. } => source.raw_os_error(),
+            NetlinkError::Other { .. } => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, NetlinkError>;
+
+fn map_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    move |e| {
+        let op = op.into();
+        match e {
+            rtnetlink::Error::NetlinkError(ErrorMessage { code: Some(code), .. }) => {
+                let errno = -code.get();
+                match errno {
+                    libc::ENODEV | libc::ENOENT | libc::ESRCH => NetlinkError::NotFound { op },
+                    libc::EEXIST => NetlinkError::Exists { op },
+                    _ => NetlinkError::Kernel { op, source: io::Error::from_raw_os_error(errno) },
+                }
+            }
+            other => NetlinkError::Other { op, msg: other.to_string() },
+        }
+    }
+}
+
+/// A network interface as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    pub mtu: u32,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    pub promisc: bool,
+    /// Index of the bridge (or other controller) this link is a port of.
+    pub master: Option<u32>,
+    /// `bridge`, `veth`, `vxlan`, ... (`None` for physical/loopback devices).
+    pub kind: Option<String>,
+    /// Hairpin mode, when the link is a bridge port and the kernel reported it.
+    pub hairpin: Option<bool>,
+}
+
+impl Link {
+    fn from_message(msg: &LinkMessage) -> Link {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            mac: None,
+            mtu: 0,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            promisc: msg.header.flags.contains(LinkFlags::Promisc),
+            master: None,
+            kind: None,
+            hairpin: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Address(a) if a.len() == 6 => {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(a);
+                    link.mac = Some(m);
+                }
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Controller(c) => link.master = Some(*c),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        match info {
+                            LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
+                            LinkInfo::PortData(InfoPortData::BridgePort(opts)) => {
+                                for o in opts {
+                                    if let InfoBridgePort::HairpinMode(h) = o {
+                                        link.hairpin = Some(*h);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// An address assigned to an interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Address {
+    pub index: u32,
+    /// The address with its prefix length, e.g. `10.244.1.1/24`.
+    pub net: IpNet,
+}
+
+/// A route in the kernel's FIB, reduced to what this project manages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
+    /// `rtm_protocol`: who owns the route (RTPROT_BOOT=3 for `ip route add`,
+    /// RTPROT_KERNEL=2 for connected routes).
+    pub protocol: u8,
+    pub table: u32,
+    pub scope: u8,
+    /// `rtm_type`: 1 = unicast, 6 = blackhole.
+    pub kind: u8,
+}
+
+pub const RT_TABLE_MAIN: u32 = 254;
+pub const RTPROT_BOOT: u8 = 3;
+pub const RTN_UNICAST: u8 = 1;
+pub const RTN_BLACKHOLE: u8 = 6;
+pub const RT_SCOPE_UNIVERSE: u8 = 0;
+pub const RT_SCOPE_LINK: u8 = 253;
+
+impl Route {
+    /// A plain unicast route in the main table.
+    pub fn new(dst: IpNet) -> Route {
+        Route {
+            dst: dst.network(),
+            gateway: None,
+            oif: None,
+            onlink: false,
+            protocol: RTPROT_BOOT,
+            table: RT_TABLE_MAIN,
+            scope: RT_SCOPE_UNIVERSE,
+            kind: RTN_UNICAST,
+        }
+    }
+
+    pub fn via(mut self, gw: IpAddr) -> Route {
+        self.gateway = Some(gw);
+        self
+    }
+
+    pub fn dev(mut self, oif: u32) -> Route {
+        self.oif = Some(oif);
+        self
+    }
+
+    pub fn onlink(mut self) -> Route {
+        self.onlink = true;
+        self
+    }
+
+    pub fn protocol(mut self, p: u8) -> Route {
+        self.protocol = p;
+        self
+    }
+
+    /// A directly connected route (`scope link`, no gateway).
+    pub fn scope_link(mut self) -> Route {
+        self.scope = RT_SCOPE_LINK;
+        self
+    }
+
+    fn to_message(&self) -> std::result::Result<RouteMessage, String> {
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(self.dst.network_addr(), self.dst.prefix())
+            .map_err(|e| e.to_string())?;
+        if let Some(gw) = self.gateway {
+            b = b.gateway(gw).map_err(|e| e.to_string())?;
+        }
+        if let Some(oif) = self.oif {
+            b = b.output_interface(oif);
+        }
+        if self.onlink {
+            b = b.onlink();
+        }
+        b = b
+            .protocol(RouteProtocol::from(self.protocol))
+            .scope(RouteScope::from(self.scope))
+            .kind(RouteType::from(self.kind))
+            .table_id(self.table);
+        Ok(b.build())
+    }
+
+    fn from_message(msg: &RouteMessage) -> Option<Route> {
+        let h = &msg.header;
+        let mut dst = None;
+        let mut gateway = None;
+        let mut oif = None;
+        let mut table = h.table as u32;
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Destination(a) => dst = route_addr(a),
+                RouteAttribute::Gateway(a) => gateway = route_addr(a),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Table(t) => table = *t,
+                _ => {}
+            }
+        }
+        let v4 = match h.address_family {
+            AddressFamily::Inet => true,
+            AddressFamily::Inet6 => false,
+            _ => return None,
+        };
+        let dst_addr = dst.unwrap_or(if v4 { IpNet::default_route(true).addr() } else { IpNet::default_route(false).addr() });
+        Some(Route {
+            dst: IpNet::new(dst_addr, h.destination_prefix_length).ok()?,
+            gateway,
+            oif,
+            onlink: h.flags.contains(RouteFlags::Onlink),
+            protocol: h.protocol.into(),
+            table,
+            scope: h.scope.into(),
+            kind: h.kind.into(),
+        })
+    }
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// What to create with [`Netlink::create_veth`].
+pub struct VethSpec<'a> {
+    /// Name of the end that stays in this namespace.
+    pub name: &'a str,
+    /// Name of the other end.
+    pub peer_name: &'a str,
+    /// Namespace the other end is created in directly (no move afterwards).
+    pub peer_netns: &'a File,
+    pub mtu: u32,
+    /// Bridge to enslave this end to at creation.
+    pub master: Option<u32>,
+    /// Bring this end up at creation.
+    pub up: bool,
+}
+
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// A netlink connection in the caller's network namespace. Must be called
+    /// inside a tokio runtime (the connection task is spawned on it).
+    pub fn connect() -> io::Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// A netlink connection inside the network namespace `ns`. The socket is
+    /// created on a short-lived thread that entered `ns`; this thread's own
+    /// namespace is not touched.
+    pub fn connect_in(ns: &File) -> io::Result<Netlink> {
+        let socket = netns::run_in(ns, || {
+            netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
+        })??;
+        socket.set_non_blocking(true)?;
+        // SAFETY: the fd comes from a socket we own and hand over whole.
+        let tokio_socket = unsafe { netlink_sys::TokioSocket::from_raw_fd(socket.into_raw_fd()) };
+        let (conn, handle, _) = rtnetlink::from_socket(tokio_socket);
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    // ---- links ----
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
+        let res = self.handle.link().get().match_name(name.to_string()).execute().try_next().await;
+        match res.map_err(map_err(format!("get link {name}"))) {
+            Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
+        let res = self.handle.link().get().match_index(index).execute().try_next().await;
+        match res.map_err(map_err(format!("get link #{index}"))) {
+            Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let msgs: Vec<LinkMessage> =
+            self.handle.link().get().execute().try_collect().await.map_err(map_err("dump links"))?;
+        Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
+    /// Creates a bridge, up, with a fixed MAC (so it does not follow its ports).
+    pub async fn create_bridge(&self, name: &str, mac: [u8; 6], mtu: u32, promisc: bool) -> Result<()> {
+        let msg = LinkBridge::new(name).address(mac.to_vec()).mtu(mtu).promiscuous(promisc).build();
+        self.handle.link().add(msg).execute().await.map_err(map_err(format!("create bridge {name}")))
+    }
+
+    /// Creates a veth pair whose peer is born in another namespace.
+    pub async fn create_veth(&self, spec: &VethSpec<'_>) -> Result<()> {
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(spec.peer_name.to_string())
+            .mtu(spec.mtu)
+            .setns_by_fd(spec.peer_netns.as_raw_fd())
+            .build();
+        let mut b = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+            .name(spec.name.to_string())
+            .mtu(spec.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)));
+        if let Some(m) = spec.master {
+            b = b.controller(m);
+        }
+        if spec.up {
+            b = b.up();
+        }
+        self.handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(map_err(format!("create veth {}/{}", spec.name, spec.peer_name)))
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.handle.link().set(msg).execute().await.map_err(map_err(format!("set link #{index} up")))
+    }
+
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.handle.link().set(msg).execute().await.map_err(map_err(format!("set mtu of link #{index}")))
+    }
+
+    pub async fn set_promisc(&self, index: u32, on: bool) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).promiscuous(on).build();
+        self.handle.link().set(msg).execute().await.map_err(map_err(format!("set promisc of link #{index}")))
+    }
+
+    pub async fn set_master(&self, index: u32, master: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).controller(master).build();
+        self.handle.link().set(msg).execute().await.map_err(map_err(format!("enslave link #{index}")))
+    }
+
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).address(mac.to_vec()).build();
+        self.handle.link().set(msg).execute().await.map_err(map_err(format!("set mac of link #{index}")))
+    }
+
+    /// Sets hairpin mode on a bridge port (lets a pod reach itself via a Service).
+    pub async fn set_hairpin(&self, index: u32, on: bool) -> Result<()> {
+        let msg = LinkBridgePort::new(index).hairpin(on).build();
+        self.handle.link().set_port(msg).execute().await.map_err(map_err(format!("set hairpin on link #{index}")))
+    }
+
+    pub async fn del_link(&self, index: u32) -> Result<()> {
+        self.handle.link().del(index).execute().await.map_err(map_err(format!("delete link #{index}")))
+    }
+
+    // ---- addresses ----
+
+    /// Addresses of one link (or of all links), both families.
+    pub async fn addresses(&self, index: Option<u32>) -> Result<Vec<Address>> {
+        let mut req = self.handle.address().get();
+        if let Some(i) = index {
+            req = req.set_link_index_filter(i);
+        }
+        let msgs: Vec<AddressMessage> = req.execute().try_collect().await.map_err(map_err("dump addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                let ip = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    })
+                    .or_else(|| {
+                        m.attributes.iter().find_map(|a| match a {
+                            AddressAttribute::Address(ip) => Some(*ip),
+                            _ => None,
+                        })
+                    })?;
+                Some(Address { index: m.header.index, net: IpNet::new(ip, m.header.prefix_len).ok()? })
+            })
+            .collect())
+    }
+
+    pub async fn add_address(&self, index: u32, net: IpNet) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, net.addr(), net.prefix())
+            .execute()
+            .await
+            .map_err(map_err(format!("add address {net} to link #{index}")))
+    }
+
+    pub async fn del_address(&self, index: u32, net: IpNet) -> Result<()> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(net.addr())
+            .set_prefix_length_filter(net.prefix())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(map_err(format!("find address {net}")))?;
+        for m in msgs {
+            self.handle.address().del(m).execute().await.map_err(map_err(format!("delete address {net}")))?;
+        }
+        Ok(())
+    }
+
+    // ---- routes ----
+
+    /// Routes of one family in one table (`None`: every table).
+    pub async fn routes(&self, v4: bool, table: Option<u32>) -> Result<Vec<Route>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = if v4 { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        let msgs: Vec<RouteMessage> =
+            self.handle.route().get(msg).execute().try_collect().await.map_err(map_err("dump routes"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(Route::from_message)
+            .filter(|r| table.is_none_or(|t| r.table == t))
+            .collect())
+    }
+
+    pub async fn add_route(&self, route: &Route) -> Result<()> {
+        let op = || format!("add route {} via {:?}", route.dst, route.gateway);
+        let msg = route.to_message().map_err(|msg| NetlinkError::Other { op: op(), msg })?;
+        self.handle.route().add(msg).execute().await.map_err(map_err(op()))
+    }
+
+    /// Adds or replaces the route to `route.dst` (same table, metric, tos).
+    pub async fn replace_route(&self, route: &Route) -> Result<()> {
+        let op = || format!("replace route {} via {:?}", route.dst, route.gateway);
+        let msg = route.to_message().map_err(|msg| NetlinkError::Other { op: op(), msg })?;
+        self.handle.route().add(msg).replace().execute().await.map_err(map_err(op()))
+    }
+
+    pub async fn del_route(&self, route: &Route) -> Result<()> {
+        let op = || format!("delete route {} via {:?}", route.dst, route.gateway);
+        let msg = route.to_message().map_err(|msg| NetlinkError::Other { op: op(), msg })?;
+        self.handle.route().del(msg).execute().await.map_err(map_err(op()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip() {
+        let m = parse_mac("0a:58:0a:f4:01:01").unwrap();
+        assert_eq!(format_mac(&m), "0a:58:0a:f4:01:01");
+        assert!(parse_mac("0a:58:0a:f4:01").is_none());
+        assert!(parse_mac("0a:58:0a:f4:01:01:02").is_none());
+        assert!(parse_mac("zz:58:0a:f4:01:01").is_none());
+    }
+}
