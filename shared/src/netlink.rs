@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_core::ErrorMessage;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
     LinkMessage,
@@ -460,13 +460,14 @@ impl Netlink {
             .collect())
     }
 
+    /// Adds an address. IPv6 addresses skip duplicate address detection: the
+    /// pod network owns its prefixes, and DAD would delay the pod's first packets.
     pub async fn add_address(&self, index: u32, net: IpNet) -> Result<()> {
-        self.handle
-            .address()
-            .add(index, net.addr(), net.prefix())
-            .execute()
-            .await
-            .map_err(map_err(format!("add address {net} to link #{index}")))
+        let mut req = self.handle.address().add(index, net.addr(), net.prefix());
+        if !net.is_ipv4() {
+            req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute().await.map_err(map_err(format!("add address {net} to link #{index}")))
     }
 
     pub async fn del_address(&self, index: u32, net: IpNet) -> Result<()> {

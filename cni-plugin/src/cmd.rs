@@ -1,0 +1,575 @@
+//! ADD, DEL, CHECK, STATUS and GC.
+
+use std::fs::{self, File};
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use flannel_shared::IpNet;
+use flannel_shared::netlink::{Netlink, Route};
+use flannel_shared::netns;
+use flannel_shared::subnet_env::{SubnetEnv, SubnetEnvError, write_file_atomic};
+use serde_json::{Value, json};
+
+use crate::conf::{Env, PluginConf, RouteSpec};
+use crate::dataplane::{self, BridgeSpec};
+use crate::error::{CniError, Result, code, io_err};
+use crate::ipam::{IpamError, Range, Store};
+use crate::log::Log;
+use crate::masq;
+use crate::result::{CniResult, Interface, IpConfig, RouteResult};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| io_err("cannot start the async runtime", e))
+}
+
+fn read_subnet_env(conf: &PluginConf) -> Result<SubnetEnv> {
+    SubnetEnv::read(&conf.subnet_file).map_err(|e| {
+        if e.is_missing() {
+            CniError::new(
+                code::TRY_AGAIN_LATER,
+                format!("{} does not exist yet: flanneld has not leased a subnet for this node", conf.subnet_file.display()),
+            )
+        } else {
+            CniError::new(code::IO_FAILURE, "cannot use the flannel subnet file").with_details(e.to_string())
+        }
+    })
+}
+
+fn open_netns(path: &Path) -> Result<File> {
+    let f = netns::open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            CniError::new(code::UNKNOWN_CONTAINER, format!("network namespace {} does not exist", path.display()))
+        } else {
+            io_err(format_args!("cannot open network namespace {}", path.display()), e)
+        }
+    })?;
+    if !netns::is_netns(&f) {
+        return Err(CniError::new(code::INVALID_ENV, format!("CNI_NETNS {} is not a network namespace", path.display())));
+    }
+    Ok(f)
+}
+
+fn ipam_err(e: IpamError) -> CniError {
+    match e {
+        IpamError::Exhausted(..) => CniError::new(code::NO_ADDRESSES, e.to_string()),
+        IpamError::Taken { .. } => CniError::new(code::NO_ADDRESSES, e.to_string()),
+        IpamError::NotInRange { .. } => CniError::new(code::INVALID_CONFIG, e.to_string()),
+        IpamError::Io { .. } => CniError::new(code::IO_FAILURE, e.to_string()),
+    }
+}
+
+/// One address family of the node network as this ADD uses it.
+struct Family {
+    range: Range,
+    network: IpNet,
+    /// Gateway form: `10.244.1.1/24`.
+    gateway_net: IpNet,
+}
+
+fn families(senv: &SubnetEnv) -> Result<Vec<Family>> {
+    let mut out = Vec::new();
+    for (net, sub) in [(senv.network, senv.subnet), (senv.ipv6_network, senv.ipv6_subnet)] {
+        if let (Some(network), Some(subnet)) = (net, sub) {
+            let range = Range::from_gateway_form(subnet, out.len()).ok_or_else(|| {
+                CniError::new(code::INVALID_CONFIG, format!("node subnet {subnet} is too small to hold pods"))
+            })?;
+            let gateway_net = IpNet::new(range.gateway, subnet.prefix()).expect("prefix already valid");
+            out.push(Family { range, network, gateway_net });
+        }
+    }
+    Ok(out)
+}
+
+/// The routes a pod gets, upstream's way: the ipam routes, the cluster network
+/// (no explicit gateway: via the pod's gateway), and the default route when
+/// `isDefaultGateway`.
+fn pod_routes(conf: &PluginConf, fams: &[Family]) -> Vec<RouteSpec> {
+    let mut routes: Vec<RouteSpec> = conf.ipam_routes.clone();
+    for f in fams {
+        if !routes.iter().any(|r| r.dst == f.network.network()) {
+            routes.push(RouteSpec { dst: f.network.network(), gw: None });
+        }
+    }
+    if conf.is_default_gateway {
+        for f in fams {
+            let def = IpNet::default_route(f.network.is_ipv4());
+            routes.retain(|r| r.dst != def);
+            routes.push(RouteSpec { dst: def, gw: Some(f.range.gateway) });
+        }
+    }
+    routes
+}
+
+/// What ADD saves in `<dataDir>/<containerID>`. Shaped like the delegate
+/// config upstream flannel saves there, so either implementation can DEL the
+/// other's pods; the `flannel` object carries what this plugin needs on top.
+#[derive(Debug, Default)]
+struct SavedState {
+    name: Option<String>,
+    ipam_data_dir: Option<PathBuf>,
+    ip_masq: Option<bool>,
+    ifname: Option<String>,
+    ips: Vec<IpAddr>,
+}
+
+fn state_path(conf: &PluginConf, container_id: &str) -> PathBuf {
+    conf.data_dir.join(container_id)
+}
+
+fn load_state(path: &Path) -> Option<SavedState> {
+    let v: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    let fl = v.get("flannel");
+    Some(SavedState {
+        name: v.get("name").and_then(Value::as_str).map(String::from),
+        ipam_data_dir: v.pointer("/ipam/dataDir").and_then(Value::as_str).map(PathBuf::from),
+        ip_masq: v.get("ipMasq").and_then(Value::as_bool),
+        ifname: fl.and_then(|f| f.get("ifname")).and_then(Value::as_str).map(String::from),
+        ips: fl
+            .and_then(|f| f.get("ips"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str()?.parse::<IpNet>().ok().map(|n| n.addr()))
+            .collect(),
+    })
+}
+
+/// What a failed ADD must undo.
+#[derive(Default)]
+struct Undo {
+    ips: Vec<IpAddr>,
+    host_veth: Option<String>,
+    masq: Vec<IpAddr>,
+    state: Option<PathBuf>,
+}
+
+impl Undo {
+    async fn run(self, conf: &PluginConf, env: &Env, host: Option<&Netlink>, log: &mut Log) {
+        if let (Some(name), Some(nl)) = (&self.host_veth, host)
+            && let Ok(Some(l)) = nl.link_by_name(name).await
+            && let Err(e) = nl.del_link(l.index).await
+        {
+            log.error(&format!("rollback: cannot delete {name}: {e}"));
+        }
+        for ip in &self.masq {
+            if let Err(e) = masq::teardown(&conf.name, &env.container_id, *ip) {
+                log.error(&format!("rollback: {e}"));
+            }
+        }
+        if !self.ips.is_empty() {
+            let released = Store::open(&conf.ipam_dir()).and_then(|s| {
+                let g = s.lock()?;
+                for ip in &self.ips {
+                    s.release_ip(&g, *ip)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = released {
+                log.error(&format!("rollback: cannot free {:?}: {e}", self.ips));
+            }
+        }
+        if let Some(p) = self.state {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn enable_forwarding(fams: &[Family], log: &mut Log) {
+    for f in fams {
+        let path = if f.network.is_ipv4() { "/proc/sys/net/ipv4/ip_forward" } else { "/proc/sys/net/ipv6/conf/all/forwarding" };
+        if fs::read_to_string(path).map(|s| s.trim() == "1").unwrap_or(false) {
+            continue;
+        }
+        if let Err(e) = fs::write(path, "1") {
+            log.warn(&format!("cannot enable forwarding ({path}): {e}"));
+        }
+    }
+}
+
+pub fn add(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<Value> {
+    let senv = read_subnet_env(conf)?;
+    let fams = families(&senv)?;
+    let mtu = conf.mtu.unwrap_or(senv.mtu);
+    let ip_masq = conf.ip_masq.unwrap_or(!senv.ipmasq);
+    let netns_path = env.netns.as_ref().expect("CNI_NETNS checked for ADD");
+    let ns = open_netns(netns_path)?;
+    for ip in &conf.requested_ips {
+        if !fams.iter().any(|f| f.range.subnet.is_ipv4() == ip.is_ipv4()) {
+            return Err(CniError::new(code::INVALID_CONFIG, format!("requested IP {ip}: the node has no subnet of that family")));
+        }
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let host = Netlink::connect().map_err(|e| io_err("netlink", e))?;
+        let pod = Netlink::connect_in(&ns).map_err(|e| io_err("netlink in the pod namespace", e))?;
+        if pod.link_by_name(&env.ifname).await?.is_some() {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("interface {} already exists in {}", env.ifname, netns_path.display()),
+            ));
+        }
+        let mut undo = Undo::default();
+        let res = add_inner(env, conf, &fams, mtu, ip_masq, &host, &pod, &ns, &mut undo, log).await;
+        if res.is_err() {
+            undo.run(conf, env, Some(&host), log).await;
+        }
+        res
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn add_inner(
+    env: &Env,
+    conf: &PluginConf,
+    fams: &[Family],
+    mtu: u32,
+    ip_masq: bool,
+    host: &Netlink,
+    pod: &Netlink,
+    ns: &File,
+    undo: &mut Undo,
+    log: &mut Log,
+) -> Result<Value> {
+    // 1. Addresses, under host-local's lock.
+    let mut addrs: Vec<(IpNet, &Family)> = Vec::new();
+    {
+        let store = Store::open(&conf.ipam_dir()).map_err(ipam_err)?;
+        let guard = store.lock().map_err(ipam_err)?;
+        for f in fams {
+            let want = conf.requested_ips.iter().copied().find(|ip| ip.is_ipv4() == f.range.subnet.is_ipv4());
+            let ip = store.allocate(&guard, &f.range, &env.container_id, &env.ifname, want).map_err(ipam_err)?;
+            undo.ips.push(ip);
+            addrs.push((IpNet::new(ip, f.range.subnet.prefix()).expect("valid prefix"), f));
+        }
+    }
+    log.info(&format!("allocated {:?}", addrs.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>()));
+
+    // 2. The bridge, the veth pair, the pod side.
+    let gateways: Vec<IpNet> = if conf.is_gateway { fams.iter().map(|f| f.gateway_net).collect() } else { Vec::new() };
+    let spec = BridgeSpec { name: &conf.bridge, gateways: &gateways, mtu, promisc: conf.promisc };
+    let bridge = dataplane::ensure_bridge(host, &spec, |m| log.warn(&m)).await?;
+    if conf.is_gateway {
+        enable_forwarding(fams, log);
+    }
+    let host_name = dataplane::host_veth_name(&env.container_id, &env.ifname);
+    undo.host_veth = Some(host_name.clone());
+    let host_link = dataplane::create_veth(host, &host_name, &env.ifname, ns, &bridge, mtu, conf.hairpin).await?;
+
+    let route_specs = pod_routes(conf, fams);
+    let mut kernel_routes = Vec::new();
+    for r in &route_specs {
+        let gw = r.gw.or_else(|| {
+            conf.is_gateway.then(|| fams.iter().find(|f| f.range.subnet.is_ipv4() == r.dst.is_ipv4()).map(|f| f.range.gateway))?
+        });
+        let route = Route::new(r.dst);
+        kernel_routes.push(match gw {
+            Some(g) => route.via(g),
+            None => route.scope_link(),
+        });
+    }
+    let addr_list: Vec<IpNet> = addrs.iter().map(|(a, _)| *a).collect();
+    let pod_link = dataplane::configure_pod(pod, &env.ifname, &addr_list, &kernel_routes).await?;
+
+    // 3. Per-pod masquerading when flanneld does not masquerade itself.
+    if ip_masq {
+        for (a, _) in &addrs {
+            undo.masq.push(a.addr());
+            masq::setup(&conf.name, &env.container_id, a)?;
+        }
+    }
+
+    // 4. State for DEL, then the result.
+    let ranges: Vec<Value> = fams.iter().map(|f| json!([{"subnet": f.range.subnet.to_string()}])).collect();
+    let ipam_routes: Vec<Value> = route_specs
+        .iter()
+        .filter(|r| !(conf.is_default_gateway && r.dst.prefix() == 0))
+        .map(|r| match r.gw {
+            Some(g) => json!({"dst": r.dst.to_string(), "gw": g.to_string()}),
+            None => json!({"dst": r.dst.to_string()}),
+        })
+        .collect();
+    let state = json!({
+        "cniVersion": conf.cni_version,
+        "name": conf.name,
+        "type": "bridge",
+        "bridge": conf.bridge,
+        "mtu": mtu,
+        "ipMasq": ip_masq,
+        "isGateway": conf.is_gateway,
+        "isDefaultGateway": conf.is_default_gateway,
+        "hairpinMode": conf.hairpin,
+        "forceAddress": conf.force_address,
+        "promiscMode": conf.promisc,
+        "ipam": {
+            "type": "host-local",
+            "dataDir": conf.ipam_data_dir,
+            "ranges": ranges,
+            "routes": ipam_routes,
+        },
+        "flannel": {
+            "ifname": env.ifname,
+            "hostVeth": host_name,
+            "ips": addr_list.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        },
+    });
+    let spath = state_path(conf, &env.container_id);
+    undo.state = Some(spath.clone());
+    write_file_atomic(&spath, state.to_string().as_bytes()).map_err(|e| io_err(format_args!("cannot save {}", spath.display()), e))?;
+
+    let result = CniResult {
+        interfaces: vec![
+            Interface { name: bridge.name.clone(), mac: dataplane::mac_string(&bridge), mtu: Some(bridge.mtu), sandbox: None },
+            Interface { name: host_link.name.clone(), mac: dataplane::mac_string(&host_link), mtu: Some(mtu), sandbox: None },
+            Interface {
+                name: pod_link.name.clone(),
+                mac: dataplane::mac_string(&pod_link),
+                mtu: Some(mtu),
+                sandbox: env.netns.as_ref().map(|p| p.display().to_string()),
+            },
+        ],
+        ips: addrs
+            .iter()
+            .map(|(a, f)| IpConfig { address: *a, gateway: conf.is_gateway.then_some(f.range.gateway), interface: Some(2) })
+            .collect(),
+        routes: route_specs.iter().map(|r| RouteResult { dst: r.dst, gw: r.gw }).collect(),
+        dns: conf.dns.clone(),
+    };
+    log.info(&format!("ADD done: {host_name} in {}, pod {}", conf.bridge, env.ifname));
+    Ok(result.to_json(&conf.cni_version))
+}
+
+pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
+    let spath = state_path(conf, &env.container_id);
+    let saved = load_state(&spath).unwrap_or_default();
+    let ifname = saved.ifname.clone().unwrap_or_else(|| env.ifname.clone());
+    let rt = runtime()?;
+    rt.block_on(async {
+        let host = Netlink::connect().map_err(|e| io_err("netlink", e))?;
+        // The pod end: only when the namespace still exists.
+        if let Some(path) = &env.netns
+            && let Ok(ns) = netns::open(path)
+            && netns::is_netns(&ns)
+        {
+            let pod = Netlink::connect_in(&ns).map_err(|e| io_err("netlink in the pod namespace", e))?;
+            if let Some(l) = pod.link_by_name(&ifname).await? {
+                match pod.del_link(l.index).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let host_name = dataplane::host_veth_name(&env.container_id, &ifname);
+        if let Some(l) = host.link_by_name(&host_name).await? {
+            match host.del_link(l.index).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok::<(), CniError>(())
+    })?;
+
+    // Addresses: by container ID + ifname, whether or not the state survived.
+    let name = saved.name.clone().unwrap_or_else(|| conf.name.clone());
+    let ipam_dir = saved.ipam_data_dir.clone().unwrap_or_else(|| conf.ipam_data_dir.clone()).join(&name);
+    let mut released = Vec::new();
+    if ipam_dir.is_dir() {
+        let store = Store::open(&ipam_dir).map_err(ipam_err)?;
+        let guard = store.lock().map_err(ipam_err)?;
+        released = store.release(&guard, &env.container_id, &ifname).map_err(ipam_err)?;
+    }
+    let ip_masq = saved
+        .ip_masq
+        .or(conf.ip_masq)
+        .or_else(|| SubnetEnv::read(&conf.subnet_file).ok().map(|s| !s.ipmasq))
+        .unwrap_or(false);
+    if ip_masq {
+        let mut ips = saved.ips.clone();
+        ips.extend(released.iter().copied().filter(|ip| !saved.ips.contains(ip)));
+        for ip in ips {
+            if let Err(e) = masq::teardown(&name, &env.container_id, ip) {
+                log.warn(&e);
+            }
+        }
+    }
+    match fs::remove_file(&spath) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format_args!("cannot remove {}", spath.display()), e)),
+    }
+    log.info(&format!("DEL done: released {released:?}"));
+    Ok(())
+}
+
+pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
+    if !conf.version_at_least("0.4.0") {
+        return Err(CniError::new(code::INCOMPATIBLE_VERSION, format!("CHECK needs cniVersion 0.4.0 or later, got {}", conf.cni_version)));
+    }
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
+    let prev = CniResult::from_json(prev).map_err(|e| CniError::new(code::DECODE_FAILURE, e))?;
+    let ns = open_netns(env.netns.as_ref().expect("CNI_NETNS checked for CHECK"))?;
+    let mut drift: Vec<String> = Vec::new();
+
+    // IPAM: each address still recorded for this attachment.
+    let pod_ips: Vec<&IpConfig> = prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.and_then(|i| prev.interfaces.get(i)).is_none_or(|i| i.sandbox.is_some()))
+        .collect();
+    let store_dir = conf.ipam_dir();
+    if store_dir.is_dir() {
+        let store = Store::open(&store_dir).map_err(ipam_err)?;
+        let guard = store.lock().map_err(ipam_err)?;
+        let held = store.find(&guard, &env.container_id, &env.ifname).map_err(ipam_err)?;
+        for ip in &pod_ips {
+            if !held.contains(&ip.address.addr()) {
+                drift.push(format!("{} is not reserved for this container in {}", ip.address.addr(), store_dir.display()));
+            }
+        }
+    } else {
+        drift.push(format!("IPAM store {} is missing", store_dir.display()));
+    }
+
+    let rt = runtime()?;
+    rt.block_on(async {
+        let host = Netlink::connect().map_err(|e| io_err("netlink", e))?;
+        let pod = Netlink::connect_in(&ns).map_err(|e| io_err("netlink in the pod namespace", e))?;
+
+        // Pod side.
+        match pod.link_by_name(&env.ifname).await? {
+            None => drift.push(format!("{} is missing from the pod", env.ifname)),
+            Some(link) => {
+                if !link.up {
+                    drift.push(format!("{} is down", env.ifname));
+                }
+                if let Some(want) = prev.interfaces.iter().find(|i| i.name == env.ifname && i.sandbox.is_some())
+                    && !want.mac.is_empty()
+                    && !want.mac.eq_ignore_ascii_case(&dataplane::mac_string(&link))
+                {
+                    drift.push(format!("{} has MAC {}, expected {}", env.ifname, dataplane::mac_string(&link), want.mac));
+                }
+                let have = pod.addresses(Some(link.index)).await?;
+                for ip in &pod_ips {
+                    if !have.iter().any(|a| a.net == ip.address) {
+                        drift.push(format!("{} lacks address {}", env.ifname, ip.address));
+                    }
+                }
+                let mut routes = pod.routes(true, Some(flannel_shared::netlink::RT_TABLE_MAIN)).await?;
+                routes.extend(pod.routes(false, Some(flannel_shared::netlink::RT_TABLE_MAIN)).await?);
+                for r in &prev.routes {
+                    let gw = r.gw.or_else(|| pod_ips.iter().find(|ip| ip.address.is_ipv4() == r.dst.is_ipv4()).and_then(|ip| ip.gateway));
+                    let found = routes.iter().any(|k| k.dst == r.dst && k.oif == Some(link.index) && (gw.is_none() || k.gateway == gw));
+                    if !found {
+                        drift.push(format!(
+                            "route {}{} is missing from the pod",
+                            r.dst,
+                            gw.map(|g| format!(" via {g}")).unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        }
+
+        // Host side: the veth is still a port of the bridge, the bridge still has its gateway.
+        match host.link_by_name(&conf.bridge).await? {
+            None => drift.push(format!("bridge {} is missing", conf.bridge)),
+            Some(br) => {
+                let host_name = prev
+                    .interfaces
+                    .iter()
+                    .find(|i| i.sandbox.is_none() && i.name != conf.bridge)
+                    .map(|i| i.name.clone())
+                    .unwrap_or_else(|| dataplane::host_veth_name(&env.container_id, &env.ifname));
+                match host.link_by_name(&host_name).await? {
+                    None => drift.push(format!("host veth {host_name} is missing")),
+                    Some(v) => {
+                        if v.master != Some(br.index) {
+                            drift.push(format!("{host_name} is not a port of {}", conf.bridge));
+                        }
+                        if !v.up {
+                            drift.push(format!("{host_name} is down"));
+                        }
+                    }
+                }
+                let have = host.addresses(Some(br.index)).await?;
+                for ip in &pod_ips {
+                    if let Some(gw) = ip.gateway
+                        && !have.iter().any(|a| a.net.addr() == gw)
+                    {
+                        drift.push(format!("{} lacks gateway address {gw}", conf.bridge));
+                    }
+                }
+            }
+        }
+        Ok::<(), CniError>(())
+    })?;
+
+    if drift.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(code::CHECK_FAILED, format!("attachment {} has drifted", env.container_id)).with_details(drift.join("; ")))
+    }
+}
+
+pub fn status(conf: &PluginConf) -> Result<()> {
+    SubnetEnv::read(&conf.subnet_file).map(|_| ()).map_err(|e: SubnetEnvError| {
+        let msg = if e.is_missing() {
+            format!("{} does not exist: flanneld is not running or has not leased a subnet yet", conf.subnet_file.display())
+        } else {
+            format!("{} is unusable", conf.subnet_file.display())
+        };
+        CniError::new(code::NOT_AVAILABLE, msg).with_details(e.to_string())
+    })
+}
+
+pub fn gc(conf: &PluginConf, log: &mut Log) -> Result<()> {
+    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::new(code::INVALID_CONFIG, "GC needs cni.dev/valid-attachments (refusing to free every address)")
+    })?;
+    let is_valid = |id: &str, ifname: &str| valid.iter().any(|(v_id, v_if)| v_id == id && (ifname.is_empty() || v_if == ifname));
+    let store_dir = conf.ipam_dir();
+    let mut freed = Vec::new();
+    if store_dir.is_dir() {
+        let store = Store::open(&store_dir).map_err(ipam_err)?;
+        let guard = store.lock().map_err(ipam_err)?;
+        for a in store.allocations(&guard).map_err(ipam_err)? {
+            if is_valid(&a.container_id, &a.ifname) {
+                continue;
+            }
+            store.release_ip(&guard, a.ip).map_err(ipam_err)?;
+            let saved = load_state(&state_path(conf, &a.container_id));
+            if saved.as_ref().and_then(|s| s.ip_masq).unwrap_or(false)
+                && let Err(e) = masq::teardown(&conf.name, &a.container_id, a.ip)
+            {
+                log.warn(&e);
+            }
+            freed.push(format!("{} ({})", a.ip, a.container_id));
+        }
+    }
+    // Saved state of attachments that no longer exist, for this network only.
+    if let Ok(entries) = fs::read_dir(&conf.data_dir) {
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().to_string();
+            if valid.iter().any(|(v, _)| *v == id) {
+                continue;
+            }
+            if let Some(s) = load_state(&e.path())
+                && s.name.as_deref() == Some(conf.name.as_str())
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    if !freed.is_empty() {
+        log.warn(&format!("GC freed {}", freed.join(", ")));
+    }
+    Ok(())
+}

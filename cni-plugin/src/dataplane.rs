@@ -1,0 +1,177 @@
+//! Kernel side of an attachment: the node bridge, the veth pair and the pod's
+//! addresses and routes. Everything goes through the shared netlink layer.
+
+use std::fs::File;
+use std::net::IpAddr;
+
+use flannel_shared::IpNet;
+use flannel_shared::netlink::{Link, Netlink, Route, VethSpec, format_mac};
+use sha2::{Digest, Sha512};
+
+use crate::error::{CniError, Result, code};
+
+/// The node bridge as one ADD needs it.
+pub struct BridgeSpec<'a> {
+    pub name: &'a str,
+    /// Gateway addresses in gateway form (`10.244.1.1/24`), one per family.
+    pub gateways: &'a [IpNet],
+    pub mtu: u32,
+    pub promisc: bool,
+}
+
+/// A stable, locally administered MAC for the bridge, derived from its first
+/// gateway (`0a:58:` + the IPv4 address, as Kubernetes networks commonly do).
+/// Pinning it keeps pods' ARP entries for the gateway valid as ports come and go.
+pub fn bridge_mac(gateways: &[IpNet]) -> [u8; 6] {
+    let tail: [u8; 4] = match gateways.first().map(|g| g.addr()) {
+        Some(IpAddr::V4(a)) => a.octets(),
+        Some(IpAddr::V6(a)) => {
+            let o = a.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+        None => [0, 0, 0, 1],
+    };
+    [0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]]
+}
+
+/// Ensures the bridge exists, is up, has the gateway addresses and the MTU.
+/// Safe against concurrent ADDs: whoever loses the creation race uses the winner's bridge.
+/// An address from an old node subnet is replaced rather than reported
+/// (a node that re-joined with a new lease must not be stuck).
+pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec<'_>, mut warn: impl FnMut(String)) -> Result<Link> {
+    let mut link = match nl.link_by_name(spec.name).await? {
+        Some(l) => l,
+        None => {
+            match nl.create_bridge(spec.name, bridge_mac(spec.gateways), spec.mtu, spec.promisc).await {
+                Ok(()) => {}
+                Err(e) if e.is_exists() => {}
+                Err(e) => return Err(e.into()),
+            }
+            let l = nl.link_by_name(spec.name).await?.ok_or_else(|| {
+                CniError::new(code::KERNEL_FAILURE, format!("bridge {} vanished right after creation", spec.name))
+            })?;
+            // An MTU given at creation is not "set by the user" for the bridge code:
+            // the bridge would follow its ports (back to 1500 when the last pod
+            // leaves). Setting it explicitly pins it.
+            nl.set_mtu(l.index, spec.mtu).await?;
+            l
+        }
+    };
+    if link.kind.as_deref() != Some("bridge") {
+        return Err(CniError::new(
+            code::KERNEL_FAILURE,
+            format!("{} exists but is not a bridge (kind {:?})", spec.name, link.kind.as_deref().unwrap_or("none")),
+        ));
+    }
+    if link.mtu != spec.mtu {
+        nl.set_mtu(link.index, spec.mtu).await?;
+        link.mtu = spec.mtu;
+    }
+    if spec.promisc && !link.promisc {
+        nl.set_promisc(link.index, true).await?;
+    }
+    let existing = nl.addresses(Some(link.index)).await?;
+    for gw in spec.gateways {
+        let mut have = false;
+        for a in existing.iter().filter(|a| a.net.is_ipv4() == gw.is_ipv4()) {
+            if a.net == *gw {
+                have = true;
+            } else if gw.is_ipv4() || !a.net.addr().to_string().starts_with("fe80:") {
+                // Only the family's global addresses: IPv6 link-local stays.
+                warn(format!("{}: replacing stale address {} with {}", spec.name, a.net, gw));
+                match nl.del_address(link.index, a.net).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if !have {
+            match nl.add_address(link.index, *gw).await {
+                Ok(()) => {}
+                Err(e) if e.is_exists() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if !link.up {
+        nl.set_up(link.index).await?;
+        link.up = true;
+    }
+    Ok(link)
+}
+
+/// The host-side veth name: deterministic per attachment, so DEL and CHECK can
+/// find it without saved state. `veth` + 8 hex digits, like upstream's.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let mut h = Sha512::new();
+    h.update(container_id.as_bytes());
+    h.update(b"\0");
+    h.update(ifname.as_bytes());
+    let d = h.finalize();
+    format!("veth{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3])
+}
+
+/// Creates the veth pair: host end in `bridge`, up, hairpin as asked; pod end
+/// named `ifname` inside `pod_ns`. Returns the host link.
+pub async fn create_veth(
+    host: &Netlink,
+    host_name: &str,
+    ifname: &str,
+    pod_ns: &File,
+    bridge: &Link,
+    mtu: u32,
+    hairpin: bool,
+) -> Result<Link> {
+    let spec = VethSpec { name: host_name, peer_name: ifname, peer_netns: pod_ns, mtu, master: Some(bridge.index), up: true };
+    match host.create_veth(&spec).await {
+        Ok(()) => {}
+        Err(e) if e.is_exists() => {
+            // A leftover from an earlier, interrupted ADD of this same attachment
+            // (the name is derived from container ID and ifname): replace it.
+            if let Some(old) = host.link_by_name(host_name).await? {
+                host.del_link(old.index).await?;
+            }
+            host.create_veth(&spec).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let link = host
+        .link_by_name(host_name)
+        .await?
+        .ok_or_else(|| CniError::new(code::KERNEL_FAILURE, format!("veth {host_name} vanished right after creation")))?;
+    if hairpin {
+        host.set_hairpin(link.index, true).await?;
+    }
+    Ok(link)
+}
+
+/// Brings up the pod interface and loopback, assigns the addresses and installs the routes.
+pub async fn configure_pod(pod: &Netlink, ifname: &str, addrs: &[IpNet], routes: &[Route]) -> Result<Link> {
+    let link = pod
+        .link_by_name(ifname)
+        .await?
+        .ok_or_else(|| CniError::new(code::KERNEL_FAILURE, format!("{ifname} did not appear in the pod's namespace")))?;
+    for a in addrs {
+        match pod.add_address(link.index, *a).await {
+            Ok(()) => {}
+            Err(e) if e.is_exists() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    pod.set_up(link.index).await?;
+    if let Some(lo) = pod.link_by_name("lo").await?
+        && !lo.up
+    {
+        pod.set_up(lo.index).await?;
+    }
+    for r in routes {
+        let r = r.clone().dev(link.index);
+        pod.replace_route(&r).await.map_err(|e| CniError::new(code::KERNEL_FAILURE, e.to_string()))?;
+    }
+    Ok(link)
+}
+
+pub fn mac_string(link: &Link) -> String {
+    link.mac.as_ref().map(format_mac).unwrap_or_default()
+}

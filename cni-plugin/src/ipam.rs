@@ -1,0 +1,313 @@
+//! Pod address allocation with a store that host-local can read and write too.
+//!
+//! Layout (host-local's): `<dataDir>/<network>/<ip>` holds `"<containerID>\r\n<ifname>"`,
+//! `last_reserved_ip.<rangeID>` holds the last address handed out, and every
+//! change happens under an exclusive `flock` on `<dataDir>/<network>/lock`.
+//! A node that switches from upstream flannel to this plugin keeps its live
+//! allocations, and the round-robin continues where host-local stopped.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use flannel_shared::IpNet;
+
+const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
+const LINE_BREAK: &str = "\r\n";
+
+/// One allocatable range: the node subnet minus network, gateway and (IPv4) broadcast.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub subnet: IpNet,
+    pub gateway: IpAddr,
+    /// host-local's range-set index, used in `last_reserved_ip.<id>`.
+    pub id: usize,
+}
+
+impl Range {
+    /// The range for a subnet in gateway form (`10.244.1.1/24`): gateway is the first host.
+    pub fn from_gateway_form(subnet: IpNet, id: usize) -> Option<Range> {
+        let net = subnet.network();
+        // A /31 or /32 (or v6 /127, /128) leaves nothing to hand out beside the gateway.
+        if net.host_bits() < 2 {
+            return None;
+        }
+        Some(Range { subnet: net, gateway: net.nth(1)?, id })
+    }
+
+    fn first_offset(&self) -> u128 {
+        1
+    }
+
+    fn last_offset(&self) -> u128 {
+        let hb = self.subnet.host_bits() as u32;
+        let max = if hb >= 128 { u128::MAX } else { (1u128 << hb) - 1 };
+        // The IPv4 broadcast address is never handed out.
+        if self.subnet.is_ipv4() { max - 1 } else { max }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.subnet
+            .offset_of(ip)
+            .is_some_and(|o| o >= self.first_offset() && o <= self.last_offset() && ip != self.gateway)
+    }
+
+    /// Number of addresses this range can hand out.
+    pub fn capacity(&self) -> u128 {
+        self.last_offset() - self.first_offset() // +1 for inclusive, -1 for the gateway
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("no IP addresses available in range set {0} (all {1} addresses are in use)")]
+    Exhausted(IpNet, u128),
+    #[error("requested IP address {ip} is not in range {range}")]
+    NotInRange { ip: IpAddr, range: IpNet },
+    #[error("requested IP address {ip} is already allocated to container {owner}")]
+    Taken { ip: IpAddr, owner: String },
+    #[error("IPAM store {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> IpamError + '_ {
+    move |source| IpamError::Io { path: path.to_path_buf(), source }
+}
+
+/// An entry of the store: who holds which address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub ip: IpAddr,
+    pub container_id: String,
+    /// Empty for entries written by old host-local versions (ID only).
+    pub ifname: String,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    lock: File,
+}
+
+/// Holds the store's flock; released on drop.
+pub struct Locked<'a> {
+    store: &'a Store,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let _ = self.store.lock.unlock();
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store directory of one network.
+    pub fn open(dir: &Path) -> Result<Store, IpamError> {
+        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_at(&lock_path))?;
+        Ok(Store { dir: dir.to_path_buf(), lock })
+    }
+
+    /// Takes the exclusive lock host-local also takes.
+    pub fn lock(&self) -> Result<Locked<'_>, IpamError> {
+        self.lock.lock().map_err(io_at(&self.dir))?;
+        Ok(Locked { store: self })
+    }
+
+    /// Every address file in the store.
+    pub fn allocations(&self, _guard: &Locked<'_>) -> Result<Vec<Allocation>, IpamError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_at(&self.dir))? {
+            let entry = entry.map_err(io_at(&self.dir))?;
+            let name = entry.file_name();
+            let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else { continue };
+            // A file removed by a concurrent host-local (outside our lock) is simply gone.
+            let Ok(content) = fs::read_to_string(entry.path()) else { continue };
+            let content = content.trim();
+            let (id, ifname) = match content.split_once(LINE_BREAK).or_else(|| content.split_once('\n')) {
+                Some((id, ifname)) => (id.trim(), ifname.trim()),
+                None => (content, ""),
+            };
+            out.push(Allocation { ip, container_id: id.to_string(), ifname: ifname.to_string() });
+        }
+        Ok(out)
+    }
+
+    /// Addresses held by (container, ifname), including legacy ID-only entries.
+    pub fn find(&self, guard: &Locked<'_>, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let all = self.allocations(guard)?;
+        let exact: Vec<IpAddr> = all.iter().filter(|a| a.container_id == id && a.ifname == ifname).map(|a| a.ip).collect();
+        if !exact.is_empty() {
+            return Ok(exact);
+        }
+        Ok(all.iter().filter(|a| a.container_id == id && a.ifname.is_empty()).map(|a| a.ip).collect())
+    }
+
+    fn last_reserved(&self, range: &Range) -> Option<IpAddr> {
+        let s = fs::read_to_string(self.dir.join(format!("{LAST_RESERVED_PREFIX}{}", range.id))).ok()?;
+        s.trim().parse().ok()
+    }
+
+    fn try_reserve(&self, ip: IpAddr, id: &str, ifname: &str, range: &Range) -> Result<bool, IpamError> {
+        let path = self.dir.join(ip.to_string());
+        let mut f = match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        if let Err(e) = f.write_all(format!("{}{LINE_BREAK}{ifname}", id.trim()).as_bytes()) {
+            let _ = fs::remove_file(&path);
+            return Err(io_at(&path)(e));
+        }
+        let last = self.dir.join(format!("{LAST_RESERVED_PREFIX}{}", range.id));
+        fs::write(&last, ip.to_string()).map_err(io_at(&last))?;
+        Ok(true)
+    }
+
+    /// Reserves an address of `range` for (id, ifname): the requested one if
+    /// given, else the next free one after the last reservation (round robin,
+    /// as host-local does). An address this attachment already holds is returned again.
+    pub fn allocate(
+        &self,
+        guard: &Locked<'_>,
+        range: &Range,
+        id: &str,
+        ifname: &str,
+        requested: Option<IpAddr>,
+    ) -> Result<IpAddr, IpamError> {
+        let all = self.allocations(guard)?;
+        if let Some(a) = all
+            .iter()
+            .find(|a| a.container_id == id && (a.ifname == ifname || a.ifname.is_empty()) && range.subnet.contains(a.ip))
+        {
+            return Ok(a.ip);
+        }
+        if let Some(ip) = requested {
+            if !range.contains(ip) {
+                return Err(IpamError::NotInRange { ip, range: range.subnet });
+            }
+            if !self.try_reserve(ip, id, ifname, range)? {
+                let owner = all.iter().find(|a| a.ip == ip).map(|a| a.container_id.clone()).unwrap_or_default();
+                return Err(IpamError::Taken { ip, owner });
+            }
+            return Ok(ip);
+        }
+        let used: HashSet<IpAddr> = all.iter().map(|a| a.ip).collect();
+        let (first, last) = (range.first_offset(), range.last_offset());
+        let start = self
+            .last_reserved(range)
+            .and_then(|ip| range.subnet.offset_of(ip))
+            .filter(|o| *o >= first && *o < last)
+            .map(|o| o + 1)
+            .unwrap_or(first);
+        let span = last - first + 1;
+        let mut offset = start;
+        for _ in 0..span.min(1 << 24) {
+            let ip = range.subnet.nth(offset).expect("offset inside subnet");
+            offset = if offset >= last { first } else { offset + 1 };
+            if ip == range.gateway || used.contains(&ip) {
+                continue;
+            }
+            if self.try_reserve(ip, id, ifname, range)? {
+                return Ok(ip);
+            }
+        }
+        Err(IpamError::Exhausted(range.subnet, range.capacity()))
+    }
+
+    /// Frees one address, whoever holds it.
+    pub fn release_ip(&self, _guard: &Locked<'_>, ip: IpAddr) -> Result<(), IpamError> {
+        let path = self.dir.join(ip.to_string());
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
+    /// Frees every address of (id, ifname); legacy ID-only entries too when no exact match exists.
+    pub fn release(&self, guard: &Locked<'_>, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let ips = self.find(guard, id, ifname)?;
+        for ip in &ips {
+            self.release_ip(guard, *ip)?;
+        }
+        Ok(ips)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let p = std::env::temp_dir().join(format!("ipam-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn range(s: &str) -> Range {
+        Range::from_gateway_form(s.parse().unwrap(), 0).unwrap()
+    }
+
+    #[test]
+    fn allocates_round_robin_in_host_local_format() {
+        let t = TempDir::new("rr");
+        let store = Store::open(&t.0.join("cbr0")).unwrap();
+        let g = store.lock().unwrap();
+        let r = range("10.244.1.1/24");
+        let a = store.allocate(&g, &r, "c1", "eth0", None).unwrap();
+        assert_eq!(a.to_string(), "10.244.1.2");
+        let content = fs::read_to_string(t.0.join("cbr0/10.244.1.2")).unwrap();
+        assert_eq!(content, "c1\r\neth0");
+        assert_eq!(fs::read_to_string(t.0.join("cbr0/last_reserved_ip.0")).unwrap(), "10.244.1.2");
+        // The same attachment gets the same address again.
+        assert_eq!(store.allocate(&g, &r, "c1", "eth0", None).unwrap(), a);
+        let b = store.allocate(&g, &r, "c2", "eth0", None).unwrap();
+        assert_eq!(b.to_string(), "10.244.1.3");
+        // Releasing does not rewind the round robin (host-local behaviour).
+        assert_eq!(store.release(&g, "c1", "eth0").unwrap(), vec![a]);
+        let c = store.allocate(&g, &r, "c3", "eth0", None).unwrap();
+        assert_eq!(c.to_string(), "10.244.1.4");
+    }
+
+    #[test]
+    fn exhaustion_and_requests() {
+        let t = TempDir::new("ex");
+        let store = Store::open(&t.0.join("n")).unwrap();
+        let g = store.lock().unwrap();
+        let r = range("10.9.0.1/29"); // .2 - .6 usable
+        assert_eq!(r.capacity(), 5);
+        let want: IpAddr = "10.9.0.5".parse().unwrap();
+        assert_eq!(store.allocate(&g, &r, "req", "eth0", Some(want)).unwrap(), want);
+        assert!(matches!(store.allocate(&g, &r, "x", "eth0", Some(want)), Err(IpamError::Taken { .. })));
+        assert!(matches!(
+            store.allocate(&g, &r, "x", "eth0", Some("10.9.0.7".parse().unwrap())),
+            Err(IpamError::NotInRange { .. })
+        ));
+        for i in 0..4 {
+            store.allocate(&g, &r, &format!("c{i}"), "eth0", None).unwrap();
+        }
+        assert!(matches!(store.allocate(&g, &r, "full", "eth0", None), Err(IpamError::Exhausted(..))));
+        assert!(!t.0.join("n/10.9.0.7").exists() && !t.0.join("n/10.9.0.1").exists());
+    }
+
+    #[test]
+    fn releases_legacy_id_only_entries() {
+        let t = TempDir::new("legacy");
+        let store = Store::open(&t.0.join("n")).unwrap();
+        fs::write(t.0.join("n/10.244.1.9"), "oldcontainer\n").unwrap();
+        let g = store.lock().unwrap();
+        assert_eq!(store.release(&g, "oldcontainer", "eth0").unwrap(), vec!["10.244.1.9".parse::<IpAddr>().unwrap()]);
+        assert!(!t.0.join("n/10.244.1.9").exists());
+    }
+}
