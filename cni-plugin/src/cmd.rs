@@ -22,6 +22,7 @@ use crate::result::{CniResult, Interface, IpConfig, RouteResult};
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()
         .map_err(|e| io_err("cannot start the async runtime", e))
 }
@@ -31,7 +32,10 @@ fn read_subnet_env(conf: &PluginConf) -> Result<SubnetEnv> {
         if e.is_missing() {
             CniError::new(
                 code::TRY_AGAIN_LATER,
-                format!("{} does not exist yet: flanneld has not leased a subnet for this node", conf.subnet_file.display()),
+                format!(
+                    "{} does not exist yet: flanneld has not leased a subnet for this node",
+                    conf.subnet_file.display()
+                ),
             )
         } else {
             CniError::new(code::IO_FAILURE, "cannot use the flannel subnet file").with_details(e.to_string())
@@ -48,7 +52,10 @@ fn open_netns(path: &Path) -> Result<File> {
         }
     })?;
     if !netns::is_netns(&f) {
-        return Err(CniError::new(code::INVALID_ENV, format!("CNI_NETNS {} is not a network namespace", path.display())));
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {} is not a network namespace", path.display()),
+        ));
     }
     Ok(f)
 }
@@ -180,7 +187,11 @@ impl Undo {
 
 fn enable_forwarding(fams: &[Family], log: &mut Log) {
     for f in fams {
-        let path = if f.network.is_ipv4() { "/proc/sys/net/ipv4/ip_forward" } else { "/proc/sys/net/ipv6/conf/all/forwarding" };
+        let path = if f.network.is_ipv4() {
+            "/proc/sys/net/ipv4/ip_forward"
+        } else {
+            "/proc/sys/net/ipv6/conf/all/forwarding"
+        };
         if fs::read_to_string(path).map(|s| s.trim() == "1").unwrap_or(false) {
             continue;
         }
@@ -199,18 +210,37 @@ pub fn add(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<Value> {
     let ns = open_netns(netns_path)?;
     for ip in &conf.requested_ips {
         if !fams.iter().any(|f| f.range.subnet.is_ipv4() == ip.is_ipv4()) {
-            return Err(CniError::new(code::INVALID_CONFIG, format!("requested IP {ip}: the node has no subnet of that family")));
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("requested IP {ip}: the node has no subnet of that family"),
+            ));
         }
     }
     let rt = runtime()?;
     rt.block_on(async {
         let host = Netlink::connect().map_err(|e| io_err("netlink", e))?;
         let pod = Netlink::connect_in(&ns).map_err(|e| io_err("netlink in the pod namespace", e))?;
-        if pod.link_by_name(&env.ifname).await?.is_some() {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("interface {} already exists in {}", env.ifname, netns_path.display()),
-            ));
+        if let Some(l) = pod.link_by_name(&env.ifname).await? {
+            // A DEL's reaper may still be deleting the old interface (it has no
+            // addresses left by then): wait for it briefly.
+            let global = |a: &flannel_shared::netlink::Address| !a.net.addr().to_string().starts_with("fe80:");
+            let reaping = l.kind.as_deref() == Some("veth") && !pod.addresses(Some(l.index)).await?.iter().any(global);
+            let mut gone = false;
+            if reaping {
+                for _ in 0..400 {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    if pod.link_by_name(&env.ifname).await?.is_none() {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+            if !gone {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("interface {} already exists in {}", env.ifname, netns_path.display()),
+                ));
+            }
         }
         let mut undo = Undo::default();
         let res = add_inner(env, conf, &fams, mtu, ip_masq, &host, &pod, &ns, &mut undo, log).await;
@@ -234,14 +264,16 @@ async fn add_inner(
     undo: &mut Undo,
     log: &mut Log,
 ) -> Result<Value> {
-    // 1. Addresses, under host-local's lock.
+    // 1. Addresses, under host-local's lock. A saved state means this attachment
+    // was ADDed before without a DEL: it gets the same addresses again.
+    let readd = state_path(conf, &env.container_id).exists();
     let mut addrs: Vec<(IpNet, &Family)> = Vec::new();
     {
         let store = Store::open(&conf.ipam_dir()).map_err(ipam_err)?;
         let guard = store.lock().map_err(ipam_err)?;
         for f in fams {
             let want = conf.requested_ips.iter().copied().find(|ip| ip.is_ipv4() == f.range.subnet.is_ipv4());
-            let ip = store.allocate(&guard, &f.range, &env.container_id, &env.ifname, want).map_err(ipam_err)?;
+            let ip = store.allocate(&guard, &f.range, &env.container_id, &env.ifname, want, readd).map_err(ipam_err)?;
             undo.ips.push(ip);
             addrs.push((IpNet::new(ip, f.range.subnet.prefix()).expect("valid prefix"), f));
         }
@@ -263,7 +295,8 @@ async fn add_inner(
     let mut kernel_routes = Vec::new();
     for r in &route_specs {
         let gw = r.gw.or_else(|| {
-            conf.is_gateway.then(|| fams.iter().find(|f| f.range.subnet.is_ipv4() == r.dst.is_ipv4()).map(|f| f.range.gateway))?
+            conf.is_gateway
+                .then(|| fams.iter().find(|f| f.range.subnet.is_ipv4() == r.dst.is_ipv4()).map(|f| f.range.gateway))?
         });
         let route = Route::new(r.dst);
         kernel_routes.push(match gw {
@@ -318,12 +351,23 @@ async fn add_inner(
     });
     let spath = state_path(conf, &env.container_id);
     undo.state = Some(spath.clone());
-    write_file_atomic(&spath, state.to_string().as_bytes()).map_err(|e| io_err(format_args!("cannot save {}", spath.display()), e))?;
+    write_file_atomic(&spath, state.to_string().as_bytes(), false)
+        .map_err(|e| io_err(format_args!("cannot save {}", spath.display()), e))?;
 
     let result = CniResult {
         interfaces: vec![
-            Interface { name: bridge.name.clone(), mac: dataplane::mac_string(&bridge), mtu: Some(bridge.mtu), sandbox: None },
-            Interface { name: host_link.name.clone(), mac: dataplane::mac_string(&host_link), mtu: Some(mtu), sandbox: None },
+            Interface {
+                name: bridge.name.clone(),
+                mac: dataplane::mac_string(&bridge),
+                mtu: Some(bridge.mtu),
+                sandbox: None,
+            },
+            Interface {
+                name: host_link.name.clone(),
+                mac: dataplane::mac_string(&host_link),
+                mtu: Some(mtu),
+                sandbox: None,
+            },
             Interface {
                 name: pod_link.name.clone(),
                 mac: dataplane::mac_string(&pod_link),
@@ -333,7 +377,11 @@ async fn add_inner(
         ],
         ips: addrs
             .iter()
-            .map(|(a, f)| IpConfig { address: *a, gateway: conf.is_gateway.then_some(f.range.gateway), interface: Some(2) })
+            .map(|(a, f)| IpConfig {
+                address: *a,
+                gateway: conf.is_gateway.then_some(f.range.gateway),
+                interface: Some(2),
+            })
             .collect(),
         routes: route_specs.iter().map(|r| RouteResult { dst: r.dst, gw: r.gw }).collect(),
         dns: conf.dns.clone(),
@@ -346,33 +394,40 @@ pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
     let spath = state_path(conf, &env.container_id);
     let saved = load_state(&spath).unwrap_or_default();
     let ifname = saved.ifname.clone().unwrap_or_else(|| env.ifname.clone());
+    // The pod's addresses go first and synchronously (cheap), so a freed
+    // address is never live on two pods. Deleting the veth itself costs the
+    // kernel 20-30 ms of RCU grace periods; that runs in a detached reaper
+    // after the addresses are freed (see `reap`).
+    let host_name = dataplane::host_veth_name(&env.container_id, &ifname);
     let rt = runtime()?;
-    rt.block_on(async {
+    let mut reap = rt.block_on(async {
         let host = Netlink::connect().map_err(|e| io_err("netlink", e))?;
-        // The pod end: only when the namespace still exists.
+        let mut reap = Reap::default();
         if let Some(path) = &env.netns
             && let Ok(ns) = netns::open(path)
             && netns::is_netns(&ns)
         {
             let pod = Netlink::connect_in(&ns).map_err(|e| io_err("netlink in the pod namespace", e))?;
             if let Some(l) = pod.link_by_name(&ifname).await? {
-                match pod.del_link(l.index).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e.into()),
+                for a in pod.addresses(Some(l.index)).await? {
+                    match pod.del_address(l.index, a.net).await {
+                        Ok(()) => {}
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
+                reap.pod = Some((ns, ifname.clone()));
             }
         }
-        let host_name = dataplane::host_veth_name(&env.container_id, &ifname);
-        if let Some(l) = host.link_by_name(&host_name).await? {
-            match host.del_link(l.index).await {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
-            }
+        if host.link_by_name(&host_name).await?.is_some() {
+            reap.host = Some(host_name.clone());
         }
-        Ok::<(), CniError>(())
+        Ok::<Reap, CniError>(reap)
     })?;
+    drop(rt);
+    if std::env::var_os("FLANNEL_CNI_SYNC_DEL").is_some() {
+        reap.sync = true;
+    }
 
     // Addresses: by container ID + ifname, whether or not the state survived.
     let name = saved.name.clone().unwrap_or_else(|| conf.name.clone());
@@ -402,18 +457,94 @@ pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(format_args!("cannot remove {}", spath.display()), e)),
     }
+    reap.run(log)?;
     log.info(&format!("DEL done: released {released:?}"));
     Ok(())
 }
 
+/// Links a DEL still has to delete.
+#[derive(Default)]
+struct Reap {
+    /// Host end of the veth, by name, in this namespace.
+    host: Option<String>,
+    /// The pod end, when the pod namespace still exists.
+    pod: Option<(File, String)>,
+    /// Delete before returning instead of in a detached child.
+    sync: bool,
+}
+
+impl Reap {
+    async fn delete(&self) -> Result<()> {
+        // Deleting either end removes the pair; prefer the host end (no namespace hop).
+        if let Some(name) = &self.host {
+            let host = Netlink::connect().map_err(|e| io_err("netlink", e))?;
+            if let Some(l) = host.link_by_name(name).await? {
+                match host.del_link(l.index).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if let Some((ns, ifname)) = &self.pod {
+            let pod = Netlink::connect_in(ns).map_err(|e| io_err("netlink in the pod namespace", e))?;
+            if let Some(l) = pod.link_by_name(ifname).await? {
+                match pod.del_link(l.index).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the links: synchronously when asked, else in a detached child
+    /// so DEL returns without waiting for the kernel's teardown. Must be called
+    /// with no other thread running (the child is a plain fork).
+    fn run(self, log: &mut Log) -> Result<()> {
+        if self.host.is_none() && self.pod.is_none() {
+            return Ok(());
+        }
+        if self.sync {
+            return runtime()?.block_on(self.delete());
+        }
+        // SAFETY: single-threaded here (the runtime and the namespace threads are
+        // gone), so the child may run ordinary code; it never returns into main.
+        match unsafe { libc::fork() } {
+            -1 => {
+                log.warn("fork failed; deleting the veth synchronously");
+                runtime()?.block_on(self.delete())
+            }
+            0 => {
+                // Child: leave the runtime's pipes (it waits for stdout to close),
+                // do the work, exit without running the parent's cleanups.
+                unsafe {
+                    libc::setsid();
+                    let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                    if devnull >= 0 {
+                        libc::dup2(devnull, 0);
+                        libc::dup2(devnull, 1);
+                        libc::dup2(devnull, 2);
+                    }
+                }
+                let ok = runtime().map(|rt| rt.block_on(self.delete()).is_ok()).unwrap_or(false);
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
     if !conf.version_at_least("0.4.0") {
-        return Err(CniError::new(code::INCOMPATIBLE_VERSION, format!("CHECK needs cniVersion 0.4.0 or later, got {}", conf.cni_version)));
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("CHECK needs cniVersion 0.4.0 or later, got {}", conf.cni_version),
+        ));
     }
-    let prev = conf
-        .prev_result
-        .as_ref()
-        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
+    let prev =
+        conf.prev_result.as_ref().ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
     let prev = CniResult::from_json(prev).map_err(|e| CniError::new(code::DECODE_FAILURE, e))?;
     let ns = open_netns(env.netns.as_ref().expect("CNI_NETNS checked for CHECK"))?;
     let mut drift: Vec<String> = Vec::new();
@@ -431,7 +562,11 @@ pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
         let held = store.find(&guard, &env.container_id, &env.ifname).map_err(ipam_err)?;
         for ip in &pod_ips {
             if !held.contains(&ip.address.addr()) {
-                drift.push(format!("{} is not reserved for this container in {}", ip.address.addr(), store_dir.display()));
+                drift.push(format!(
+                    "{} is not reserved for this container in {}",
+                    ip.address.addr(),
+                    store_dir.display()
+                ));
             }
         }
     } else {
@@ -454,7 +589,12 @@ pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
                     && !want.mac.is_empty()
                     && !want.mac.eq_ignore_ascii_case(&dataplane::mac_string(&link))
                 {
-                    drift.push(format!("{} has MAC {}, expected {}", env.ifname, dataplane::mac_string(&link), want.mac));
+                    drift.push(format!(
+                        "{} has MAC {}, expected {}",
+                        env.ifname,
+                        dataplane::mac_string(&link),
+                        want.mac
+                    ));
                 }
                 let have = pod.addresses(Some(link.index)).await?;
                 for ip in &pod_ips {
@@ -465,8 +605,12 @@ pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
                 let mut routes = pod.routes(true, Some(flannel_shared::netlink::RT_TABLE_MAIN)).await?;
                 routes.extend(pod.routes(false, Some(flannel_shared::netlink::RT_TABLE_MAIN)).await?);
                 for r in &prev.routes {
-                    let gw = r.gw.or_else(|| pod_ips.iter().find(|ip| ip.address.is_ipv4() == r.dst.is_ipv4()).and_then(|ip| ip.gateway));
-                    let found = routes.iter().any(|k| k.dst == r.dst && k.oif == Some(link.index) && (gw.is_none() || k.gateway == gw));
+                    let gw = r.gw.or_else(|| {
+                        pod_ips.iter().find(|ip| ip.address.is_ipv4() == r.dst.is_ipv4()).and_then(|ip| ip.gateway)
+                    });
+                    let found = routes
+                        .iter()
+                        .any(|k| k.dst == r.dst && k.oif == Some(link.index) && (gw.is_none() || k.gateway == gw));
                     if !found {
                         drift.push(format!(
                             "route {}{} is missing from the pod",
@@ -515,14 +659,18 @@ pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
     if drift.is_empty() {
         Ok(())
     } else {
-        Err(CniError::new(code::CHECK_FAILED, format!("attachment {} has drifted", env.container_id)).with_details(drift.join("; ")))
+        Err(CniError::new(code::CHECK_FAILED, format!("attachment {} has drifted", env.container_id))
+            .with_details(drift.join("; ")))
     }
 }
 
 pub fn status(conf: &PluginConf) -> Result<()> {
     SubnetEnv::read(&conf.subnet_file).map(|_| ()).map_err(|e: SubnetEnvError| {
         let msg = if e.is_missing() {
-            format!("{} does not exist: flanneld is not running or has not leased a subnet yet", conf.subnet_file.display())
+            format!(
+                "{} does not exist: flanneld is not running or has not leased a subnet yet",
+                conf.subnet_file.display()
+            )
         } else {
             format!("{} is unusable", conf.subnet_file.display())
         };
@@ -534,7 +682,8 @@ pub fn gc(conf: &PluginConf, log: &mut Log) -> Result<()> {
     let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
         CniError::new(code::INVALID_CONFIG, "GC needs cni.dev/valid-attachments (refusing to free every address)")
     })?;
-    let is_valid = |id: &str, ifname: &str| valid.iter().any(|(v_id, v_if)| v_id == id && (ifname.is_empty() || v_if == ifname));
+    let is_valid =
+        |id: &str, ifname: &str| valid.iter().any(|(v_id, v_if)| v_id == id && (ifname.is_empty() || v_if == ifname));
     let store_dir = conf.ipam_dir();
     let mut freed = Vec::new();
     if store_dir.is_dir() {

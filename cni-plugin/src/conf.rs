@@ -50,7 +50,11 @@ pub fn validate_container_id(id: &str) -> Result<()> {
         && id.len() <= 256
         && id.as_bytes()[0].is_ascii_alphanumeric()
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok { Ok(()) } else { Err(invalid_env(format!("CNI_CONTAINERID {id:?} is invalid: use letters, digits, '_', '.', '-'"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid_env(format!("CNI_CONTAINERID {id:?} is invalid: use letters, digits, '_', '.', '-'")))
+    }
 }
 
 /// Interface names as the kernel accepts them: 1-15 bytes, no '/', ':' or whitespace, not "." or "..".
@@ -71,7 +75,10 @@ fn validate_network_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(CniError::new(code::INVALID_CONFIG, format!("name {name:?} is invalid: use letters, digits, '_', '.', '-'")))
+        Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("name {name:?} is invalid: use letters, digits, '_', '.', '-'"),
+        ))
     }
 }
 
@@ -81,9 +88,12 @@ impl Env {
         let mut env = Env::default();
         let needs_container = matches!(command, Command::Add | Command::Del | Command::Check);
         if needs_container {
-            env.container_id = get("CNI_CONTAINERID").filter(|s| !s.is_empty()).ok_or_else(|| invalid_env("CNI_CONTAINERID is required"))?;
+            env.container_id = get("CNI_CONTAINERID")
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| invalid_env("CNI_CONTAINERID is required"))?;
             validate_container_id(&env.container_id)?;
-            env.ifname = get("CNI_IFNAME").filter(|s| !s.is_empty()).ok_or_else(|| invalid_env("CNI_IFNAME is required"))?;
+            env.ifname =
+                get("CNI_IFNAME").filter(|s| !s.is_empty()).ok_or_else(|| invalid_env("CNI_IFNAME is required"))?;
             validate_ifname(&env.ifname)?;
             env.netns = get("CNI_NETNS").filter(|s| !s.is_empty()).map(PathBuf::from);
             if env.netns.is_none() && command != Command::Del {
@@ -92,9 +102,8 @@ impl Env {
         }
         if let Some(args) = get("CNI_ARGS").filter(|s| !s.is_empty()) {
             for pair in args.split(';').filter(|p| !p.is_empty()) {
-                let (k, v) = pair
-                    .split_once('=')
-                    .ok_or_else(|| invalid_env(format!("CNI_ARGS: {pair:?} is not KEY=VALUE")))?;
+                let (k, v) =
+                    pair.split_once('=').ok_or_else(|| invalid_env(format!("CNI_ARGS: {pair:?} is not KEY=VALUE")))?;
                 env.args.push((k.to_string(), v.to_string()));
             }
         }
@@ -187,15 +196,28 @@ fn parse_ip_maybe_cidr(s: &str) -> Option<IpAddr> {
 
 /// Delegate keys the bridge plugin understands that this plugin implements.
 const DELEGATE_KEYS: &[&str] = &[
-    "type", "name", "cniVersion", "bridge", "mtu", "ipMasq", "hairpinMode", "isGateway", "isDefaultGateway",
-    "forceAddress", "promiscMode", "ipam", "dns",
+    "type",
+    "name",
+    "cniVersion",
+    "bridge",
+    "mtu",
+    "ipMasq",
+    "hairpinMode",
+    "isGateway",
+    "isDefaultGateway",
+    "forceAddress",
+    "promiscMode",
+    "ipam",
+    "dns",
 ];
 
 impl PluginConf {
     /// Parses the network configuration. `warn` receives non-fatal notes.
     pub fn parse(bytes: &[u8], env: &Env, mut warn: impl FnMut(String)) -> Result<PluginConf> {
-        let root: Value = serde_json::from_slice(bytes)
-            .map_err(|e| CniError::new(code::DECODE_FAILURE, "failed to decode the network configuration").with_details(e.to_string()))?;
+        let root: Value = serde_json::from_slice(bytes).map_err(|e| {
+            CniError::new(code::DECODE_FAILURE, "failed to decode the network configuration")
+                .with_details(e.to_string())
+        })?;
         let top = root
             .as_object()
             .ok_or_else(|| CniError::new(code::DECODE_FAILURE, "the network configuration is not a JSON object"))?;
@@ -240,7 +262,8 @@ impl PluginConf {
             ),
         };
         let bridge = get_str(&delegate, "bridge", d)?.unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
-        validate_ifname(&bridge).map_err(|_| cfg_err(format!("delegate.bridge {bridge:?} is not a valid interface name")))?;
+        validate_ifname(&bridge)
+            .map_err(|_| cfg_err(format!("delegate.bridge {bridge:?} is not a valid interface name")))?;
         let is_default_gateway = get_bool(&delegate, "isDefaultGateway", d)?.unwrap_or(false);
         let is_gateway = get_bool(&delegate, "isGateway", d)?.unwrap_or(true) || is_default_gateway;
 
@@ -257,8 +280,9 @@ impl PluginConf {
                 format!("ipam.type {t:?} is not supported: this plugin allocates host-local style itself"),
             ));
         }
-        let ipam_data_dir =
-            get_str(&ipam, "dataDir", "ipam.")?.map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_IPAM_DATA_DIR));
+        let ipam_data_dir = get_str(&ipam, "dataDir", "ipam.")?
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_IPAM_DATA_DIR));
         let mut ipam_routes = Vec::new();
         match ipam.get("routes") {
             None | Some(Value::Null) => {}
@@ -270,7 +294,9 @@ impl PluginConf {
                     let dst: IpNet = dst.parse().map_err(|e| cfg_err(format!("{ctx}dst: {e}")))?;
                     let gw = match get_str(r, "gw", &ctx)? {
                         None => None,
-                        Some(g) => Some(g.parse::<IpAddr>().map_err(|_| cfg_err(format!("{ctx}gw: {g:?} is not an IP address")))?),
+                        Some(g) => Some(
+                            g.parse::<IpAddr>().map_err(|_| cfg_err(format!("{ctx}gw: {g:?} is not an IP address")))?,
+                        ),
                     };
                     ipam_routes.push(RouteSpec { dst: dst.network(), gw });
                 }
@@ -286,10 +312,8 @@ impl PluginConf {
 
         let mut requested_ips = Vec::new();
         let runtime = get_obj(top, "runtimeConfig", "")?;
-        let args_ips = get_obj(top, "args", "")?
-            .and_then(|a| a.get("cni"))
-            .and_then(|c| c.as_object())
-            .and_then(|c| c.get("ips"));
+        let args_ips =
+            get_obj(top, "args", "")?.and_then(|a| a.get("cni")).and_then(|c| c.as_object()).and_then(|c| c.get("ips"));
         for (ctx, list) in [("runtimeConfig.ips", runtime.and_then(|r| r.get("ips"))), ("args.cni.ips", args_ips)] {
             match list {
                 None | Some(Value::Null) => {}
@@ -307,7 +331,8 @@ impl PluginConf {
         }
         if let Some(ip) = env.arg("IP") {
             for part in ip.split(',') {
-                let a = parse_ip_maybe_cidr(part).ok_or_else(|| invalid_env(format!("CNI_ARGS IP={part:?} is not an IP address")))?;
+                let a = parse_ip_maybe_cidr(part)
+                    .ok_or_else(|| invalid_env(format!("CNI_ARGS IP={part:?} is not an IP address")))?;
                 requested_ips.push(a);
             }
         }
@@ -319,9 +344,13 @@ impl PluginConf {
                 let mut out = Vec::new();
                 for (i, it) in items.iter().enumerate() {
                     let ctx = format!("cni.dev/valid-attachments[{i}].");
-                    let o = it.as_object().ok_or_else(|| cfg_err(format!("cni.dev/valid-attachments[{i}]: expected an object")))?;
-                    let id = get_str(o, "containerID", &ctx)?.ok_or_else(|| cfg_err(format!("{ctx}containerID is required")))?;
-                    let ifname = get_str(o, "ifname", &ctx)?.ok_or_else(|| cfg_err(format!("{ctx}ifname is required")))?;
+                    let o = it
+                        .as_object()
+                        .ok_or_else(|| cfg_err(format!("cni.dev/valid-attachments[{i}]: expected an object")))?;
+                    let id = get_str(o, "containerID", &ctx)?
+                        .ok_or_else(|| cfg_err(format!("{ctx}containerID is required")))?;
+                    let ifname =
+                        get_str(o, "ifname", &ctx)?.ok_or_else(|| cfg_err(format!("{ctx}ifname is required")))?;
                     out.push((id, ifname));
                 }
                 Some(out)
@@ -332,7 +361,9 @@ impl PluginConf {
         Ok(PluginConf {
             cni_version,
             name,
-            subnet_file: get_str(top, "subnetFile", "")?.map(PathBuf::from).unwrap_or_else(|| DEFAULT_SUBNET_FILE.into()),
+            subnet_file: get_str(top, "subnetFile", "")?
+                .map(PathBuf::from)
+                .unwrap_or_else(|| DEFAULT_SUBNET_FILE.into()),
             data_dir: get_str(top, "dataDir", "")?.map(PathBuf::from).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             bridge,
             mtu,
@@ -393,10 +424,16 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = PluginConf::parse(br#"{"cniVersion":"0.3.1","name":"n","delegate":{"mtu":"big"}}"#, &env(), |_| {}).unwrap_err();
+        let e = PluginConf::parse(br#"{"cniVersion":"0.3.1","name":"n","delegate":{"mtu":"big"}}"#, &env(), |_| {})
+            .unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
         assert!(e.msg.contains("delegate.mtu"), "{e}");
-        let e = PluginConf::parse(br#"{"cniVersion":"0.3.1","name":"n","ipam":{"routes":[{"dst":"nope"}]}}"#, &env(), |_| {}).unwrap_err();
+        let e = PluginConf::parse(
+            br#"{"cniVersion":"0.3.1","name":"n","ipam":{"routes":[{"dst":"nope"}]}}"#,
+            &env(),
+            |_| {},
+        )
+        .unwrap_err();
         assert!(e.msg.contains("ipam.routes[0].dst"), "{e}");
         let e = PluginConf::parse(br#"{"cniVersion":"9.9.9","name":"n"}"#, &env(), |_| {}).unwrap_err();
         assert_eq!(e.code, code::INCOMPATIBLE_VERSION);

@@ -123,7 +123,8 @@ pub async fn create_veth(
     mtu: u32,
     hairpin: bool,
 ) -> Result<Link> {
-    let spec = VethSpec { name: host_name, peer_name: ifname, peer_netns: pod_ns, mtu, master: Some(bridge.index), up: true };
+    let spec =
+        VethSpec { name: host_name, peer_name: ifname, peer_netns: pod_ns, mtu, master: Some(bridge.index), up: true };
     match host.create_veth(&spec).await {
         Ok(()) => {}
         Err(e) if e.is_exists() => {
@@ -136,10 +137,9 @@ pub async fn create_veth(
         }
         Err(e) => return Err(e.into()),
     }
-    let link = host
-        .link_by_name(host_name)
-        .await?
-        .ok_or_else(|| CniError::new(code::KERNEL_FAILURE, format!("veth {host_name} vanished right after creation")))?;
+    let link = host.link_by_name(host_name).await?.ok_or_else(|| {
+        CniError::new(code::KERNEL_FAILURE, format!("veth {host_name} vanished right after creation"))
+    })?;
     if hairpin {
         host.set_hairpin(link.index, true).await?;
     }
@@ -148,10 +148,9 @@ pub async fn create_veth(
 
 /// Brings up the pod interface and loopback, assigns the addresses and installs the routes.
 pub async fn configure_pod(pod: &Netlink, ifname: &str, addrs: &[IpNet], routes: &[Route]) -> Result<Link> {
-    let link = pod
-        .link_by_name(ifname)
-        .await?
-        .ok_or_else(|| CniError::new(code::KERNEL_FAILURE, format!("{ifname} did not appear in the pod's namespace")))?;
+    let link = pod.link_by_name(ifname).await?.ok_or_else(|| {
+        CniError::new(code::KERNEL_FAILURE, format!("{ifname} did not appear in the pod's namespace"))
+    })?;
     for a in addrs {
         match pod.add_address(link.index, *a).await {
             Ok(()) => {}

@@ -106,7 +106,8 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, IpamError> {
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let lock_path = dir.join("lock");
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_at(&lock_path))?;
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_at(&lock_path))?;
         Ok(Store { dir: dir.to_path_buf(), lock })
     }
 
@@ -138,7 +139,8 @@ impl Store {
     /// Addresses held by (container, ifname), including legacy ID-only entries.
     pub fn find(&self, guard: &Locked<'_>, id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
         let all = self.allocations(guard)?;
-        let exact: Vec<IpAddr> = all.iter().filter(|a| a.container_id == id && a.ifname == ifname).map(|a| a.ip).collect();
+        let exact: Vec<IpAddr> =
+            all.iter().filter(|a| a.container_id == id && a.ifname == ifname).map(|a| a.ip).collect();
         if !exact.is_empty() {
             return Ok(exact);
         }
@@ -161,14 +163,40 @@ impl Store {
             let _ = fs::remove_file(&path);
             return Err(io_at(&path)(e));
         }
-        let last = self.dir.join(format!("{LAST_RESERVED_PREFIX}{}", range.id));
-        fs::write(&last, ip.to_string()).map_err(io_at(&last))?;
+        self.write_last_reserved(range, ip)?;
         Ok(true)
+    }
+
+    /// Records the round-robin position. Overwrites in place and trims instead of
+    /// truncating to zero first: on ext4 a truncate-to-zero forces a writeback
+    /// on close, which made this one small write the slowest step of an ADD.
+    fn write_last_reserved(&self, range: &Range, ip: IpAddr) -> Result<(), IpamError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.dir.join(format!("{LAST_RESERVED_PREFIX}{}", range.id));
+        let text = ip.to_string();
+        let f = OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io_at(&path))?;
+        f.write_all_at(text.as_bytes(), 0).map_err(io_at(&path))?;
+        f.set_len(text.len() as u64).map_err(io_at(&path))?;
+        Ok(())
+    }
+
+    /// Addresses in the store, from file names alone (no reads).
+    fn used(&self) -> Result<HashSet<IpAddr>, IpamError> {
+        let mut out = HashSet::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_at(&self.dir))? {
+            let entry = entry.map_err(io_at(&self.dir))?;
+            if let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) {
+                out.insert(ip);
+            }
+        }
+        Ok(out)
     }
 
     /// Reserves an address of `range` for (id, ifname): the requested one if
     /// given, else the next free one after the last reservation (round robin,
-    /// as host-local does). An address this attachment already holds is returned again.
+    /// as host-local does). With `reuse`, an address this attachment already
+    /// holds is returned again (that reads every entry, so ADD asks for it only
+    /// when it has seen an earlier ADD of the same attachment).
     pub fn allocate(
         &self,
         guard: &Locked<'_>,
@@ -176,11 +204,12 @@ impl Store {
         id: &str,
         ifname: &str,
         requested: Option<IpAddr>,
+        reuse: bool,
     ) -> Result<IpAddr, IpamError> {
-        let all = self.allocations(guard)?;
-        if let Some(a) = all
-            .iter()
-            .find(|a| a.container_id == id && (a.ifname == ifname || a.ifname.is_empty()) && range.subnet.contains(a.ip))
+        if reuse
+            && let Some(a) = self.allocations(guard)?.into_iter().find(|a| {
+                a.container_id == id && (a.ifname == ifname || a.ifname.is_empty()) && range.subnet.contains(a.ip)
+            })
         {
             return Ok(a.ip);
         }
@@ -189,12 +218,17 @@ impl Store {
                 return Err(IpamError::NotInRange { ip, range: range.subnet });
             }
             if !self.try_reserve(ip, id, ifname, range)? {
-                let owner = all.iter().find(|a| a.ip == ip).map(|a| a.container_id.clone()).unwrap_or_default();
+                let owner = self
+                    .allocations(guard)?
+                    .into_iter()
+                    .find(|a| a.ip == ip)
+                    .map(|a| a.container_id)
+                    .unwrap_or_default();
                 return Err(IpamError::Taken { ip, owner });
             }
             return Ok(ip);
         }
-        let used: HashSet<IpAddr> = all.iter().map(|a| a.ip).collect();
+        let used = self.used()?;
         let (first, last) = (range.first_offset(), range.last_offset());
         let start = self
             .last_reserved(range)
@@ -265,18 +299,18 @@ mod tests {
         let store = Store::open(&t.0.join("cbr0")).unwrap();
         let g = store.lock().unwrap();
         let r = range("10.244.1.1/24");
-        let a = store.allocate(&g, &r, "c1", "eth0", None).unwrap();
+        let a = store.allocate(&g, &r, "c1", "eth0", None, false).unwrap();
         assert_eq!(a.to_string(), "10.244.1.2");
         let content = fs::read_to_string(t.0.join("cbr0/10.244.1.2")).unwrap();
         assert_eq!(content, "c1\r\neth0");
         assert_eq!(fs::read_to_string(t.0.join("cbr0/last_reserved_ip.0")).unwrap(), "10.244.1.2");
         // The same attachment gets the same address again.
-        assert_eq!(store.allocate(&g, &r, "c1", "eth0", None).unwrap(), a);
-        let b = store.allocate(&g, &r, "c2", "eth0", None).unwrap();
+        assert_eq!(store.allocate(&g, &r, "c1", "eth0", None, true).unwrap(), a);
+        let b = store.allocate(&g, &r, "c2", "eth0", None, false).unwrap();
         assert_eq!(b.to_string(), "10.244.1.3");
         // Releasing does not rewind the round robin (host-local behaviour).
         assert_eq!(store.release(&g, "c1", "eth0").unwrap(), vec![a]);
-        let c = store.allocate(&g, &r, "c3", "eth0", None).unwrap();
+        let c = store.allocate(&g, &r, "c3", "eth0", None, false).unwrap();
         assert_eq!(c.to_string(), "10.244.1.4");
     }
 
@@ -288,16 +322,16 @@ mod tests {
         let r = range("10.9.0.1/29"); // .2 - .6 usable
         assert_eq!(r.capacity(), 5);
         let want: IpAddr = "10.9.0.5".parse().unwrap();
-        assert_eq!(store.allocate(&g, &r, "req", "eth0", Some(want)).unwrap(), want);
-        assert!(matches!(store.allocate(&g, &r, "x", "eth0", Some(want)), Err(IpamError::Taken { .. })));
+        assert_eq!(store.allocate(&g, &r, "req", "eth0", Some(want), false).unwrap(), want);
+        assert!(matches!(store.allocate(&g, &r, "x", "eth0", Some(want), false), Err(IpamError::Taken { .. })));
         assert!(matches!(
-            store.allocate(&g, &r, "x", "eth0", Some("10.9.0.7".parse().unwrap())),
+            store.allocate(&g, &r, "x", "eth0", Some("10.9.0.7".parse().unwrap()), false),
             Err(IpamError::NotInRange { .. })
         ));
         for i in 0..4 {
-            store.allocate(&g, &r, &format!("c{i}"), "eth0", None).unwrap();
+            store.allocate(&g, &r, &format!("c{i}"), "eth0", None, false).unwrap();
         }
-        assert!(matches!(store.allocate(&g, &r, "full", "eth0", None), Err(IpamError::Exhausted(..))));
+        assert!(matches!(store.allocate(&g, &r, "full", "eth0", None, false), Err(IpamError::Exhausted(..))));
         assert!(!t.0.join("n/10.9.0.7").exists() && !t.0.join("n/10.9.0.1").exists());
     }
 

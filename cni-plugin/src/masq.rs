@@ -26,11 +26,8 @@ pub fn comment(network: &str, container_id: &str) -> String {
 
 fn iptables(v4: bool, args: &[&str]) -> std::result::Result<(), String> {
     let bin = if v4 { "iptables" } else { "ip6tables" };
-    let out = Command::new(bin)
-        .args(["-w", "5", "-t", "nat"])
-        .args(args)
-        .output()
-        .map_err(|e| format!("{bin}: {e}"))?;
+    let out =
+        Command::new(bin).args(["-w", "5", "-t", "nat"]).args(args).output().map_err(|e| format!("{bin}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -52,7 +49,8 @@ pub fn setup(network: &str, container_id: &str, addr: &IpNet) -> Result<()> {
         iptables(v4, &["-F", &chain]).map_err(fail)?;
     }
     iptables(v4, &["-A", &chain, "-d", &subnet, "-j", "ACCEPT", "-m", "comment", "--comment", &c]).map_err(fail)?;
-    iptables(v4, &["-A", &chain, "!", "-d", mcast, "-j", "MASQUERADE", "-m", "comment", "--comment", &c]).map_err(fail)?;
+    iptables(v4, &["-A", &chain, "!", "-d", mcast, "-j", "MASQUERADE", "-m", "comment", "--comment", &c])
+        .map_err(fail)?;
     let jump = ["POSTROUTING", "-s", &host, "-j", &chain, "-m", "comment", "--comment", &c];
     if iptables(v4, &[&["-C"][..], &jump[..]].concat()).is_err() {
         iptables(v4, &[&["-A"][..], &jump[..]].concat()).map_err(fail)?;

@@ -100,7 +100,8 @@ impl CniResult {
         let o = v.as_object().ok_or("prevResult is not an object")?;
         let mut r = CniResult::default();
         for (i, it) in o.get("interfaces").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            let name = it.get("name").and_then(Value::as_str).ok_or(format!("prevResult.interfaces[{i}].name missing"))?;
+            let name =
+                it.get("name").and_then(Value::as_str).ok_or(format!("prevResult.interfaces[{i}].name missing"))?;
             r.interfaces.push(Interface {
                 name: name.to_string(),
                 mac: it.get("mac").and_then(Value::as_str).unwrap_or_default().to_string(),
@@ -151,9 +152,18 @@ mod tests {
         CniResult {
             interfaces: vec![
                 Interface { name: "cni0".into(), mac: "0a:58:0a:f4:01:01".into(), mtu: Some(1450), sandbox: None },
-                Interface { name: "eth0".into(), mac: "aa:bb:cc:dd:ee:ff".into(), mtu: Some(1450), sandbox: Some("/var/run/netns/p".into()) },
+                Interface {
+                    name: "eth0".into(),
+                    mac: "aa:bb:cc:dd:ee:ff".into(),
+                    mtu: Some(1450),
+                    sandbox: Some("/var/run/netns/p".into()),
+                },
             ],
-            ips: vec![IpConfig { address: "10.244.1.2/24".parse().unwrap(), gateway: Some("10.244.1.1".parse().unwrap()), interface: Some(1) }],
+            ips: vec![IpConfig {
+                address: "10.244.1.2/24".parse().unwrap(),
+                gateway: Some("10.244.1.1".parse().unwrap()),
+                interface: Some(1),
+            }],
             routes: vec![RouteResult { dst: "0.0.0.0/0".parse().unwrap(), gw: Some("10.244.1.1".parse().unwrap()) }],
             dns: Dns::default(),
         }

@@ -1,1 +1,33 @@
+//! The namespace test-bed: uniquely named network namespaces and scratch
+//! directories that are always removed (also when a test panics), plus small
+//! helpers to run commands and open sockets inside a namespace.
 
+pub mod ns;
+pub mod tmp;
+
+pub use ns::Netns;
+pub use tmp::TempDir;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A name unique to this process and call: `<prefix><pid>x<n>`, short enough
+/// for interface names when `prefix` is at most 3 characters.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -99,8 +99,7 @@ impl IpNet {
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.addr.is_ipv4()
-            && (bits(ip) & !self.host_mask()) == (bits(self.addr) & !self.host_mask())
+        ip.is_ipv4() == self.addr.is_ipv4() && (bits(ip) & !self.host_mask()) == (bits(self.addr) & !self.host_mask())
     }
 
     /// Whether `other` lies entirely inside this prefix.

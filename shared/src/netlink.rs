@@ -12,15 +12,14 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_core::ErrorMessage;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
-    LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 use crate::ip::IpNet;
@@ -272,7 +271,8 @@ impl Route {
             AddressFamily::Inet6 => false,
             _ => return None,
         };
-        let dst_addr = dst.unwrap_or(if v4 { IpNet::default_route(true).addr() } else { IpNet::default_route(false).addr() });
+        let dst_addr =
+            dst.unwrap_or(if v4 { IpNet::default_route(true).addr() } else { IpNet::default_route(false).addr() });
         Some(Route {
             dst: IpNet::new(dst_addr, h.destination_prefix_length).ok()?,
             gateway,
@@ -318,7 +318,9 @@ impl Netlink {
     /// A netlink connection in the caller's network namespace. Must be called
     /// inside a tokio runtime (the connection task is spawned on it).
     pub fn connect() -> io::Result<Netlink> {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
+        // Strict checking makes the kernel apply dump filters (e.g. the link
+        // index of an address dump) instead of returning everything.
+        let (conn, handle, _) = rtnetlink::new_connection_with_strict_check()?;
         tokio::spawn(conn);
         Ok(Netlink { handle })
     }
@@ -327,10 +329,9 @@ impl Netlink {
     /// created on a short-lived thread that entered `ns`; this thread's own
     /// namespace is not touched.
     pub fn connect_in(ns: &File) -> io::Result<Netlink> {
-        let socket = netns::run_in(ns, || {
-            netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
-        })??;
+        let socket = netns::run_in(ns, || netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE))??;
         socket.set_non_blocking(true)?;
+        socket.set_netlink_get_strict_chk(true)?;
         // SAFETY: the fd comes from a socket we own and hand over whole.
         let tokio_socket = unsafe { netlink_sys::TokioSocket::from_raw_fd(socket.into_raw_fd()) };
         let (conn, handle, _) = rtnetlink::from_socket(tokio_socket);
@@ -436,6 +437,7 @@ impl Netlink {
     pub async fn addresses(&self, index: Option<u32>) -> Result<Vec<Address>> {
         let mut req = self.handle.address().get();
         if let Some(i) = index {
+            req.message_mut().header.index = i;
             req = req.set_link_index_filter(i);
         }
         let msgs: Vec<AddressMessage> = req.execute().try_collect().await.map_err(map_err("dump addresses"))?;
@@ -471,10 +473,9 @@ impl Netlink {
     }
 
     pub async fn del_address(&self, index: u32, net: IpNet) -> Result<()> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
+        let mut req = self.handle.address().get();
+        req.message_mut().header.index = index;
+        let msgs: Vec<AddressMessage> = req
             .set_link_index_filter(index)
             .set_address_filter(net.addr())
             .set_prefix_length_filter(net.prefix())
@@ -496,11 +497,7 @@ impl Netlink {
         msg.header.address_family = if v4 { AddressFamily::Inet } else { AddressFamily::Inet6 };
         let msgs: Vec<RouteMessage> =
             self.handle.route().get(msg).execute().try_collect().await.map_err(map_err("dump routes"))?;
-        Ok(msgs
-            .iter()
-            .filter_map(Route::from_message)
-            .filter(|r| table.is_none_or(|t| r.table == t))
-            .collect())
+        Ok(msgs.iter().filter_map(Route::from_message).filter(|r| table.is_none_or(|t| r.table == t)).collect())
     }
 
     pub async fn add_route(&self, route: &Route) -> Result<()> {

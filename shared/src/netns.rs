@@ -37,7 +37,5 @@ where
 pub fn is_netns(file: &File) -> bool {
     // NSFS_MAGIC from linux/magic.h
     const NSFS_MAGIC: i64 = 0x6e73_6673;
-    nix::sys::statfs::fstatfs(file.as_fd())
-        .map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
-        .unwrap_or(false)
+    nix::sys::statfs::fstatfs(file.as_fd()).map(|s| s.filesystem_type().0 == NSFS_MAGIC).unwrap_or(false)
 }

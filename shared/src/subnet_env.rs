@@ -46,35 +46,24 @@ impl SubnetEnvError {
 
 impl SubnetEnv {
     pub fn read(path: &Path) -> Result<SubnetEnv, SubnetEnvError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SubnetEnvError::Io { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SubnetEnvError::Io { path: path.to_path_buf(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses the file's text; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<SubnetEnv, SubnetEnvError> {
-        let invalid = |line: usize, msg: String| SubnetEnvError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            msg,
-        };
-        let mut env = SubnetEnv {
-            network: None,
-            subnet: None,
-            ipv6_network: None,
-            ipv6_subnet: None,
-            mtu: 0,
-            ipmasq: false,
-        };
+        let invalid = |line: usize, msg: String| SubnetEnvError::Invalid { path: path.to_path_buf(), line, msg };
+        let mut env =
+            SubnetEnv { network: None, subnet: None, ipv6_network: None, ipv6_subnet: None, mtu: 0, ipmasq: false };
         let mut have_mtu = false;
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (key, value) = line
-                .split_once('=')
-                .ok_or_else(|| invalid(i + 1, format!("expected KEY=VALUE, got {line:?}")))?;
+            let (key, value) =
+                line.split_once('=').ok_or_else(|| invalid(i + 1, format!("expected KEY=VALUE, got {line:?}")))?;
             let value = value.trim().trim_matches('"');
             let net = |v4: bool| -> Result<IpNet, SubnetEnvError> {
                 let n: IpNet = value.parse().map_err(|e| invalid(i + 1, format!("{key}: {e}")))?;
@@ -120,10 +109,9 @@ impl SubnetEnv {
         if !have_mtu {
             return Err(incomplete("FLANNEL_MTU is not set"));
         }
-        for (net, sub, name) in [
-            (env.network, env.subnet, "FLANNEL_SUBNET"),
-            (env.ipv6_network, env.ipv6_subnet, "FLANNEL_IPV6_SUBNET"),
-        ] {
+        for (net, sub, name) in
+            [(env.network, env.subnet, "FLANNEL_SUBNET"), (env.ipv6_network, env.ipv6_subnet, "FLANNEL_IPV6_SUBNET")]
+        {
             if let (Some(net), Some(sub)) = (net, sub)
                 && !net.contains_net(&sub)
             {
@@ -149,22 +137,24 @@ impl SubnetEnv {
     /// Writes the file so that a reader sees the old or the new content, never a mix:
     /// a temp file in the same directory, fsynced, then renamed over the target.
     pub fn write_atomic(&self, path: &Path) -> io::Result<()> {
-        write_file_atomic(path, self.render().as_bytes())
+        write_file_atomic(path, self.render().as_bytes(), true)
     }
 }
 
 /// Writes `data` to `path` via a temp file and rename, creating parent directories.
-pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+/// With `durable`, the data is fsynced before the rename (survives a power cut);
+/// without, a crash may leave the old file or an empty one, never a torn mix.
+pub fn write_file_atomic(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
@@ -177,7 +167,8 @@ pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    const UPSTREAM: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+    const UPSTREAM: &str =
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
 
     #[test]
     fn round_trips_upstream_bytes() {
@@ -190,11 +181,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_files_with_line_numbers() {
-        let e = SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=banana\n", Path::new("f"))
-            .unwrap_err();
+        let e = SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=banana\n", Path::new("f")).unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
-        let e = SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.9.1.1/24\nFLANNEL_MTU=1450\n", Path::new("f"))
-            .unwrap_err();
+        let e = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.9.1.1/24\nFLANNEL_MTU=1450\n",
+            Path::new("f"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("outside"), "{e}");
         let e = SubnetEnv::parse("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n", Path::new("f"))
             .unwrap_err();
