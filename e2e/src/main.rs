@@ -28,7 +28,7 @@ fn plugin_path() -> PathBuf {
     p
 }
 
-fn cni(plugin: &PathBuf, node: &Netns, command: &str, cid: &str, pod: &Netns, conf: &str) -> String {
+fn cni(plugin: &std::path::Path, node: &Netns, command: &str, cid: &str, pod: &Netns, conf: &str) -> String {
     use std::io::Write;
     let mut child = node
         .command(plugin.to_str().unwrap())
