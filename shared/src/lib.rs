@@ -2,6 +2,8 @@
 //! `subnet.env`, network-namespace entry and a thin netlink layer.
 
 pub mod ip;
+pub mod lease;
+pub mod netconf;
 pub mod netlink;
 pub mod netns;
 pub mod subnet_env;

@@ -1,0 +1,129 @@
+//! Subnet leases as upstream flannel stores them in etcd:
+//! key `<prefix>/subnets/10.244.1.0-24`, value
+//! `{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:.."}}`.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ip::IpNet;
+use crate::netconf::Family;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    #[serde(rename = "PublicIP")]
+    pub public_ip: Ipv4Addr,
+    #[serde(rename = "PublicIPv6", default, skip_serializing_if = "Option::is_none")]
+    pub public_ipv6: Option<Ipv6Addr>,
+    #[serde(rename = "BackendType")]
+    pub backend_type: String,
+    #[serde(rename = "BackendData", default)]
+    pub backend_data: Value,
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
+    pub backend_v6_data: Option<Value>,
+}
+
+/// `BackendData` of the vxlan backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanData {
+    #[serde(rename = "VNI")]
+    pub vni: u32,
+    #[serde(rename = "VtepMAC")]
+    pub vtep_mac: String,
+}
+
+/// A peer's (or our own) lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub subnet: IpNet,
+    pub attrs: LeaseAttrs,
+}
+
+impl Lease {
+    pub fn vxlan_data(&self) -> Option<VxlanData> {
+        serde_json::from_value(self.attrs.backend_data.clone()).ok()
+    }
+}
+
+/// `10.244.1.0/24` -> `10.244.1.0-24`.
+pub fn subnet_key(subnet: &IpNet) -> String {
+    format!("{}-{}", subnet.network_addr(), subnet.prefix())
+}
+
+/// `10.244.1.0-24` -> `10.244.1.0/24` (a key's last path segment).
+pub fn parse_subnet_key(key: &str) -> Option<IpNet> {
+    let last = key.rsplit('/').next()?;
+    let (ip, len) = last.split_once('-')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    IpNet::new(ip, len.parse().ok()?).ok().filter(|n| n.network() == *n)
+}
+
+/// Picks a subnet to claim: `prefer` when it is still allowed and free, else a
+/// pseudo-random one among the first 100 free subnets (so agents racing for
+/// the same range rarely collide; the claim itself is a create-if-absent
+/// transaction, so a collision only costs a retry).
+pub fn choose_subnet(family: &Family, taken: &HashSet<IpNet>, prefer: Option<IpNet>, seed: u64) -> Option<IpNet> {
+    if let Some(p) = prefer
+        && family.allows(&p)
+        && !taken.contains(&p)
+    {
+        return Some(p);
+    }
+    let free: Vec<IpNet> = family.subnets().filter(|s| !taken.contains(s)).take(100).collect();
+    if free.is_empty() {
+        return None;
+    }
+    // splitmix64: a cheap, well-mixed index from the seed.
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    Some(free[(z % free.len() as u64) as usize])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netconf::NetConfig;
+
+    #[test]
+    fn lease_json_is_upstreams() {
+        let text =
+            r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#;
+        let attrs: LeaseAttrs = serde_json::from_str(text).unwrap();
+        assert_eq!(serde_json::to_string(&attrs).unwrap(), text);
+        let l = Lease { subnet: "10.244.1.0/24".parse().unwrap(), attrs };
+        assert_eq!(l.vxlan_data().unwrap().vtep_mac, "aa:bb:cc:dd:ee:ff");
+        assert_eq!(subnet_key(&l.subnet), "10.244.1.0-24");
+        assert_eq!(parse_subnet_key("/coreos.com/network/subnets/10.244.1.0-24"), Some(l.subnet));
+        assert_eq!(parse_subnet_key("10.244.1.5-24"), None);
+        assert_eq!(parse_subnet_key("garbage"), None);
+        let hostgw: LeaseAttrs =
+            serde_json::from_str(r#"{"PublicIP":"192.0.2.2","BackendType":"host-gw","BackendData":null}"#).unwrap();
+        assert_eq!(hostgw.backend_type, "host-gw");
+    }
+
+    #[test]
+    fn choosing_prefers_the_old_subnet_and_avoids_taken_ones() {
+        let cfg = NetConfig::parse(r#"{"Network":"10.244.0.0/16","SubnetMax":"10.244.8.0"}"#, |_| {}).unwrap();
+        let fam = cfg.ipv4.unwrap();
+        let mut taken = HashSet::new();
+        let old: IpNet = "10.244.5.0/24".parse().unwrap();
+        assert_eq!(choose_subnet(&fam, &taken, Some(old), 1), Some(old));
+        taken.insert(old);
+        for seed in 0..50 {
+            let s = choose_subnet(&fam, &taken, Some(old), seed).unwrap();
+            assert!(fam.allows(&s) && s != old);
+        }
+        for s in fam.subnets() {
+            taken.insert(s);
+        }
+        assert_eq!(choose_subnet(&fam, &taken, None, 7), None);
+        // A subnet outside SubnetMin..SubnetMax is not reused.
+        let outside: IpNet = "10.244.9.0/24".parse().unwrap();
+        taken.clear();
+        assert_ne!(choose_subnet(&fam, &taken, Some(outside), 3), Some(outside));
+    }
+}
