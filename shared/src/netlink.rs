@@ -15,12 +15,16 @@ use rtnetlink::packet_core::ErrorMessage;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::ip::IpNet;
 use crate::netns;
@@ -92,6 +96,20 @@ pub struct Link {
     pub kind: Option<String>,
     /// Hairpin mode, when the link is a bridge port and the kernel reported it.
     pub hairpin: Option<bool>,
+    /// VXLAN settings, for vxlan links.
+    pub vxlan: Option<VxlanInfo>,
+}
+
+/// The settings of a VXLAN device that flanneld cares about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VxlanInfo {
+    pub vni: u32,
+    pub port: u16,
+    pub local: Option<IpAddr>,
+    /// Underlay device index.
+    pub uplink: Option<u32>,
+    pub learning: bool,
+    pub gbp: bool,
 }
 
 impl Link {
@@ -106,6 +124,7 @@ impl Link {
             master: None,
             kind: None,
             hairpin: None,
+            vxlan: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -121,6 +140,22 @@ impl Link {
                     for info in infos {
                         match info {
                             LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::Vxlan(opts)) => {
+                                let mut v = VxlanInfo::default();
+                                for o in opts {
+                                    match o {
+                                        InfoVxlan::Id(id) => v.vni = *id,
+                                        InfoVxlan::Port(p) => v.port = *p,
+                                        InfoVxlan::Local(a) => v.local = Some(IpAddr::V4(*a)),
+                                        InfoVxlan::Local6(a) => v.local = Some(IpAddr::V6(*a)),
+                                        InfoVxlan::Link(l) => v.uplink = Some(*l),
+                                        InfoVxlan::Learning(l) => v.learning = *l,
+                                        InfoVxlan::Gbp => v.gbp = true,
+                                        _ => {}
+                                    }
+                                }
+                                link.vxlan = Some(v);
+                            }
                             LinkInfo::PortData(InfoPortData::BridgePort(opts)) => {
                                 for o in opts {
                                     if let InfoBridgePort::HairpinMode(h) = o {
@@ -294,6 +329,60 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
+/// A neighbour (ARP/NDP) or bridge FDB entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub index: u32,
+    /// The IP (ARP/NDP entries) or, for FDB entries, the VXLAN remote (`dst`).
+    pub ip: Option<IpAddr>,
+    pub mac: Option<[u8; 6]>,
+    pub permanent: bool,
+}
+
+fn neighbour_from_message(m: &NeighbourMessage) -> Neighbour {
+    let mut n = Neighbour {
+        index: m.header.ifindex,
+        ip: None,
+        mac: None,
+        permanent: m.header.state == NeighbourState::Permanent,
+    };
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => n.ip = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => n.ip = Some(IpAddr::V6(*v6)),
+            // FDB messages (AF_BRIDGE) carry the VXLAN remote as raw bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                n.ip = match b.len() {
+                    4 => Some(IpAddr::from(<[u8; 4]>::try_from(&b[..]).expect("length checked"))),
+                    16 => Some(IpAddr::from(<[u8; 16]>::try_from(&b[..]).expect("length checked"))),
+                    _ => None,
+                }
+            }
+            NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(l);
+                n.mac = Some(mac);
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+/// What to create with [`Netlink::create_vxlan`].
+#[derive(Clone, Debug)]
+pub struct VxlanSpec<'a> {
+    pub name: &'a str,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Option<IpAddr>,
+    pub uplink: Option<u32>,
+    pub mtu: Option<u32>,
+    pub gbp: bool,
+    /// A MAC to keep (e.g. restored from our own lease) instead of a random one.
+    pub mac: Option<[u8; 6]>,
+}
+
 /// What to create with [`Netlink::create_veth`].
 pub struct VethSpec<'a> {
     /// Name of the end that stays in this namespace.
@@ -429,6 +518,103 @@ impl Netlink {
 
     pub async fn del_link(&self, index: u32) -> Result<()> {
         self.handle.link().del(index).execute().await.map_err(map_err(format!("delete link #{index}")))
+    }
+
+    /// Creates a VXLAN device with learning off (flanneld programs FDB and ARP itself).
+    pub async fn create_vxlan(&self, spec: &VxlanSpec<'_>) -> Result<()> {
+        let mut b = LinkVxlan::new(spec.name, spec.vni).port(spec.port).learning(false);
+        if let Some(i) = spec.uplink {
+            b = b.dev(i);
+        }
+        match spec.local {
+            Some(IpAddr::V4(a)) => b = b.local(a),
+            Some(IpAddr::V6(a)) => b = b.local6(a),
+            None => {}
+        }
+        if spec.gbp {
+            b = b.gbp();
+        }
+        if let Some(m) = spec.mtu {
+            b = b.mtu(m);
+        }
+        if let Some(mac) = spec.mac {
+            b = b.address(mac.to_vec());
+        }
+        self.handle.link().add(b.build()).execute().await.map_err(map_err(format!("create vxlan {}", spec.name)))
+    }
+
+    // ---- neighbours and FDB ----
+
+    /// ARP/NDP entries (`bridge_fdb = false`) or FDB entries (`true`) of one link.
+    pub async fn neighbours(&self, index: u32, bridge_fdb: bool) -> Result<Vec<Neighbour>> {
+        let mut req = self.handle.neighbours().get();
+        req.message_mut().header.family = if bridge_fdb { AddressFamily::Bridge } else { AddressFamily::Unspec };
+        // Strict dumps filter ARP/NDP by the NDA_IFINDEX attribute (a header
+        // index is rejected) and FDB entries by the header's index.
+        if bridge_fdb {
+            req.message_mut().header.ifindex = index;
+        } else {
+            req.message_mut().attributes.push(NeighbourAttribute::IfIndex(index));
+        }
+        let msgs: Vec<NeighbourMessage> =
+            req.execute().try_collect().await.map_err(map_err(format!("dump neighbours of link #{index}")))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == index)
+            .filter(|m| (m.header.family == AddressFamily::Bridge) == bridge_fdb)
+            .map(neighbour_from_message)
+            .collect())
+    }
+
+    /// A permanent ARP/NDP entry `ip -> mac` on `index` (added or replaced).
+    pub async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(map_err(format!("replace neighbour {ip} on link #{index}")))
+    }
+
+    pub async fn del_neighbour(&self, index: u32, ip: IpAddr) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        m.header.ifindex = index;
+        m.attributes.push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+        self.handle.neighbours().del(m).execute().await.map_err(map_err(format!("delete neighbour {ip}")))
+    }
+
+    /// A permanent FDB entry on a VXLAN device: frames for `mac` go to `dst` (NTF_SELF).
+    pub async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .destination(dst)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(map_err(format!("replace fdb {} on link #{index}", format_mac(&mac))))
+    }
+
+    pub async fn del_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = index;
+        m.header.flags = NeighbourFlags::Own;
+        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        m.attributes.push(NeighbourAttribute::Destination(match dst {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+        self.handle.neighbours().del(m).execute().await.map_err(map_err(format!("delete fdb {}", format_mac(&mac))))
     }
 
     // ---- addresses ----
