@@ -1,0 +1,199 @@
+//! The data path as a function of the leases: compute the routes, ARP and FDB
+//! entries every peer needs, read what the kernel has with one dump per kind,
+//! apply only the difference. Routes this agent owns carry [`RTPROT_FLANNEL`],
+//! so nothing else in the table is ever touched.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use flannel_shared::IpNet;
+use flannel_shared::netlink::{Netlink, NetlinkError, RT_TABLE_MAIN, Route};
+
+/// `rtm_protocol` of the routes flanneld installs (`ip route show proto 76`).
+pub const RTPROT_FLANNEL: u8 = 76;
+
+/// What the backends need to know of a peer's lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub subnet: IpNet,
+    pub public_ip: IpAddr,
+    /// The peer's VTEP MAC (vxlan leases).
+    pub vtep_mac: Option<[u8; 6]>,
+}
+
+/// How peers are reached.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Overlay through the VXLAN device `vtep`; with `direct_on`, peers whose
+    /// public IP lies in that (uplink) subnet get a plain route instead.
+    Vxlan { vtep: u32, uplink: u32, direct_on: Option<IpNet> },
+    /// Plain routes via each peer's public IP on the uplink.
+    HostGw { uplink: u32 },
+}
+
+/// The kernel state the peers call for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub routes: Vec<Route>,
+    /// ARP/NDP on the VTEP: peer gateway -> VTEP MAC.
+    pub neighbours: HashMap<IpAddr, [u8; 6]>,
+    /// FDB on the VTEP: VTEP MAC -> peer public IP.
+    pub fdb: HashMap<[u8; 6], IpAddr>,
+    /// Peers that could not be programmed, with the reason.
+    pub skipped: Vec<(IpNet, String)>,
+}
+
+pub fn desired(mode: &Mode, peers: &[Peer]) -> Desired {
+    let mut d = Desired::default();
+    for p in peers {
+        let subnet = p.subnet.network();
+        match mode {
+            Mode::HostGw { uplink } => {
+                d.routes.push(Route::new(subnet).via(p.public_ip).dev(*uplink).protocol(RTPROT_FLANNEL));
+            }
+            Mode::Vxlan { vtep, uplink, direct_on } => {
+                if direct_on.is_some_and(|n| n.contains(p.public_ip)) {
+                    d.routes.push(Route::new(subnet).via(p.public_ip).dev(*uplink).protocol(RTPROT_FLANNEL));
+                    continue;
+                }
+                let Some(mac) = p.vtep_mac else {
+                    d.skipped.push((subnet, "lease has no VtepMAC".to_string()));
+                    continue;
+                };
+                let gw = subnet.network_addr();
+                d.routes.push(Route::new(subnet).via(gw).dev(*vtep).onlink().protocol(RTPROT_FLANNEL));
+                d.neighbours.insert(gw, mac);
+                d.fdb.insert(mac, p.public_ip);
+            }
+        }
+    }
+    d
+}
+
+/// What one pass changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub routes_added: usize,
+    pub routes_removed: usize,
+    pub neighbours_set: usize,
+    pub neighbours_removed: usize,
+    pub fdb_set: usize,
+    pub fdb_removed: usize,
+}
+
+impl Applied {
+    pub fn is_noop(&self) -> bool {
+        *self == Applied::default()
+    }
+}
+
+fn same_route(a: &Route, b: &Route) -> bool {
+    a.dst == b.dst && a.gateway == b.gateway && a.oif == b.oif && a.onlink == b.onlink
+}
+
+/// Brings the kernel in line with `want`. `vtep` is the VXLAN device whose
+/// ARP and FDB entries this agent owns (none for host-gw).
+pub async fn apply(nl: &Netlink, want: &Desired, vtep: Option<u32>) -> Result<Applied, NetlinkError> {
+    let mut done = Applied::default();
+
+    // Routes: one dump of the main table per family in use.
+    let mut have = nl.routes(true, Some(RT_TABLE_MAIN)).await?;
+    if want.routes.iter().any(|r| !r.dst.is_ipv4()) {
+        have.extend(nl.routes(false, Some(RT_TABLE_MAIN)).await?);
+    }
+    let owned: Vec<&Route> = have.iter().filter(|r| r.protocol == RTPROT_FLANNEL).collect();
+    for r in &want.routes {
+        if !owned.iter().any(|h| same_route(h, r)) {
+            nl.replace_route(r).await?;
+            done.routes_added += 1;
+        }
+    }
+    // A replace above already swapped any owned route with the same destination;
+    // what remains stale is an owned route whose lease is gone.
+    let wanted_dsts: HashSet<IpNet> = want.routes.iter().map(|r| r.dst).collect();
+    for h in owned {
+        if !wanted_dsts.contains(&h.dst) {
+            match nl.del_route(h).await {
+                Ok(()) => done.routes_removed += 1,
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    let Some(vtep) = vtep else { return Ok(done) };
+
+    // ARP/NDP on the VTEP: one dump.
+    let have = nl.neighbours(vtep, false).await?;
+    for (ip, mac) in &want.neighbours {
+        if !have.iter().any(|n| n.ip == Some(*ip) && n.mac == Some(*mac) && n.permanent) {
+            nl.replace_neighbour(vtep, *ip, *mac).await?;
+            done.neighbours_set += 1;
+        }
+    }
+    for n in have.iter().filter(|n| n.permanent) {
+        if let Some(ip) = n.ip
+            && !want.neighbours.contains_key(&ip)
+        {
+            match nl.del_neighbour(vtep, ip).await {
+                Ok(()) => done.neighbours_removed += 1,
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    // FDB on the VTEP: one dump. Entries without a remote (the device's own) are not ours.
+    let have = nl.neighbours(vtep, true).await?;
+    for (mac, dst) in &want.fdb {
+        if !have.iter().any(|n| n.mac == Some(*mac) && n.ip == Some(*dst)) {
+            nl.replace_fdb(vtep, *mac, *dst).await?;
+            done.fdb_set += 1;
+        }
+    }
+    for n in &have {
+        if let (Some(mac), Some(dst)) = (n.mac, n.ip)
+            && want.fdb.get(&mac) != Some(&dst)
+        {
+            match nl.del_fdb(vtep, mac, dst).await {
+                Ok(()) => done.fdb_removed += 1,
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(subnet: &str, ip: &str, mac: Option<[u8; 6]>) -> Peer {
+        Peer { subnet: subnet.parse().unwrap(), public_ip: ip.parse().unwrap(), vtep_mac: mac }
+    }
+
+    #[test]
+    fn vxlan_desired_state_matches_upstream_layout() {
+        let mac = [0x0e, 0, 0, 0, 0, 2];
+        let peers = [
+            peer("10.244.2.0/24", "192.0.2.2", Some(mac)),
+            peer("10.244.3.0/24", "198.51.100.3", None),
+            peer("10.244.4.0/24", "192.0.2.4", Some([0x0e, 0, 0, 0, 0, 4])),
+        ];
+        let d = desired(&Mode::Vxlan { vtep: 7, uplink: 2, direct_on: None }, &peers);
+        let r = &d.routes[0];
+        assert_eq!(r.dst.to_string(), "10.244.2.0/24");
+        assert_eq!(r.gateway, Some("10.244.2.0".parse().unwrap()));
+        assert!(r.onlink && r.oif == Some(7) && r.protocol == RTPROT_FLANNEL);
+        assert_eq!(d.neighbours[&"10.244.2.0".parse::<IpAddr>().unwrap()], mac);
+        assert_eq!(d.fdb[&mac], "192.0.2.2".parse::<IpAddr>().unwrap());
+        assert_eq!(d.skipped.len(), 1);
+        assert_eq!(d.routes.len(), 2);
+
+        // DirectRouting: same-L2 peers get a host-gw style route, others stay on the overlay.
+        let d = desired(&Mode::Vxlan { vtep: 7, uplink: 2, direct_on: Some("192.0.2.0/24".parse().unwrap()) }, &peers);
+        assert!(d.routes.iter().any(|r| r.dst.to_string() == "10.244.2.0/24" && r.oif == Some(2) && !r.onlink));
+        assert!(d.neighbours.is_empty());
+    }
+}
