@@ -1,4 +1,6 @@
-//! flanneld's building blocks (the agent binary is assembled in the etcd-mode issue).
-//! manager (etcd or Kubernetes); each piece is usable and tested on its own.
+//! flanneld's building blocks, each usable and tested on its own; the agent
+//! binary that wires them to a subnet manager (etcd or Kubernetes) comes with
+//! the etcd-mode issue.
 
+pub mod iptables;
 pub mod reconcile;

@@ -21,7 +21,14 @@ fn owned_routes(ns: &Netns) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| format!("{} via {} dev {}", r["dst"].as_str().unwrap(), r["gateway"].as_str().unwrap_or("-"), r["dev"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{} via {} dev {}",
+                r["dst"].as_str().unwrap(),
+                r["gateway"].as_str().unwrap_or("-"),
+                r["dev"].as_str().unwrap()
+            )
+        })
         .collect();
     v.sort();
     v
@@ -87,10 +94,20 @@ fn vxlan_state_is_reconciled_not_appended() {
         assert_eq!((done.routes_added, done.neighbours_set, done.fdb_set), (3, 3, 3));
         assert_eq!(
             owned_routes(&node),
-            ["10.244.2.0/24 via 10.244.2.0 dev flannel.1", "10.244.3.0/24 via 10.244.3.0 dev flannel.1", "10.244.4.0/24 via 10.244.4.0 dev flannel.1"]
+            [
+                "10.244.2.0/24 via 10.244.2.0 dev flannel.1",
+                "10.244.3.0/24 via 10.244.3.0 dev flannel.1",
+                "10.244.4.0/24 via 10.244.4.0 dev flannel.1"
+            ]
         );
-        assert_eq!(neigh(&node), ["10.244.2.0 0e:00:00:00:00:02", "10.244.3.0 0e:00:00:00:00:03", "10.244.4.0 0e:00:00:00:00:04"]);
-        assert_eq!(fdb(&node), ["0e:00:00:00:00:02 192.0.2.2", "0e:00:00:00:00:03 192.0.2.3", "0e:00:00:00:00:04 192.0.2.4"]);
+        assert_eq!(
+            neigh(&node),
+            ["10.244.2.0 0e:00:00:00:00:02", "10.244.3.0 0e:00:00:00:00:03", "10.244.4.0 0e:00:00:00:00:04"]
+        );
+        assert_eq!(
+            fdb(&node),
+            ["0e:00:00:00:00:02 192.0.2.2", "0e:00:00:00:00:03 192.0.2.3", "0e:00:00:00:00:04 192.0.2.4"]
+        );
 
         // A second pass changes nothing.
         assert!(apply(&nl, &want, Some(vtep)).await.unwrap().is_noop());
@@ -115,7 +132,10 @@ fn vxlan_state_is_reconciled_not_appended() {
         // Switching to host-gw: routes via the peers' public IPs replace the overlay ones.
         let hg = desired(&Mode::HostGw { uplink }, &fewer);
         apply(&nl, &hg, None).await.unwrap();
-        assert_eq!(owned_routes(&node), ["10.244.2.0/24 via 192.0.2.2 dev eth0", "10.244.3.0/24 via 192.0.2.3 dev eth0"]);
+        assert_eq!(
+            owned_routes(&node),
+            ["10.244.2.0/24 via 192.0.2.2 dev eth0", "10.244.3.0/24 via 192.0.2.3 dev eth0"]
+        );
 
         // Nothing wanted: everything owned goes, the foreign route stays.
         apply(&nl, &Desired::default(), Some(vtep)).await.unwrap();
