@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{Netlink, Route};
+use flannel_shared::netlink::{Idempotent, Netlink, Route};
 use flannel_shared::netns;
 use flannel_shared::subnet_env::{SubnetEnv, SubnetEnvError, write_file_atomic};
 use serde_json::{Value, json};
@@ -410,11 +410,7 @@ pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
             let pod = Netlink::connect_in(&ns).map_err(|e| io_err("netlink in the pod namespace", e))?;
             if let Some(l) = pod.link_by_name(&ifname).await? {
                 for a in pod.addresses(Some(l.index)).await? {
-                    match pod.del_address(l.index, a.net).await {
-                        Ok(()) => {}
-                        Err(e) if e.is_not_found() => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                    pod.del_address(l.index, a.net).await.ignore_not_found()?;
                 }
                 reap.pod = Some((ns, ifname.clone()));
             }
@@ -489,11 +485,7 @@ impl Reap {
         if let Some((ns, ifname)) = &self.pod {
             let pod = Netlink::connect_in(ns).map_err(|e| io_err("netlink in the pod namespace", e))?;
             if let Some(l) = pod.link_by_name(ifname).await? {
-                match pod.del_link(l.index).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e.into()),
-                }
+                pod.del_link(l.index).await.ignore_not_found()?;
             }
         }
         Ok(())

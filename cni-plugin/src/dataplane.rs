@@ -5,7 +5,7 @@ use std::fs::File;
 use std::net::IpAddr;
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{Link, Netlink, Route, VethSpec, format_mac};
+use flannel_shared::netlink::{Idempotent, Link, Netlink, Route, VethSpec, format_mac};
 use sha2::{Digest, Sha512};
 
 use crate::error::{CniError, Result, code};
@@ -42,11 +42,7 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec<'_>, mut warn: impl F
     let mut link = match nl.link_by_name(spec.name).await? {
         Some(l) => l,
         None => {
-            match nl.create_bridge(spec.name, bridge_mac(spec.gateways), spec.mtu, spec.promisc).await {
-                Ok(()) => {}
-                Err(e) if e.is_exists() => {}
-                Err(e) => return Err(e.into()),
-            }
+            nl.create_bridge(spec.name, bridge_mac(spec.gateways), spec.mtu, spec.promisc).await.ignore_exists()?;
             let l = nl.link_by_name(spec.name).await?.ok_or_else(|| {
                 CniError::new(code::KERNEL_FAILURE, format!("bridge {} vanished right after creation", spec.name))
             })?;
@@ -79,19 +75,11 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec<'_>, mut warn: impl F
             } else if gw.is_ipv4() || !a.net.addr().to_string().starts_with("fe80:") {
                 // Only the family's global addresses: IPv6 link-local stays.
                 warn(format!("{}: replacing stale address {} with {}", spec.name, a.net, gw));
-                match nl.del_address(link.index, a.net).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e.into()),
-                }
+                nl.del_address(link.index, a.net).await.ignore_not_found()?;
             }
         }
         if !have {
-            match nl.add_address(link.index, *gw).await {
-                Ok(()) => {}
-                Err(e) if e.is_exists() => {}
-                Err(e) => return Err(e.into()),
-            }
+            nl.add_address(link.index, *gw).await.ignore_exists()?;
         }
     }
     if !link.up {
@@ -152,11 +140,7 @@ pub async fn configure_pod(pod: &Netlink, ifname: &str, addrs: &[IpNet], routes:
         CniError::new(code::KERNEL_FAILURE, format!("{ifname} did not appear in the pod's namespace"))
     })?;
     for a in addrs {
-        match pod.add_address(link.index, *a).await {
-            Ok(()) => {}
-            Err(e) if e.is_exists() => {}
-            Err(e) => return Err(e.into()),
-        }
+        pod.add_address(link.index, *a).await.ignore_exists()?;
     }
     pod.set_up(link.index).await?;
     if let Some(lo) = pod.link_by_name("lo").await?

@@ -63,6 +63,29 @@ impl NetlinkError {
 
 pub type Result<T> = std::result::Result<T, NetlinkError>;
 
+/// For idempotent callers: "already gone" and "already there" are success.
+pub trait Idempotent {
+    /// ENODEV/ENOENT/ESRCH count as done (deleting what is gone).
+    fn ignore_not_found(self) -> Result<()>;
+    /// EEXIST counts as done (creating what is there).
+    fn ignore_exists(self) -> Result<()>;
+}
+
+impl Idempotent for Result<()> {
+    fn ignore_not_found(self) -> Result<()> {
+        match self {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+    fn ignore_exists(self) -> Result<()> {
+        match self {
+            Err(e) if e.is_exists() => Ok(()),
+            other => other,
+        }
+    }
+}
+
 fn map_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
     move |e| {
         let op = op.into();
