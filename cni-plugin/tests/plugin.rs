@@ -387,3 +387,40 @@ fn del_then_immediate_add_into_the_same_namespace() {
     }
     node.assert_clean();
 }
+
+#[test]
+fn dual_stack_pods_get_both_families() {
+    let node = Node::with_env(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.13.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:d::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let pods: Vec<Netns> = (0..2).map(|_| Netns::new("cp")).collect();
+    let mut v6 = Vec::new();
+    for (i, p) in pods.iter().enumerate() {
+        let r = node.add(&format!("d{i}"), p);
+        let addrs: Vec<&str> = r["ips"].as_array().unwrap().iter().map(|ip| ip["address"].as_str().unwrap()).collect();
+        assert_eq!(addrs.len(), 2, "{r}");
+        assert_eq!(addrs[0], format!("10.244.13.{}/24", i + 2));
+        assert_eq!(addrs[1], format!("fd00:10:244:d::{}/64", i + 2));
+        assert_eq!(r["ips"][1]["gateway"], "fd00:10:244:d::1");
+        assert!(r["routes"].as_array().unwrap().contains(&json!({"dst": "::/0", "gw": "fd00:10:244:d::1"})), "{r}");
+        let routes = p.ip_json(&["-6", "route", "show"]);
+        assert!(
+            routes.as_array().unwrap().iter().any(|r| r["dst"] == "default" && r["gateway"] == "fd00:10:244:d::1"),
+            "{routes}"
+        );
+        v6.push(addrs[1].split('/').next().unwrap().to_string());
+    }
+    let cni0 = node.ns.ip_json(&["-6", "addr", "show", "dev", "cni0"])[0].clone();
+    assert!(cni0["addr_info"].as_array().unwrap().iter().any(|a| a["local"] == "fd00:10:244:d::1"), "{cni0}");
+    // Pod to pod over IPv6 (no DAD delay: addresses are usable at once).
+    let out = pods[0].run("ping", &["-6", "-c", "1", "-W", "3", &v6[1]]);
+    assert!(out.status.success(), "ping6 failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(node.reserved().len(), 4);
+    assert!(
+        std::fs::read_to_string(node.ipam_dir().join("last_reserved_ip.1")).unwrap().starts_with("fd00:10:244:d::")
+    );
+    for (i, p) in pods.iter().enumerate() {
+        node.del(&format!("d{i}"), Some(p)).expect_ok();
+    }
+    node.assert_clean();
+}
