@@ -110,15 +110,8 @@ impl CniResult {
             });
         }
         for (i, it) in o.get("ips").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            let addr = it
-                .get("address")
-                .and_then(Value::as_str)
-                .and_then(|s| s.parse::<IpNet>().ok())
-                .ok_or(format!("prevResult.ips[{i}].address missing or invalid"))?;
-            let gateway = match it.get("gateway").and_then(Value::as_str) {
-                Some(g) => Some(g.parse().map_err(|_| format!("prevResult.ips[{i}].gateway invalid"))?),
-                None => None,
-            };
+            let addr = req_net(it, "address", &format!("prevResult.ips[{i}]"))?;
+            let gateway = opt_ip(it, "gateway", &format!("prevResult.ips[{i}]"))?;
             r.ips.push(IpConfig {
                 address: addr,
                 gateway,
@@ -126,15 +119,8 @@ impl CniResult {
             });
         }
         for (i, it) in o.get("routes").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            let dst = it
-                .get("dst")
-                .and_then(Value::as_str)
-                .and_then(|s| s.parse::<IpNet>().ok())
-                .ok_or(format!("prevResult.routes[{i}].dst missing or invalid"))?;
-            let gw = match it.get("gw").and_then(Value::as_str) {
-                Some(g) => Some(g.parse().map_err(|_| format!("prevResult.routes[{i}].gw invalid"))?),
-                None => None,
-            };
+            let dst = req_net(it, "dst", &format!("prevResult.routes[{i}]"))?;
+            let gw = opt_ip(it, "gw", &format!("prevResult.routes[{i}]"))?;
             r.routes.push(RouteResult { dst, gw });
         }
         if let Some(d) = o.get("dns") {
@@ -142,6 +128,20 @@ impl CniResult {
         }
         Ok(r)
     }
+}
+
+/// A required CIDR field of a result entry.
+fn req_net(entry: &Value, key: &str, ctx: &str) -> Result<IpNet, String> {
+    entry
+        .get(key)
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<IpNet>().ok())
+        .ok_or_else(|| format!("{ctx}.{key} missing or invalid"))
+}
+
+/// An optional IP field of a result entry.
+fn opt_ip(entry: &Value, key: &str, ctx: &str) -> Result<Option<IpAddr>, String> {
+    entry.get(key).and_then(Value::as_str).map(|g| g.parse().map_err(|_| format!("{ctx}.{key} invalid"))).transpose()
 }
 
 #[cfg(test)]
