@@ -2,6 +2,7 @@
 //! directories that are always removed (also when a test panics), plus small
 //! helpers to run commands and open sockets inside a namespace.
 
+pub mod cluster;
 pub mod ns;
 pub mod tmp;
 

@@ -1,6 +1,12 @@
-//! flanneld's building blocks, each usable and tested on its own; the agent
-//! binary that wires them to a subnet manager (etcd or Kubernetes) comes with
-//! the etcd-mode issue.
+//! flanneld, the node agent: subnet leases (etcd; the Kubernetes API behind
+//! the same trait), the VXLAN and host-gw data paths, masquerade and forward
+//! rules, health and metrics.
 
+pub mod agent;
+pub mod backend;
+pub mod config;
+pub mod health;
 pub mod iptables;
+pub mod metrics;
 pub mod reconcile;
+pub mod subnet;

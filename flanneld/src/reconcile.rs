@@ -88,7 +88,12 @@ impl Applied {
 }
 
 fn same_route(a: &Route, b: &Route) -> bool {
-    a.dst == b.dst && a.gateway == b.gateway && a.oif == b.oif && a.onlink == b.onlink
+    a.dst == b.dst
+        && a.gateway == b.gateway
+        && a.oif == b.oif
+        && a.onlink == b.onlink
+        && a.kind == b.kind
+        && a.metric == b.metric
 }
 
 /// Brings the kernel in line with `want`. `vtep` is the VXLAN device whose

@@ -238,6 +238,8 @@ pub struct Route {
     pub scope: u8,
     /// `rtm_type`: 1 = unicast, 6 = blackhole.
     pub kind: u8,
+    /// `RTA_PRIORITY` (the `metric` of `ip route`).
+    pub metric: u32,
 }
 
 pub const RT_TABLE_MAIN: u32 = 254;
@@ -259,7 +261,19 @@ impl Route {
             table: RT_TABLE_MAIN,
             scope: RT_SCOPE_UNIVERSE,
             kind: RTN_UNICAST,
+            metric: 0,
         }
+    }
+
+    /// A route that silently drops what it matches (`ip route add blackhole ...`).
+    pub fn blackhole(mut self) -> Route {
+        self.kind = RTN_BLACKHOLE;
+        self
+    }
+
+    pub fn metric(mut self, metric: u32) -> Route {
+        self.metric = metric;
+        self
     }
 
     pub fn via(mut self, gw: IpAddr) -> Route {
@@ -301,6 +315,9 @@ impl Route {
         if self.onlink {
             b = b.onlink();
         }
+        if self.metric != 0 {
+            b = b.priority(self.metric);
+        }
         b = b
             .protocol(RouteProtocol::from(self.protocol))
             .scope(RouteScope::from(self.scope))
@@ -315,12 +332,14 @@ impl Route {
         let mut gateway = None;
         let mut oif = None;
         let mut table = h.table as u32;
+        let mut metric = 0;
         for attr in &msg.attributes {
             match attr {
                 RouteAttribute::Destination(a) => dst = route_addr(a),
                 RouteAttribute::Gateway(a) => gateway = route_addr(a),
                 RouteAttribute::Oif(i) => oif = Some(*i),
                 RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Priority(p) => metric = *p,
                 _ => {}
             }
         }
@@ -340,6 +359,7 @@ impl Route {
             table,
             scope: h.scope.into(),
             kind: h.kind.into(),
+            metric,
         })
     }
 }

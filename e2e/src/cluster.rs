@@ -1,0 +1,367 @@
+//! A multi-node cluster on one host: an underlay bridge in its own namespace
+//! with etcd (Debian's `etcd-server`) on it, node namespaces with `eth0` on
+//! the underlay running the real `flanneld`, and pods wired into them by the
+//! real `flannel` plugin from the upstream conflist. Everything is removed
+//! when the [`Cluster`] is dropped, including after a panic.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::{Netns, TempDir, wait_until};
+
+/// etcd's address on the underlay.
+pub const ETCD_IP: &str = "192.0.2.254";
+pub const ETCD_URL: &str = "http://192.0.2.254:2379";
+pub const PREFIX: &str = "/coreos.com/network";
+/// The agents' health/metrics port inside each node.
+pub const HEALTHZ_PORT: u16 = 8471;
+
+/// Where the workspace's binaries are: `$FLANNEL_BIN_DIR`, else next to (or
+/// one level above) the running executable, which covers `target/<profile>/`
+/// for the `e2e` binary and `target/<profile>/deps/` for test binaries.
+pub fn bin_path(name: &str) -> PathBuf {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("FLANNEL_BIN_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(d) = exe.parent()
+    {
+        dirs.push(d.to_path_buf());
+        if let Some(p) = d.parent() {
+            dirs.push(p.to_path_buf());
+        }
+    }
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("{name} not found in {dirs:?}: build the workspace first (cargo build --workspace --bins)")
+    })
+}
+
+/// Runs a command, panicking with its output when it fails.
+fn check(mut c: Command, what: &str) -> String {
+    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A node: a namespace with `eth0` on the underlay and, when started, a flanneld.
+pub struct Node {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Node {
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("flanneld.log")
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    pub fn agent_running(&mut self) -> bool {
+        self.agent.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `KEY=value` lines of subnet.env, if written.
+    pub fn subnet_env(&self) -> Option<String> {
+        std::fs::read_to_string(self.subnet_file()).ok()
+    }
+
+    /// This node's subnet (`10.244.1.0/24`) from subnet.env.
+    pub fn subnet(&self) -> Option<String> {
+        let env = self.subnet_env()?;
+        let gw = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+        let (ip, len) = gw.split_once('/')?;
+        let ip: Ipv4Addr = ip.parse().ok()?;
+        let len: u32 = len.parse().ok()?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Some(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask)))
+    }
+
+    /// The conflist's flannel entry, pointed at this node's files.
+    pub fn cni_conf(&self) -> Value {
+        json!({
+            "cniVersion": "0.3.1",
+            "name": "cbr0",
+            "type": "flannel",
+            "subnetFile": self.subnet_file(),
+            "dataDir": self.dir.join("cni-state"),
+            "ipam": {"dataDir": self.dir.join("ipam")},
+            "delegate": {"hairpinMode": true, "isDefaultGateway": true},
+        })
+    }
+
+    /// Routes flanneld owns (`proto 76`) as `ip -j route` objects.
+    pub fn flannel_routes(&self) -> Vec<Value> {
+        self.ns.ip_json(&["route", "show", "proto", "76"]).as_array().cloned().unwrap_or_default()
+    }
+
+    /// A GET against the agent's health server from inside the node; (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let addr: SocketAddr = (Ipv4Addr::LOCALHOST, HEALTHZ_PORT).into();
+        let mut s = self.ns.tcp_connect(addr, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let code = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+        Some((code, body))
+    }
+
+    /// One value from /metrics.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn kill_agent(&mut self, sig: i32) {
+        if let Some(mut c) = self.agent.take() {
+            // SAFETY: kill(2) on a child we spawned and have not reaped yet.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            let _ = c.wait();
+        }
+    }
+}
+
+const SIGKILL: i32 = libc::SIGKILL;
+const SIGTERM: i32 = libc::SIGTERM;
+
+/// A pod: its namespace, the node it runs on and its IP.
+pub struct Pod {
+    pub ns: Netns,
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    pub cid: String,
+}
+
+pub struct Cluster {
+    /// Holds the underlay bridge `br0` (192.0.2.254/24) and etcd.
+    pub underlay: Netns,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    etcd: Option<Child>,
+    dir: TempDir,
+}
+
+impl Cluster {
+    /// An underlay with etcd running on it; no nodes yet.
+    pub fn new(tag: &str) -> Cluster {
+        let underlay = Netns::new("ul");
+        underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+        underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]);
+        underlay.ip(&["link", "set", "br0", "up"]);
+        let mut c = Cluster { underlay, nodes: Vec::new(), pods: Vec::new(), etcd: None, dir: TempDir::new(tag) };
+        c.start_etcd();
+        c
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts etcd (again) on its data dir and waits until it answers.
+    pub fn start_etcd(&mut self) {
+        let data = self.dir.join("etcd");
+        let log = File::options().create(true).append(true).open(self.dir.join("etcd.log")).expect("etcd log");
+        let peer = "http://127.0.0.1:2380";
+        let child = self
+            .underlay
+            .command("etcd")
+            .args(["--name", "e2e", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", ETCD_URL, "--advertise-client-urls", ETCD_URL])
+            .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+            .args(["--initial-cluster", &format!("e2e={peer}"), "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("etcd log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        self.etcd = Some(child);
+        let ok = wait_until(Duration::from_secs(20), || self.etcdctl_raw(&["endpoint", "health"]).status.success());
+        assert!(ok, "etcd did not come up: {}", std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default());
+    }
+
+    /// Kills etcd (the agents see it vanish mid-stream).
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut c) = self.etcd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn etcdctl_raw(&self, args: &[&str]) -> std::process::Output {
+        self.underlay
+            .command("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", ETCD_URL, "--dial-timeout", "2s"])
+            .args(args)
+            .output()
+            .expect("etcdctl (apt-get install etcd-client)")
+    }
+
+    /// `etcdctl <args>`, panicking on failure.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = self.etcdctl_raw(args);
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes net-conf.json to `<prefix>/config`.
+    pub fn put_config(&self, netconf: &str) {
+        self.etcdctl(&["put", &format!("{PREFIX}/config"), netconf]);
+    }
+
+    /// Every lease in etcd: (key's subnet as `10.244.1.0/24`, value JSON).
+    pub fn leases(&self) -> Vec<(String, Value)> {
+        let out = self.etcdctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")]);
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .filter(|kv| kv.len() == 2)
+            .map(|kv| {
+                let key = kv[0].rsplit('/').next().unwrap_or_default().replacen('-', "/", 1);
+                (key, serde_json::from_str(kv[1]).unwrap_or(Value::Null))
+            })
+            .collect()
+    }
+
+    /// Adds a node namespace with `eth0` = 192.0.2.<n>/24 on the underlay and
+    /// a default route via the underlay; returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let ip = Ipv4Addr::new(192, 0, 2, (i + 1) as u8);
+        let ns = Netns::new("nd");
+        let port = format!("u{}", i + 1);
+        self.underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+        self.underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", ETCD_IP]);
+        let dir = self.dir.join(format!("node{}", i + 1));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        self.nodes.push(Node { ns, ip, dir, agent: None });
+        i
+    }
+
+    /// Starts flanneld in node `i` with the test-bed's settings plus `extra` flags.
+    pub fn start_agent(&mut self, i: usize, extra: &[&str]) {
+        let bin = bin_path("flanneld");
+        let node = &mut self.nodes[i];
+        node.kill_agent(SIGTERM);
+        let log = File::options().create(true).append(true).open(node.log_file()).expect("agent log");
+        let child = node
+            .ns
+            .command(bin.to_str().expect("utf-8 path"))
+            .arg(format!("--etcd-endpoints={ETCD_URL}"))
+            .arg(format!("--subnet-file={}", node.subnet_file().display()))
+            .arg(format!("--healthz-port={HEALTHZ_PORT}"))
+            .args(["--ip-masq", "--reconcile-interval=1", "--iptables-resync=1", "-v=1"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("agent log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn flanneld");
+        node.agent = Some(child);
+    }
+
+    /// Waits until node `i`'s agent reports ready (lease, subnet.env, rules).
+    pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> bool {
+        let node = &self.nodes[i];
+        wait_until(timeout, || node.http_get("/readyz").is_some_and(|(code, _)| code == 200))
+    }
+
+    /// `kill -9` of node `i`'s agent.
+    pub fn kill_agent(&mut self, i: usize) {
+        self.nodes[i].kill_agent(SIGKILL);
+    }
+
+    /// SIGTERM to node `i`'s agent; waits for it to exit.
+    pub fn stop_agent(&mut self, i: usize) {
+        self.nodes[i].kill_agent(SIGTERM);
+    }
+
+    /// Starts a pod on node `i` through the real `flannel` plugin.
+    pub fn add_pod(&mut self, i: usize) -> &Pod {
+        let plugin = bin_path("flannel");
+        let ns = Netns::new("pd");
+        let cid = format!("pod-{}", ns.name());
+        let node = &self.nodes[i];
+        let mut child = node
+            .ns
+            .command(plugin.to_str().expect("utf-8 path"))
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", &cid)
+            .env("CNI_NETNS", ns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env_remove("CNI_ARGS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the flannel plugin");
+        child.stdin.take().expect("stdin").write_all(node.cni_conf().to_string().as_bytes()).expect("write conf");
+        let out = child.wait_with_output().expect("plugin output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "CNI ADD on node {i} failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+        let res: Value = serde_json::from_str(&text).expect("CNI result JSON");
+        let ip = res["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no IP in CNI result {res}"));
+        self.pods.push(Pod { ns, node: i, ip, cid });
+        self.pods.last().expect("just pushed")
+    }
+
+    /// Dumps every agent's log to stderr (for failing tests).
+    pub fn dump_logs(&self) {
+        for (i, n) in self.nodes.iter().enumerate() {
+            eprintln!("---- node{} flanneld log ----\n{}", i + 1, n.log());
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for n in &mut self.nodes {
+            n.kill_agent(SIGKILL);
+        }
+        self.stop_etcd();
+        // Pods, then nodes (their veths go with them), then the underlay and the files.
+        self.pods.clear();
+        self.nodes.clear();
+    }
+}
+
+/// The tool used for one-off commands in a namespace, e.g. `tcpdump`.
+pub fn run_in(ns: &Netns, program: &str, args: &[&str]) -> String {
+    let mut c = ns.command(program);
+    c.args(args);
+    check(c, program)
+}

@@ -1,0 +1,346 @@
+//! flanneld in etcd mode against a real etcd, nodes as network namespaces.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use e2e::cluster::Cluster;
+use e2e::wait_until;
+use serde_json::Value;
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const READY: Duration = Duration::from_secs(30);
+
+fn cluster(n: usize, netconf: &str) -> Cluster {
+    let mut c = Cluster::new("fe");
+    c.put_config(netconf);
+    for i in 0..n {
+        c.add_node();
+        c.start_agent(i, &[]);
+    }
+    for i in 0..n {
+        assert!(c.wait_ready(i, READY), "node{} not ready:\n{}", i + 1, c.nodes[i].log());
+    }
+    c
+}
+
+/// Whether node `i`'s kernel holds exactly what its peers' leases call for.
+fn matches_leases(c: &Cluster, i: usize, vxlan: bool) -> Result<(), String> {
+    let node = &c.nodes[i];
+    let own = node.subnet().ok_or("no subnet.env")?;
+    let leases: Vec<(String, Value)> = c.leases().into_iter().filter(|(s, _)| *s != own).collect();
+    let routes = node.flannel_routes();
+    if routes.len() != leases.len() {
+        return Err(format!("{} owned routes for {} peers: {routes:?}", routes.len(), leases.len()));
+    }
+    let neigh = if vxlan { node.ns.ip_json(&["neigh", "show", "dev", "flannel.1"]) } else { Value::Null };
+    let fdb = if vxlan {
+        e2e::cluster::run_in(&node.ns, "bridge", &["fdb", "show", "dev", "flannel.1"])
+    } else {
+        String::new()
+    };
+    for (subnet, v) in &leases {
+        let public = v["PublicIP"].as_str().ok_or("lease without PublicIP")?;
+        let r = routes.iter().find(|r| r["dst"] == *subnet).ok_or(format!("no route to {subnet}"))?;
+        if vxlan {
+            let gw = subnet.split('/').next().unwrap_or_default();
+            let mac = v["BackendData"]["VtepMAC"].as_str().ok_or("no VtepMAC")?;
+            if r["gateway"] != gw || r["dev"] != "flannel.1" || !r["flags"].to_string().contains("onlink") {
+                return Err(format!("route {r} is not via {gw} dev flannel.1 onlink"));
+            }
+            let has_arp = neigh.as_array().is_some_and(|a| {
+                a.iter().any(|n| n["dst"] == gw && n["lladdr"] == mac && n["state"].to_string().contains("PERMANENT"))
+            });
+            if !has_arp {
+                return Err(format!("no permanent ARP {gw} -> {mac}: {neigh}"));
+            }
+            if !fdb.lines().any(|l| l.starts_with(mac) && l.contains(&format!("dst {public} "))) {
+                return Err(format!("no FDB {mac} -> {public}: {fdb}"));
+            }
+        } else if r["gateway"] != public || r["dev"] != "eth0" {
+            return Err(format!("route {r} is not via {public} dev eth0"));
+        }
+    }
+    Ok(())
+}
+
+fn converge(c: &Cluster, vxlan: bool) {
+    for i in 0..c.nodes.len() {
+        let mut last = Ok(());
+        let ok = wait_until(Duration::from_secs(15), || {
+            last = matches_leases(c, i, vxlan);
+            last.is_ok()
+        });
+        assert!(ok, "node{}: {last:?}", i + 1);
+    }
+}
+
+#[test]
+fn three_vxlan_agents_get_distinct_subnets_and_program_each_other() {
+    let mut c = cluster(3, VXLAN);
+    let subnets: HashSet<String> = c.nodes.iter().map(|n| n.subnet().unwrap()).collect();
+    assert_eq!(subnets.len(), 3, "{subnets:?}");
+    let leases = c.leases();
+    assert_eq!(leases.len(), 3);
+    for (i, n) in c.nodes.iter().enumerate() {
+        let (_, v) = leases.iter().find(|(s, _)| Some(s) == n.subnet().as_ref()).expect("lease for node");
+        assert_eq!(v["PublicIP"], n.ip.to_string());
+        assert_eq!(v["BackendType"], "vxlan");
+        assert_eq!(v["BackendData"]["VNI"], 1);
+        let link = n.ns.ip_json(&["-d", "link", "show", "flannel.1"]);
+        assert_eq!(v["BackendData"]["VtepMAC"], link[0]["address"], "node{}", i + 1);
+        assert_eq!(link[0]["mtu"], 1450);
+        let env = n.subnet_env().unwrap();
+        assert!(env.contains("FLANNEL_NETWORK=10.244.0.0/16\n") && env.contains("FLANNEL_MTU=1450\n"), "{env}");
+        assert!(env.contains("FLANNEL_IPMASQ=true\n"), "{env}");
+        let info = &link[0]["linkinfo"]["info_data"];
+        assert_eq!(info["port"], 8472);
+        assert_eq!(info["local"], n.ip.to_string());
+        assert_eq!(info["learning"], false);
+    }
+    converge(&c, true);
+
+    // Pods on two nodes reach each other through the overlay; two routers on the way.
+    let a = c.add_pod(0).ip.to_string();
+    let b_ip = c.add_pod(1).ip;
+    let ttl = c.pods[0].ns.ping(&b_ip.to_string());
+    assert_eq!(ttl, Some(62), "pod {a} -> pod {b_ip}");
+
+    // Metrics and readiness.
+    let n0 = &c.nodes[0];
+    assert_eq!(n0.metric("flannel_peers"), Some(2.0));
+    assert_eq!(n0.metric("flannel_routes_programmed"), Some(2.0));
+    assert_eq!(n0.metric("flannel_ready"), Some(1.0));
+    assert!(n0.metric("flannel_lease_expiry_timestamp_seconds").unwrap() > 1.7e9);
+    assert_eq!(n0.http_get("/healthz").map(|r| r.0), Some(200));
+
+    // A lease deleted in etcd disappears from every peer's kernel.
+    let gone = c.nodes[2].subnet().unwrap();
+    c.stop_agent(2);
+    c.etcdctl(&["del", &format!("{}/subnets/{}", e2e::cluster::PREFIX, gone.replace('/', "-"))]);
+    for i in 0..2 {
+        let node = &c.nodes[i];
+        let ok = wait_until(Duration::from_secs(10), || {
+            node.flannel_routes().iter().all(|r| r["dst"] != gone.as_str())
+                && !node.ns.ip(&["neigh", "show", "dev", "flannel.1"]).contains(gone.split('/').next().unwrap())
+        });
+        assert!(ok, "node{} still routes {gone}", i + 1);
+    }
+    let _ = a;
+}
+
+/// `ping -c <count> -i 0.1` from pod `from` to `to`, run while `during` happens; (sent, received).
+fn ping_during(
+    c: &mut Cluster,
+    from: usize,
+    to: std::net::Ipv4Addr,
+    count: u32,
+    during: impl FnOnce(&mut Cluster),
+) -> (u32, u32) {
+    let child = c.pods[from]
+        .ns
+        .command("ping")
+        .args(["-c", &count.to_string(), "-i", "0.1", "-W", "1", &to.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    during(c);
+    let out = child.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("{text}"));
+    let nums: Vec<u32> = line.split(|ch: char| !ch.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+#[test]
+fn host_gw_agents_route_via_peers_and_pods_talk() {
+    let mut c = cluster(3, HOST_GW);
+    converge(&c, false);
+    assert!(!c.nodes[0].ns.links().iter().any(|l| l.starts_with("flannel.")), "host-gw must not create a VTEP");
+    let env = c.nodes[0].subnet_env().unwrap();
+    assert!(env.contains("FLANNEL_MTU=1500\n"), "{env}");
+    c.add_pod(0);
+    let b = c.add_pod(2).ip.to_string();
+    assert_eq!(c.pods[0].ns.ping(&b), Some(62));
+}
+
+#[test]
+fn kill_9_and_restart_keeps_subnet_vtep_mac_and_traffic() {
+    let mut c = cluster(2, VXLAN);
+    converge(&c, true);
+    let subnet = c.nodes[1].subnet().unwrap();
+    let mac = c.nodes[1].ns.ip_json(&["link", "show", "flannel.1"])[0]["address"].clone();
+    c.add_pod(0);
+    let b = c.add_pod(1).ip;
+    assert_eq!(c.pods[0].ns.ping(&b.to_string()), Some(62));
+    let (sent, got) = ping_during(&mut c, 0, b, 40, |c| {
+        std::thread::sleep(Duration::from_millis(500));
+        c.kill_agent(1);
+        // Routes and lease stay while the agent is away.
+        assert!(!c.nodes[1].flannel_routes().is_empty());
+        std::thread::sleep(Duration::from_millis(500));
+        c.start_agent(1, &[]);
+        assert!(c.wait_ready(1, READY), "{}", c.nodes[1].log());
+    });
+    assert!(sent - got <= 1, "lost {} of {sent} packets across an agent restart", sent - got);
+    assert_eq!(c.nodes[1].subnet().unwrap(), subnet);
+    assert_eq!(c.nodes[1].ns.ip_json(&["link", "show", "flannel.1"])[0]["address"], mac);
+    let (_, lease) = c.leases().into_iter().find(|(s, _)| *s == subnet).unwrap();
+    assert_eq!(lease["BackendData"]["VtepMAC"], mac);
+    assert!(c.nodes[1].log().contains("reusing subnet"), "{}", c.nodes[1].log());
+    converge(&c, true);
+
+    // SIGTERM leaves the data path alone too.
+    c.stop_agent(1);
+    assert_eq!(c.nodes[1].flannel_routes().len(), 1);
+    assert_eq!(c.pods[0].ns.ping(&b.to_string()), Some(62));
+}
+
+#[test]
+fn hand_deleted_state_comes_back() {
+    let mut c = cluster(2, VXLAN);
+    converge(&c, true);
+    c.add_pod(0);
+    let b = c.add_pod(1).ip.to_string();
+    let n0 = &c.nodes[0];
+    let peer = c.nodes[1].subnet().unwrap();
+    let gw = peer.split('/').next().unwrap().to_string();
+
+    n0.ns.ip(&["route", "del", &peer]);
+    assert!(wait_until(Duration::from_secs(5), || matches_leases(&c, 0, true).is_ok()), "route not restored");
+    n0.ns.ip(&["neigh", "del", &gw, "dev", "flannel.1"]);
+    assert!(wait_until(Duration::from_secs(5), || matches_leases(&c, 0, true).is_ok()), "ARP entry not restored");
+    let fdb = e2e::cluster::run_in(&n0.ns, "bridge", &["fdb", "show", "dev", "flannel.1"]);
+    // "<mac> dst <ip> self permanent"
+    let entry: Vec<&str> = fdb.lines().find(|l| l.contains(" dst ")).unwrap().split_whitespace().collect();
+    e2e::cluster::run_in(&n0.ns, "bridge", &["fdb", "del", entry[0], "dev", "flannel.1", "dst", entry[2]]);
+    assert!(wait_until(Duration::from_secs(5), || matches_leases(&c, 0, true).is_ok()), "FDB entry not restored");
+
+    // The whole VTEP: recreated with the same MAC, every peer replayed into it.
+    let mac = n0.ns.ip_json(&["link", "show", "flannel.1"])[0]["address"].clone();
+    n0.ns.ip(&["link", "del", "flannel.1"]);
+    assert!(wait_until(Duration::from_secs(5), || matches_leases(&c, 0, true).is_ok()), "VTEP not rebuilt");
+    assert_eq!(n0.ns.ip_json(&["link", "show", "flannel.1"])[0]["address"], mac);
+    assert_eq!(c.pods[0].ns.ping(&b), Some(62));
+    assert!(n0.metric("flannel_vtep_recreations_total").unwrap() >= 1.0);
+
+    // A route we do not own is never touched.
+    n0.ns.ip(&["route", "add", "10.99.0.0/16", "via", "192.0.2.254"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(n0.ns.ip(&["route", "show", "10.99.0.0/16"]).contains("via 192.0.2.254"));
+}
+
+#[test]
+fn etcd_outage_is_survived_without_restarts() {
+    let mut c = cluster(2, VXLAN);
+    converge(&c, true);
+    c.add_pod(0);
+    let b = c.add_pod(1).ip.to_string();
+    c.stop_etcd();
+    std::thread::sleep(Duration::from_secs(10));
+    assert!(c.nodes[0].agent_running() && c.nodes[1].agent_running(), "an agent died with etcd away");
+    assert_eq!(c.pods[0].ns.ping(&b), Some(62), "data path changed while etcd was away");
+    // Hand-deleted routes are still restored from what the agent knows.
+    let peer = c.nodes[1].subnet().unwrap();
+    c.nodes[0].ns.ip(&["route", "del", &peer]);
+    assert!(wait_until(Duration::from_secs(5), || matches_leases_offline(&c, 0, &peer)));
+    c.start_etcd();
+    // The watch comes back on its own: a node joining now is programmed everywhere.
+    let n = c.add_node();
+    c.start_agent(n, &[]);
+    assert!(c.wait_ready(n, READY), "{}", c.nodes[n].log());
+    converge(&c, true);
+    assert!(c.nodes[0].metric("flannel_watch_restarts_total").unwrap() >= 1.0);
+    assert!(c.nodes[0].agent_running() && c.nodes[1].agent_running());
+}
+
+/// With etcd down only the route can be checked (leases cannot be read).
+fn matches_leases_offline(c: &Cluster, i: usize, peer: &str) -> bool {
+    c.nodes[i].flannel_routes().iter().any(|r| r["dst"] == peer)
+}
+
+#[test]
+fn ten_agents_racing_for_eight_subnets() {
+    let mut c = Cluster::new("fr");
+    c.put_config(
+        r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.8.0","Backend":{"Type":"host-gw"}}"#,
+    );
+    for i in 0..10 {
+        c.add_node();
+        let _ = i;
+    }
+    for i in 0..10 {
+        c.start_agent(i, &[]);
+    }
+    assert!(wait_until(Duration::from_secs(30), || c.leases().len() == 8));
+    std::thread::sleep(Duration::from_secs(1));
+    let leases = c.leases();
+    assert_eq!(leases.len(), 8);
+    let subnets: HashSet<&String> = leases.iter().map(|(s, _)| s).collect();
+    let ips: HashSet<String> = leases.iter().map(|(_, v)| v["PublicIP"].to_string()).collect();
+    assert_eq!((subnets.len(), ips.len()), (8, 8), "{leases:?}");
+    let mut refused = 0;
+    for n in &mut c.nodes {
+        let log = n.log();
+        if log.contains("no free subnet left in 10.244.0.0/16 between 10.244.1.0 and 10.244.8.0 (8 leased)") {
+            refused += 1;
+            assert!(n.subnet_env().is_none(), "a node without a lease wrote subnet.env");
+            assert!(n.agent_running(), "exhaustion is retried, not fatal");
+        }
+    }
+    assert_eq!(refused, 2);
+}
+
+#[test]
+fn own_lease_deleted_or_expired() {
+    let mut c = cluster(2, VXLAN);
+    converge(&c, true);
+    // Someone deletes our lease: it is claimed again (same subnet) within moments.
+    let own = c.nodes[0].subnet().unwrap();
+    c.etcdctl(&["del", &format!("{}/subnets/{}", e2e::cluster::PREFIX, own.replace('/', "-"))]);
+    assert!(wait_until(Duration::from_secs(10), || c.leases().iter().any(|(s, _)| *s == own)), "not reclaimed");
+    converge(&c, true);
+
+    // A short TTL: a live agent keeps renewing, a dead one's lease expires and peers drop it.
+    let n = c.add_node();
+    c.start_agent(n, &["--subnet-lease-ttl=4"]);
+    assert!(c.wait_ready(n, READY), "{}", c.nodes[n].log());
+    converge(&c, true);
+    std::thread::sleep(Duration::from_secs(6));
+    let short = c.nodes[n].subnet().unwrap();
+    assert!(c.leases().iter().any(|(s, _)| *s == short), "renewal failed: {}", c.nodes[n].log());
+    assert!(c.nodes[n].log().contains("renewed lease"));
+    c.kill_agent(n);
+    assert!(
+        wait_until(Duration::from_secs(15), || !c.leases().iter().any(|(s, _)| *s == short)),
+        "lease did not expire"
+    );
+    assert!(wait_until(Duration::from_secs(5), || c.nodes[0]
+        .flannel_routes()
+        .iter()
+        .all(|r| r["dst"] != short.as_str())));
+}
+
+#[test]
+fn bad_or_missing_network_config_stops_the_agent_naming_the_field() {
+    let mut c = Cluster::new("fb");
+    c.add_node();
+    c.start_agent(0, &[]);
+    assert!(wait_until(Duration::from_secs(10), || !c.nodes[0].agent_running()), "agent kept running without config");
+    assert!(c.nodes[0].log().contains("no network config at /coreos.com/network/config"), "{}", c.nodes[0].log());
+
+    for (conf, field) in [
+        (r#"{"Network":"10.244.0.0/33"}"#, "Network"),
+        (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#, "Backend.Type"),
+        (r#"{"Network":"10.244.0.0/16","SubnetLen":8}"#, "SubnetLen"),
+    ] {
+        c.put_config(conf);
+        c.start_agent(0, &[]);
+        assert!(wait_until(Duration::from_secs(10), || !c.nodes[0].agent_running()), "{conf} accepted");
+        let log = c.nodes[0].log();
+        let last = log.lines().rev().find(|l| l.starts_with("flanneld: error:")).unwrap_or_default().to_string();
+        assert!(last.contains(field), "{conf}: {last}");
+        std::fs::write(c.nodes[0].log_file(), "").unwrap();
+    }
+    assert!(c.leases().is_empty(), "a bad config must not claim anything");
+}

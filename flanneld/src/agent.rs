@@ -1,0 +1,561 @@
+//! The agent: claim a subnet, publish it in subnet.env, keep the kernel in
+//! step with the peers' leases, keep the iptables rules in place, renew the
+//! lease. Everything runs on one thread; the lease watch feeds it events
+//! through a channel.
+//!
+//! Restart and SIGTERM leave kernel state and the lease alone, so traffic
+//! keeps flowing while the agent is away.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use flannel_shared::IpNet;
+use flannel_shared::lease::{Lease, LeaseAttrs, VxlanData};
+use flannel_shared::netconf::{BackendType, Family, NetConfig};
+use flannel_shared::netlink::{Netlink, Route, format_mac, parse_mac};
+use flannel_shared::subnet_env::SubnetEnv;
+
+use crate::backend::{self, Uplink, VXLAN_OVERHEAD, VtepSpec};
+use crate::config::Opts;
+use crate::iptables;
+use crate::metrics::Metrics;
+use crate::reconcile::{self, Mode, Peer, RTPROT_FLANNEL};
+use crate::subnet::etcd::{self, EtcdManager};
+use crate::subnet::{LeaseEvent, OwnLease, SubnetError, SubnetManager};
+
+/// Metric of the `--ip-blackhole-route` route: above cni0's connected route,
+/// so it only catches traffic while the bridge route is absent.
+const BLACKHOLE_METRIC: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Preflight(String),
+    #[error("{0}")]
+    Subnet(#[from] SubnetError),
+    #[error("{0}")]
+    Backend(#[from] backend::BackendError),
+    #[error("netlink: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `br_netfilter` makes bridged pod traffic traverse iptables; without it a
+/// Service reply between two pods on one node skips kube-proxy's reverse NAT
+/// and the connection silently hangs. `proc` is normally `/proc`.
+pub fn check_br_netfilter(proc: &Path) -> Result<(), AgentError> {
+    let p = proc.join("sys/net/bridge/bridge-nf-call-iptables");
+    match std::fs::read_to_string(&p) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        Ok(_) => Err(AgentError::Preflight(format!(
+            "{} is 0: Services between pods on one node would break; set net.bridge.bridge-nf-call-iptables=1",
+            p.display()
+        ))),
+        Err(_) => Err(AgentError::Preflight(format!(
+            "{} is missing: the br_netfilter module is not loaded (run `modprobe br_netfilter`); \
+             without it Services between pods on one node silently break",
+            p.display()
+        ))),
+    }
+}
+
+/// Turns on IPv4 forwarding; returns whether it had to.
+pub fn enable_ip_forward(proc: &Path) -> Result<bool, AgentError> {
+    let p = proc.join("sys/net/ipv4/ip_forward");
+    let cur = std::fs::read_to_string(&p).map_err(|e| AgentError::Preflight(format!("{}: {e}", p.display())))?;
+    if cur.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(&p, "1").map_err(|e| AgentError::Preflight(format!("enable {}: {e}", p.display())))?;
+    Ok(true)
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Exponential backoff between `min` and `max`.
+struct Backoff {
+    cur: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff { cur: min, min, max }
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        d
+    }
+    fn reset(&mut self) {
+        self.cur = self.min;
+    }
+}
+
+pub struct Agent<M: SubnetManager> {
+    opts: Opts,
+    mgr: M,
+    nl: Netlink,
+    metrics: Arc<Metrics>,
+    cfg: NetConfig,
+    family: Family,
+    uplink: Uplink,
+    vtep: Option<VtepSpec>,
+    vtep_index: Option<u32>,
+    attrs: LeaseAttrs,
+    own: Option<OwnLease>,
+    peers: BTreeMap<IpNet, Lease>,
+    last_skipped: Vec<(IpNet, String)>,
+    renew_backoff: Backoff,
+    next_renew: Instant,
+}
+
+/// Reads and validates the network config, retrying while the store is away.
+async fn load_config<M: SubnetManager>(mgr: &mut M) -> Result<NetConfig, AgentError> {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    let text = loop {
+        match mgr.network_config().await {
+            Ok(t) => break t,
+            Err(e) if e.is_transient() => {
+                let d = backoff.next();
+                warn!("reading the network config: {e}; retrying in {d:?}");
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let cfg =
+        NetConfig::parse(&text, |w| warn!("network config: {w}")).map_err(|e| AgentError::Config(e.to_string()))?;
+    if cfg.ipv6.is_some() {
+        return Err(AgentError::Config(
+            "network config: EnableIPv6: IPv6 pod networks are not supported by this flanneld yet".into(),
+        ));
+    }
+    Ok(cfg)
+}
+
+impl<M: SubnetManager> Agent<M> {
+    /// Everything up to the first lease: config, uplink, VTEP, claim, subnet.env, rules.
+    pub async fn start(opts: Opts, mut mgr: M, metrics: Arc<Metrics>) -> Result<Agent<M>, AgentError> {
+        let cfg = load_config(&mut mgr).await?;
+        let family = cfg.ipv4.clone().ok_or_else(|| AgentError::Config("network config: Network: missing".into()))?;
+        let nl = Netlink::connect()?;
+        let uplink = backend::find_uplink(&nl, &opts).await?;
+        info!(
+            "uplink {} ({}), public IP {}, MTU {}, backend {}",
+            uplink.name,
+            uplink.ip,
+            uplink.public_ip,
+            uplink.mtu,
+            cfg.backend.kind.as_str()
+        );
+
+        let (vtep, vtep_index, backend_data) = match cfg.backend.kind {
+            BackendType::Vxlan => {
+                let spec = VtepSpec {
+                    name: format!("flannel.{}", cfg.backend.vni),
+                    vni: cfg.backend.vni,
+                    port: cfg.backend.port,
+                    gbp: cfg.backend.gbp,
+                    mtu: cfg.backend.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN_OVERHEAD)),
+                };
+                let (link, _) = backend::ensure_vtep(&nl, &spec, &uplink, None, None).await?;
+                let mac = link.mac.ok_or_else(|| AgentError::Config(format!("{} has no MAC address", spec.name)))?;
+                let data = serde_json::to_value(VxlanData { vni: spec.vni, vtep_mac: format_mac(&mac) })
+                    .map_err(|e| AgentError::Config(e.to_string()))?;
+                (Some(spec), Some(link.index), data)
+            }
+            BackendType::HostGw => (None, None, serde_json::Value::Null),
+        };
+        let attrs = LeaseAttrs {
+            public_ip: uplink.public_ip,
+            public_ipv6: None,
+            backend_type: cfg.backend.kind.as_str().to_string(),
+            backend_data,
+            backend_v6_data: None,
+        };
+
+        let mut agent = Agent {
+            opts,
+            mgr,
+            nl,
+            metrics,
+            cfg,
+            family,
+            uplink,
+            vtep,
+            vtep_index,
+            attrs,
+            own: None,
+            peers: BTreeMap::new(),
+            last_skipped: Vec::new(),
+            renew_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            next_renew: Instant::now(),
+        };
+        // Our previous subnet, if subnet.env still names one in this network.
+        let prefer = SubnetEnv::read(&agent.opts.subnet_file)
+            .ok()
+            .filter(|e| e.network == Some(agent.family.network))
+            .and_then(|e| e.subnet)
+            .map(|s| s.network());
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        while agent.own.is_none() {
+            if let Err(e) = agent.acquire(prefer).await {
+                if !e.is_transient() {
+                    return Err(e.into());
+                }
+                let d = backoff.next();
+                error!("claiming a subnet: {e}; retrying in {d:?}");
+                tokio::time::sleep(d).await;
+            }
+        }
+        agent.ensure_rules();
+        Ok(agent)
+    }
+
+    pub fn own_subnet(&self) -> Option<IpNet> {
+        self.own.as_ref().map(|l| l.subnet)
+    }
+
+    fn mtu(&self) -> u32 {
+        self.vtep.as_ref().map_or(self.uplink.mtu, |v| v.mtu)
+    }
+
+    /// Claims (or re-claims) a subnet, then points the VTEP and subnet.env at it.
+    async fn acquire(&mut self, prefer: Option<IpNet>) -> Result<(), SubnetError> {
+        let lease = self.mgr.acquire(&self.family, &self.attrs, prefer).await?;
+        let subnet = lease.subnet;
+        self.metrics.lease_held.store(true, Ordering::Relaxed);
+        self.metrics.lease_expiry.store(unix_secs(lease.expiration), Ordering::Relaxed);
+        self.schedule_renew(&lease);
+        if let Some(old) = self.own.replace(lease)
+            && old.subnet != subnet
+        {
+            warn!("our subnet changed from {} to {subnet}; pods started earlier keep old addresses", old.subnet);
+        }
+        self.peers.remove(&subnet);
+        if let Err(e) = self.ensure_vtep().await {
+            warn!("configuring the VXLAN device: {e}");
+        }
+        self.write_subnet_env();
+        Ok(())
+    }
+
+    fn schedule_renew(&mut self, lease: &OwnLease) {
+        let left = lease.expiration.duration_since(SystemTime::now()).unwrap_or_default();
+        let margin = Duration::from_secs(self.opts.subnet_lease_renew_margin * 60);
+        // A margin longer than the lease itself would renew in a tight loop: renew at half-life then.
+        let wait = if margin < left { left - margin } else { left / 2 };
+        self.next_renew = Instant::now() + wait;
+        debug!("lease on {} renews in {wait:?}", lease.subnet);
+    }
+
+    fn write_subnet_env(&self) {
+        let Some(own) = &self.own else { return };
+        let gw = own.subnet.nth(1).and_then(|ip| IpNet::new(ip, own.subnet.prefix()).ok());
+        let env = SubnetEnv {
+            network: Some(self.family.network),
+            subnet: gw,
+            ipv6_network: None,
+            ipv6_subnet: None,
+            mtu: self.mtu(),
+            ipmasq: self.opts.ip_masq,
+        };
+        let path = &self.opts.subnet_file;
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match env.write_atomic(path) {
+            Ok(()) => {
+                self.metrics.subnet_env_written.store(true, Ordering::Relaxed);
+                info!("wrote {} (subnet {}, MTU {})", path.display(), own.subnet, self.mtu());
+            }
+            Err(e) => {
+                self.metrics.subnet_env_written.store(false, Ordering::Relaxed);
+                error!("writing {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// (Re)creates the VTEP if it is missing or wrong, with our advertised MAC,
+    /// and gives it `<subnet>.0/32`.
+    async fn ensure_vtep(&mut self) -> Result<(), backend::BackendError> {
+        let Some(spec) = &self.vtep else { return Ok(()) };
+        let addr = self.own.as_ref().and_then(|l| IpNet::new(l.subnet.network_addr(), 32).ok());
+        let mac = self.attrs.backend_data.get("VtepMAC").and_then(|v| v.as_str()).and_then(parse_mac);
+        let (link, created) = backend::ensure_vtep(&self.nl, spec, &self.uplink, mac, addr).await?;
+        if created {
+            self.metrics.vtep_recreations.fetch_add(1, Ordering::Relaxed);
+            warn!("{} was missing or wrong and has been rebuilt; replaying every peer into it", spec.name);
+        }
+        self.vtep_index = Some(link.index);
+        Ok(())
+    }
+
+    fn ensure_rules(&self) {
+        let Some(own) = &self.own else { return };
+        let mut tables = Vec::new();
+        if self.opts.ip_masq {
+            tables.push(iptables::masq_rules(
+                &self.family.network,
+                &own.subnet,
+                !self.opts.ip_masq_fully_random_disable,
+            ));
+        }
+        if self.opts.iptables_forward_rules {
+            tables.push(iptables::forward_rules(&self.family.network));
+        }
+        let mut ok = true;
+        for t in &tables {
+            match iptables::ensure(t) {
+                Ok(true) => {
+                    self.metrics.iptables_restores.fetch_add(1, Ordering::Relaxed);
+                    info!("iptables: wrote {} in table {}", t.chain, t.table);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    ok = false;
+                    self.metrics.iptables_errors.fetch_add(1, Ordering::Relaxed);
+                    error!("iptables: {e}");
+                }
+            }
+        }
+        self.metrics.rules_in_place.store(ok, Ordering::Relaxed);
+    }
+
+    /// Applies one lease event; returns whether our own lease needs claiming again.
+    fn on_event(&mut self, ev: LeaseEvent) -> bool {
+        let own = self.own.as_ref().map(|l| (l.subnet, l.attrs.clone()));
+        let is_ours = |l: &Lease| own.as_ref().is_some_and(|(s, a)| *s == l.subnet && *a == l.attrs);
+        match ev {
+            LeaseEvent::Snapshot(all) => {
+                let lost = own.as_ref().is_some_and(|(s, _)| !all.iter().any(|l| l.subnet == *s && is_ours(l)));
+                self.peers = all
+                    .into_iter()
+                    .filter(|l| Some(l.subnet) != own.as_ref().map(|o| o.0))
+                    .map(|l| (l.subnet, l))
+                    .collect();
+                debug!("lease snapshot: {} peers", self.peers.len());
+                lost
+            }
+            LeaseEvent::Added(l) => {
+                if own.as_ref().is_some_and(|(s, _)| *s == l.subnet) {
+                    if is_ours(&l) {
+                        return false;
+                    }
+                    warn!("our subnet {} was taken over by {}", l.subnet, l.attrs.public_ip);
+                    return true;
+                }
+                info!("peer lease {} -> {} ({})", l.subnet, l.attrs.public_ip, l.attrs.backend_type);
+                self.peers.insert(l.subnet, l);
+                false
+            }
+            LeaseEvent::Removed(s) => {
+                if own.as_ref().is_some_and(|(o, _)| *o == s) {
+                    warn!("our lease on {s} disappeared from the store");
+                    return true;
+                }
+                if self.peers.remove(&s).is_some() {
+                    info!("peer lease {s} removed");
+                }
+                false
+            }
+        }
+    }
+
+    fn mode(&self) -> Option<Mode> {
+        match self.cfg.backend.kind {
+            BackendType::Vxlan => Some(Mode::Vxlan {
+                vtep: self.vtep_index?,
+                uplink: self.uplink.index,
+                direct_on: if self.cfg.backend.direct_routing { self.uplink.nets.first().copied() } else { None },
+            }),
+            BackendType::HostGw => Some(Mode::HostGw { uplink: self.uplink.index }),
+        }
+    }
+
+    /// One full pass: VTEP present, then routes/ARP/FDB from the peers.
+    pub async fn reconcile(&mut self) {
+        let started = Instant::now();
+        let m = self.metrics.clone();
+        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.ensure_vtep().await {
+            m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+            error!("reconcile: VXLAN device: {e}");
+            return;
+        }
+        let Some(mode) = self.mode() else { return };
+        let want_type = self.cfg.backend.kind.as_str();
+        let mut skipped = Vec::new();
+        let mut peers = Vec::with_capacity(self.peers.len());
+        for l in self.peers.values() {
+            if l.attrs.backend_type != want_type {
+                skipped.push((l.subnet, format!("backend {} (this node runs {want_type})", l.attrs.backend_type)));
+                continue;
+            }
+            let public_ip = IpAddr::V4(l.attrs.public_ip);
+            let on_link = self.uplink.nets.iter().any(|n| n.contains(public_ip));
+            if matches!(mode, Mode::HostGw { .. }) && !on_link {
+                skipped.push((
+                    l.subnet,
+                    format!(
+                        "{public_ip} is not on-link via {} ({:?}): host-gw needs every node on one L2 network",
+                        self.uplink.name, self.uplink.nets
+                    ),
+                ));
+                continue;
+            }
+            let vtep_mac = l.vxlan_data().and_then(|d| parse_mac(&d.vtep_mac));
+            peers.push(Peer { subnet: l.subnet, public_ip, vtep_mac });
+        }
+        let mut want = reconcile::desired(&mode, &peers);
+        skipped.append(&mut want.skipped);
+        if self.opts.ip_blackhole_route
+            && let Some(own) = &self.own
+        {
+            want.routes.push(Route::new(own.subnet).blackhole().metric(BLACKHOLE_METRIC).protocol(RTPROT_FLANNEL));
+        }
+        let vtep = match mode {
+            Mode::Vxlan { vtep, .. } => Some(vtep),
+            Mode::HostGw { .. } => None,
+        };
+        match reconcile::apply(&self.nl, &want, vtep).await {
+            Ok(done) => {
+                let changes = done.routes_added
+                    + done.routes_removed
+                    + done.neighbours_set
+                    + done.neighbours_removed
+                    + done.fdb_set
+                    + done.fdb_removed;
+                m.reconcile_changes.fetch_add(changes as u64, Ordering::Relaxed);
+                if !done.is_noop() {
+                    info!(
+                        "reconcile: routes +{} -{}, neighbours +{} -{}, fdb +{} -{}",
+                        done.routes_added,
+                        done.routes_removed,
+                        done.neighbours_set,
+                        done.neighbours_removed,
+                        done.fdb_set,
+                        done.fdb_removed
+                    );
+                }
+            }
+            Err(e) => {
+                m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                error!("reconcile: {e}");
+            }
+        }
+        if skipped != self.last_skipped {
+            for (s, why) in &skipped {
+                warn!("peer {s} not programmed: {why}");
+            }
+            self.last_skipped = skipped;
+        }
+        m.peers.store(self.peers.len() as u64, Ordering::Relaxed);
+        m.routes.store(want.routes.len() as u64, Ordering::Relaxed);
+        m.neighbours.store(want.neighbours.len() as u64, Ordering::Relaxed);
+        m.fdb_entries.store(want.fdb.len() as u64, Ordering::Relaxed);
+        m.skipped_peers.store(self.last_skipped.len() as u64, Ordering::Relaxed);
+        let us = started.elapsed().as_micros() as u64;
+        m.reconcile_last_us.store(us, Ordering::Relaxed);
+        m.reconcile_total_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    async fn renew(&mut self) {
+        let Some(own) = self.own.clone() else { return };
+        match self.mgr.renew(&own).await {
+            Ok(l) => {
+                self.renew_backoff.reset();
+                self.metrics.lease_expiry.store(unix_secs(l.expiration), Ordering::Relaxed);
+                self.schedule_renew(&l);
+                info!(
+                    "renewed lease on {} (expires in {:?})",
+                    l.subnet,
+                    l.expiration.duration_since(SystemTime::now()).unwrap_or_default()
+                );
+                self.own = Some(l);
+            }
+            Err(SubnetError::LeaseLost(s)) => {
+                warn!("our lease on {s} is gone; claiming it again");
+                self.reclaim().await;
+            }
+            Err(e) => {
+                let d = self.renew_backoff.next();
+                warn!("renewing lease on {}: {e}; retrying in {d:?}", own.subnet);
+                self.next_renew = Instant::now() + d;
+            }
+        }
+    }
+
+    /// Claims our subnet again after losing it (preferring the same one).
+    async fn reclaim(&mut self) {
+        let prefer = self.own_subnet();
+        if let Err(e) = self.acquire(prefer).await {
+            self.metrics.lease_held.store(false, Ordering::Relaxed);
+            let d = self.renew_backoff.next();
+            error!("claiming a subnet again: {e}; retrying in {d:?}");
+            self.next_renew = Instant::now() + d;
+            // Marks the lease as needing a claim rather than a renewal.
+            self.own = self.own.take().map(|l| OwnLease { id: 0, ..l });
+        } else {
+            self.renew_backoff.reset();
+            self.ensure_rules();
+        }
+    }
+
+    /// The event loop; returns on SIGTERM or SIGINT, leaving kernel state and the lease in place.
+    pub async fn run(mut self, mut events: mpsc::Receiver<LeaseEvent>) -> Result<(), AgentError> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut reconcile_tick = tokio::time::interval(Duration::from_secs(self.opts.reconcile_interval.max(1)));
+        reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rules_tick = tokio::time::interval(Duration::from_secs(self.opts.iptables_resync.max(1)));
+        rules_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let renew_at = tokio::time::Instant::from_std(self.next_renew);
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: exiting, leaving routes and lease in place"); return Ok(()) }
+                _ = int.recv() => { info!("SIGINT: exiting, leaving routes and lease in place"); return Ok(()) }
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return Err(AgentError::Config("lease watch stopped".into())) };
+                    let mut lost = self.on_event(ev);
+                    // Drain what queued up so a burst costs one reconcile pass.
+                    while let Ok(ev) = events.try_recv() {
+                        lost |= self.on_event(ev);
+                    }
+                    if lost {
+                        self.reclaim().await;
+                    }
+                    self.reconcile().await;
+                }
+                _ = reconcile_tick.tick() => self.reconcile().await,
+                _ = rules_tick.tick() => self.ensure_rules(),
+                _ = tokio::time::sleep_until(renew_at) => {
+                    if self.own.as_ref().is_some_and(|l| l.id == 0) { self.reclaim().await } else { self.renew().await }
+                }
+            }
+        }
+    }
+}
+
+/// The whole agent in etcd mode.
+pub async fn run_etcd(opts: Opts, metrics: Arc<Metrics>) -> Result<(), AgentError> {
+    let client = etcd::connect(&opts).await?;
+    let mgr = EtcdManager::new(client, &opts.etcd_prefix, opts.subnet_lease_ttl);
+    let (tx, rx) = mpsc::channel(1024);
+    let agent = Agent::start(opts, mgr, metrics.clone()).await?;
+    let _watcher = agent.mgr.spawn_watcher(tx, metrics);
+    agent.run(rx).await
+}

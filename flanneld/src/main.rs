@@ -1,0 +1,71 @@
+//! `flanneld`: the node agent binary.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing::{error, info};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use flanneld::agent::{self, AgentError};
+use flanneld::config::Opts;
+use flanneld::health;
+use flanneld::metrics::Metrics;
+
+async fn run(opts: Opts) -> Result<(), AgentError> {
+    let proc = Path::new("/proc");
+    agent::check_br_netfilter(proc)?;
+    if agent::enable_ip_forward(proc)? {
+        info!("enabled net.ipv4.ip_forward (pods' traffic is routed through this host)");
+    }
+    let metrics = Arc::new(Metrics::default());
+    if opts.healthz_port != 0 {
+        let addr = std::net::SocketAddr::new(opts.healthz_ip, opts.healthz_port);
+        let bound = health::start(addr, metrics.clone())
+            .await
+            .map_err(|e| AgentError::Preflight(format!("--healthz-port: cannot listen on {addr}: {e}")))?;
+        info!("health and metrics on http://{bound}/ (healthz, readyz, metrics)");
+    }
+    if opts.kube_subnet_mgr {
+        return Err(AgentError::Config(
+            "--kube-subnet-mgr: the Kubernetes subnet manager is not in this build yet; use etcd".into(),
+        ));
+    }
+    agent::run_etcd(opts, metrics).await
+}
+
+fn main() -> ExitCode {
+    let opts = Opts::parse();
+    let level = match opts.verbosity {
+        0 => tracing::Level::INFO,
+        1 | 2 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    // Our own crates at the chosen level; libraries (gRPC, HTTP/2) only when they warn.
+    let filter = Targets::new()
+        .with_target("flanneld", level)
+        .with_target("flannel_shared", level)
+        .with_default(tracing::Level::WARN);
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
+        .with(filter)
+        .init();
+    info!("flanneld {} starting", env!("CARGO_PKG_VERSION"));
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flanneld: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Leases in etcd v3, in upstream's layout: `<prefix>/config` holds
+//! net-conf.json, `<prefix>/subnets/10.244.1.0-24` holds the lease JSON,
+//! bound to an etcd lease so a node that disappears frees its subnet.
+//! Claims are create-if-absent transactions, never read-then-write.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
+    TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use flannel_shared::IpNet;
+use flannel_shared::lease::{Lease, LeaseAttrs, choose_subnet, parse_subnet_key, subnet_key};
+use flannel_shared::netconf::Family;
+
+use super::{LeaseEvent, OwnLease, SubnetError, SubnetManager};
+use crate::config::Opts;
+use crate::metrics::Metrics;
+
+/// Bound on every unary etcd call, so an unreachable etcd never wedges the agent.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn store_err(e: impl std::fmt::Display) -> SubnetError {
+    SubnetError::Store(e.to_string())
+}
+
+async fn timed<T>(what: &str, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, SubnetError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| SubnetError::Store(format!("{what}: {e}"))),
+        Err(_) => Err(SubnetError::Store(format!("{what}: no answer from etcd within {CALL_TIMEOUT:?}"))),
+    }
+}
+
+/// Connection settings taken from the flags.
+pub async fn connect(opts: &Opts) -> Result<Client, SubnetError> {
+    let mut co = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+        .with_keep_alive_while_idle(true);
+    if let (Some(u), Some(p)) = (&opts.etcd_username, &opts.etcd_password) {
+        co = co.with_user(u.clone(), p.clone());
+    }
+    if opts.etcd_cafile.is_some() || opts.etcd_certfile.is_some() {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| store_err(format!("{}: {e}", p.display())));
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &opts.etcd_cafile {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&opts.etcd_certfile, &opts.etcd_keyfile) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => return Err(store_err("--etcd-certfile and --etcd-keyfile must be given together")),
+        }
+        co = co.with_tls(tls);
+    }
+    Client::connect(&opts.etcd_endpoints, Some(co)).await.map_err(store_err)
+}
+
+pub struct EtcdManager {
+    client: Client,
+    prefix: String,
+    ttl: i64,
+}
+
+fn decode(kv: &KeyValue) -> Result<Lease, SubnetError> {
+    let key = String::from_utf8_lossy(kv.key()).into_owned();
+    let subnet = parse_subnet_key(&key)
+        .ok_or_else(|| SubnetError::BadLease { key: key.clone(), msg: "not <ip>-<len>".into() })?;
+    let attrs: LeaseAttrs =
+        serde_json::from_slice(kv.value()).map_err(|e| SubnetError::BadLease { key, msg: e.to_string() })?;
+    Ok(Lease { subnet, attrs })
+}
+
+/// Every well-formed lease under `subnets/`, and the store revision they were read at.
+async fn list(client: &mut Client, subnets_prefix: &str) -> Result<(Vec<(Lease, KeyValue)>, i64), SubnetError> {
+    let resp = timed("list leases", client.get(subnets_prefix, Some(GetOptions::new().with_prefix()))).await?;
+    let rev = resp.header().map_or(0, |h| h.revision());
+    let mut out = Vec::new();
+    for kv in resp.kvs() {
+        match decode(kv) {
+            Ok(l) => out.push((l, kv.clone())),
+            Err(e) => warn!("skipping {e}"),
+        }
+    }
+    Ok((out, rev))
+}
+
+impl EtcdManager {
+    pub fn new(client: Client, prefix: &str, ttl: i64) -> EtcdManager {
+        EtcdManager { client, prefix: prefix.trim_end_matches('/').to_string(), ttl }
+    }
+
+    fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    fn key(&self, subnet: &IpNet) -> String {
+        format!("{}{}", self.subnets_prefix(), subnet_key(subnet))
+    }
+
+    /// Puts our lease under `key` if the transaction's condition holds.
+    async fn try_claim(
+        &mut self,
+        subnet: IpNet,
+        attrs: &LeaseAttrs,
+        cond: Compare,
+    ) -> Result<Option<OwnLease>, SubnetError> {
+        let value = serde_json::to_string(attrs).map_err(store_err)?;
+        let grant = timed("grant lease", self.client.lease_grant(self.ttl, None)).await?;
+        let id = grant.id();
+        let txn = Txn::new().when([cond]).and_then([TxnOp::put(
+            self.key(&subnet),
+            value,
+            Some(PutOptions::new().with_lease(id)),
+        )]);
+        let resp = timed("claim subnet", self.client.txn(txn)).await?;
+        if !resp.succeeded() {
+            // Lost the race; the fresh etcd lease holds nothing, let it go.
+            let _ = timed("revoke lease", self.client.lease_revoke(id)).await;
+            return Ok(None);
+        }
+        let expiration = SystemTime::now() + Duration::from_secs(grant.ttl().max(0) as u64);
+        Ok(Some(OwnLease { subnet, attrs: attrs.clone(), expiration, id }))
+    }
+
+    /// Starts the task that lists, then watches, the subnets prefix and sends
+    /// what it sees to `tx`; a broken watch is re-listed (a `Snapshot`) after a backoff.
+    pub fn spawn_watcher(&self, tx: mpsc::Sender<LeaseEvent>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+        let mut client = self.client.clone();
+        let prefix = self.subnets_prefix();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match watch_once(&mut client, &prefix, &tx).await {
+                    Ok(()) => return, // the agent hung up
+                    Err(e) => {
+                        metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
+                        warn!("watching {prefix}: {e}; re-listing in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// One list + watch cycle. Returns Ok only when the receiver is gone.
+async fn watch_once(client: &mut Client, prefix: &str, tx: &mpsc::Sender<LeaseEvent>) -> Result<(), SubnetError> {
+    let (leases, rev) = list(client, prefix).await?;
+    if tx.send(LeaseEvent::Snapshot(leases.into_iter().map(|(l, _)| l).collect())).await.is_err() {
+        return Ok(());
+    }
+    let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+    let mut stream = timed("watch leases", client.watch(prefix, Some(opts))).await?;
+    debug!("watching {prefix} from revision {}", rev + 1);
+    loop {
+        let Some(resp) = stream.message().await.map_err(store_err)? else {
+            return Err(store_err("watch stream ended"));
+        };
+        if resp.canceled() {
+            return Err(store_err(format!("watch canceled: {}", resp.cancel_reason())));
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let event = match ev.event_type() {
+                EventType::Put => match decode(kv) {
+                    Ok(l) => LeaseEvent::Added(l),
+                    Err(e) => {
+                        warn!("ignoring {e}");
+                        continue;
+                    }
+                },
+                EventType::Delete => match parse_subnet_key(&String::from_utf8_lossy(kv.key())) {
+                    Some(s) => LeaseEvent::Removed(s),
+                    None => continue,
+                },
+            };
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl SubnetManager for EtcdManager {
+    async fn network_config(&mut self) -> Result<String, SubnetError> {
+        let key = format!("{}/config", self.prefix);
+        let resp = timed("read network config", self.client.get(key.as_str(), None)).await?;
+        match resp.kvs().first() {
+            Some(kv) => Ok(String::from_utf8_lossy(kv.value()).into_owned()),
+            None => Err(SubnetError::NoConfig(key)),
+        }
+    }
+
+    async fn acquire(
+        &mut self,
+        family: &Family,
+        attrs: &LeaseAttrs,
+        prefer: Option<IpNet>,
+    ) -> Result<OwnLease, SubnetError> {
+        let prefix = self.subnets_prefix();
+        for attempt in 0..16u64 {
+            let (leases, _) = list(&mut self.client, &prefix).await?;
+            let by_subnet: HashMap<IpNet, &(Lease, KeyValue)> = leases.iter().map(|e| (e.0.subnet, e)).collect();
+
+            // Ours already (a restart): the subnet from subnet.env, else any lease with our public IP.
+            let mine = |s: &IpNet| by_subnet.get(s).is_some_and(|(l, _)| l.attrs.public_ip == attrs.public_ip);
+            let previous = prefer
+                .filter(|p| family.allows(p) && (mine(p) || !by_subnet.contains_key(p)))
+                .or_else(|| leases.iter().map(|(l, _)| l.subnet).find(|s| mine(s) && family.allows(s)));
+            if let Some(p) = previous {
+                let got = match by_subnet.get(&p) {
+                    Some((_, kv)) => {
+                        let old_lease = kv.lease();
+                        let cond = Compare::mod_revision(self.key(&p), CompareOp::Equal, kv.mod_revision());
+                        let got = self.try_claim(p, attrs, cond).await?;
+                        if got.is_some() && old_lease != 0 {
+                            let _ = timed("revoke old lease", self.client.lease_revoke(old_lease)).await;
+                        }
+                        got
+                    }
+                    None => {
+                        self.try_claim(p, attrs, Compare::create_revision(self.key(&p), CompareOp::Equal, 0)).await?
+                    }
+                };
+                if let Some(l) = got {
+                    info!("reusing subnet {} (previous lease of this node)", l.subnet);
+                    return Ok(l);
+                }
+                continue;
+            }
+
+            let taken: HashSet<IpNet> = by_subnet.keys().copied().collect();
+            let seed = u64::from(u32::from(attrs.public_ip)) ^ (u64::from(std::process::id()) << 32) ^ attempt;
+            let Some(s) = choose_subnet(family, &taken, None, seed) else {
+                return Err(SubnetError::Exhausted {
+                    network: family.network,
+                    min: family.subnet_min,
+                    max: family.subnet_max,
+                    taken: taken.iter().filter(|s| family.allows(s)).count(),
+                });
+            };
+            if let Some(l) =
+                self.try_claim(s, attrs, Compare::create_revision(self.key(&s), CompareOp::Equal, 0)).await?
+            {
+                info!("claimed subnet {}", l.subnet);
+                return Ok(l);
+            }
+            debug!("lost the race for {s}, retrying");
+        }
+        Err(store_err("could not claim a subnet after 16 attempts (heavy contention)"))
+    }
+
+    async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError> {
+        let key = self.key(&lease.subnet);
+        let resp = timed("read own lease", self.client.get(key.as_str(), None)).await?;
+        let Some(kv) = resp.kvs().first() else { return Err(SubnetError::LeaseLost(lease.subnet)) };
+        let theirs: Option<LeaseAttrs> = serde_json::from_slice(kv.value()).ok();
+        if kv.lease() != lease.id || theirs.as_ref() != Some(&lease.attrs) {
+            return Err(SubnetError::LeaseLost(lease.subnet));
+        }
+        let (mut keeper, mut stream) = timed("keep lease alive", self.client.lease_keep_alive(lease.id)).await?;
+        timed("keep lease alive", keeper.keep_alive()).await?;
+        let ttl = match timed("keep lease alive", stream.message()).await? {
+            Some(r) => r.ttl(),
+            None => 0,
+        };
+        if ttl <= 0 {
+            return Err(SubnetError::LeaseLost(lease.subnet));
+        }
+        Ok(OwnLease { expiration: SystemTime::now() + Duration::from_secs(ttl as u64), ..lease.clone() })
+    }
+}

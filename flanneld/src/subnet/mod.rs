@@ -1,0 +1,69 @@
+//! Subnet managers: where leases live (etcd here; the Kubernetes API behind
+//! the same trait). The agent claims and renews its own lease through
+//! [`SubnetManager`] and learns its peers from a stream of [`LeaseEvent`]s.
+
+pub mod etcd;
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use flannel_shared::IpNet;
+use flannel_shared::lease::{Lease, LeaseAttrs};
+use flannel_shared::netconf::Family;
+
+/// A change in the set of leases. `Snapshot` replaces everything known (the
+/// first listing and every re-list after a broken watch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseEvent {
+    Snapshot(Vec<Lease>),
+    Added(Lease),
+    Removed(IpNet),
+}
+
+/// The lease this node holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnLease {
+    pub subnet: IpNet,
+    pub attrs: LeaseAttrs,
+    pub expiration: SystemTime,
+    /// Manager-specific handle (the etcd lease ID).
+    pub id: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetError {
+    #[error("no network config at {0}: write net-conf.json there first")]
+    NoConfig(String),
+    #[error("no free subnet left in {network} between {min} and {max} ({taken} leased)")]
+    Exhausted { network: IpNet, min: IpAddr, max: IpAddr, taken: usize },
+    #[error("our lease on {0} is gone")]
+    LeaseLost(IpNet),
+    #[error("lease store: {0}")]
+    Store(String),
+    #[error("malformed lease {key}: {msg}")]
+    BadLease { key: String, msg: String },
+}
+
+impl SubnetError {
+    /// Errors that a retry may cure (the store being away, a lost race).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SubnetError::Store(_) | SubnetError::Exhausted { .. })
+    }
+}
+
+/// The agent runs on a single-threaded runtime, so these futures need not be `Send`.
+#[allow(async_fn_in_trait)]
+pub trait SubnetManager {
+    /// The raw net-conf.json text.
+    async fn network_config(&mut self) -> Result<String, SubnetError>;
+    /// Claims a subnet for `attrs`: `prefer` (our previous one) when it is free
+    /// or already ours, else any free one in `family`'s range.
+    async fn acquire(
+        &mut self,
+        family: &Family,
+        attrs: &LeaseAttrs,
+        prefer: Option<IpNet>,
+    ) -> Result<OwnLease, SubnetError>;
+    /// Extends the lease; `LeaseLost` when it no longer exists.
+    async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError>;
+}
