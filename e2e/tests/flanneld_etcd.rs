@@ -344,3 +344,42 @@ fn bad_or_missing_network_config_stops_the_agent_naming_the_field() {
     }
     assert!(c.leases().is_empty(), "a bad config must not claim anything");
 }
+
+#[test]
+fn flags_come_from_the_environment_too() {
+    let bin = e2e::cluster::bin_path("flanneld");
+    let out = std::process::Command::new(&bin).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("flanneld "));
+    // FLANNELD_<FLAG> is read like the flag: a bad value is refused naming the flag.
+    let out = std::process::Command::new(&bin).env("FLANNELD_PUBLIC_IP", "not-an-ip").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--public-ip"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // And a good one is used: the agent advertises the public IP from the environment.
+    let mut c = Cluster::new("fv");
+    c.put_config(VXLAN);
+    c.add_node();
+    c.nodes[0].ns.ip(&["addr", "add", "192.0.2.101/24", "dev", "eth0"]);
+    let node = &c.nodes[0];
+    let log = std::fs::File::create(node.log_file()).unwrap();
+    let mut child = node
+        .ns
+        .command(bin.to_str().unwrap())
+        .env("FLANNELD_ETCD_ENDPOINTS", e2e::cluster::ETCD_URL)
+        .env("FLANNELD_SUBNET_FILE", node.subnet_file())
+        .env("FLANNELD_PUBLIC_IP", "192.0.2.101")
+        .env("FLANNELD_IP_MASQ", "true")
+        .env("FLANNELD_IPTABLES_FORWARD_RULES", "false")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let ok = wait_until(Duration::from_secs(20), || c.leases().len() == 1 && node.subnet_env().is_some());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "{}", node.log());
+    assert_eq!(c.leases()[0].1["PublicIP"], "192.0.2.101");
+    let filter = e2e::cluster::run_in(&node.ns, "iptables-save", &["-t", "filter"]);
+    assert!(!filter.contains("FLANNEL-FWD"), "forward rules written although disabled: {filter}");
+    let nat = e2e::cluster::run_in(&node.ns, "iptables-save", &["-t", "nat"]);
+    assert!(nat.contains("-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG"), "{nat}");
+}

@@ -559,3 +559,48 @@ pub async fn run_etcd(opts: Opts, metrics: Arc<Metrics>) -> Result<(), AgentErro
     let _watcher = agent.mgr.spawn_watcher(tx, metrics);
     agent.run(rx).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_proc(bridge: Option<&str>, forward: &str) -> std::path::PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("flanneld-proc-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(root.join("sys/net/ipv4")).unwrap();
+        std::fs::write(root.join("sys/net/ipv4/ip_forward"), forward).unwrap();
+        if let Some(v) = bridge {
+            std::fs::create_dir_all(root.join("sys/net/bridge")).unwrap();
+            std::fs::write(root.join("sys/net/bridge/bridge-nf-call-iptables"), v).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn preflight_refuses_without_br_netfilter_and_turns_on_forwarding() {
+        let p = fake_proc(None, "0\n");
+        let e = check_br_netfilter(&p).unwrap_err().to_string();
+        assert!(e.contains("br_netfilter") && e.contains("modprobe"), "{e}");
+        assert!(enable_ip_forward(&p).unwrap());
+        assert_eq!(std::fs::read_to_string(p.join("sys/net/ipv4/ip_forward")).unwrap(), "1");
+        assert!(!enable_ip_forward(&p).unwrap());
+        std::fs::remove_dir_all(&p).unwrap();
+
+        let p = fake_proc(Some("0\n"), "1\n");
+        assert!(check_br_netfilter(&p).unwrap_err().to_string().contains("bridge-nf-call-iptables=1"));
+        std::fs::remove_dir_all(&p).unwrap();
+        let p = fake_proc(Some("1\n"), "1\n");
+        assert!(check_br_netfilter(&p).is_ok());
+        std::fs::remove_dir_all(&p).unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
+        let seq: Vec<u64> = (0..5).map(|_| b.next().as_secs()).collect();
+        assert_eq!(seq, [1, 2, 4, 5, 5]);
+        b.reset();
+        assert_eq!(b.next().as_secs(), 1);
+    }
+}
