@@ -154,6 +154,31 @@ pub struct Pod {
     pub cid: String,
 }
 
+impl Pod {
+    /// Serves TCP on `port` inside the pod until the process exits: each
+    /// connection gets one line, `<pod ip> saw <client ip>`.
+    pub fn serve(&self, port: u16) {
+        let listener = self.ns.tcp_listen((Ipv4Addr::UNSPECIFIED, port).into()).expect("listen in pod");
+        let me = self.ip;
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                let mut s = s;
+                let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let _ = writeln!(s, "{me} saw {peer}");
+            }
+        });
+    }
+}
+
+/// Connects from `ns` to `addr` and returns the server's line (see [`Pod::serve`]).
+pub fn request(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = ns.tcp_connect(addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.trim().to_string())
+}
+
 pub struct Cluster {
     /// Holds the underlay bridge `br0` (192.0.2.254/24) and etcd.
     pub underlay: Netns,
@@ -161,16 +186,30 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     etcd: Option<Child>,
     dir: TempDir,
+    /// Prefix of every namespace name (lets `e2e down` find the demo's).
+    ns_prefix: String,
 }
 
 impl Cluster {
     /// An underlay with etcd running on it; no nodes yet.
     pub fn new(tag: &str) -> Cluster {
-        let underlay = Netns::new("ul");
+        Cluster::with_prefix(tag, "")
+    }
+
+    /// Like [`Cluster::new`], with every namespace name starting with `ns_prefix`.
+    pub fn with_prefix(tag: &str, ns_prefix: &str) -> Cluster {
+        let underlay = Netns::new(&format!("{ns_prefix}ul"));
         underlay.ip(&["link", "add", "br0", "type", "bridge"]);
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]);
         underlay.ip(&["link", "set", "br0", "up"]);
-        let mut c = Cluster { underlay, nodes: Vec::new(), pods: Vec::new(), etcd: None, dir: TempDir::new(tag) };
+        let mut c = Cluster {
+            underlay,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            etcd: None,
+            dir: TempDir::new(tag),
+            ns_prefix: ns_prefix.to_string(),
+        };
         c.start_etcd();
         c
     }
@@ -251,7 +290,7 @@ impl Cluster {
     pub fn add_node(&mut self) -> usize {
         let i = self.nodes.len();
         let ip = Ipv4Addr::new(192, 0, 2, (i + 1) as u8);
-        let ns = Netns::new("nd");
+        let ns = Netns::new(&format!("{}nd", self.ns_prefix));
         let port = format!("u{}", i + 1);
         self.underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
         self.underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
@@ -265,6 +304,11 @@ impl Cluster {
     }
 
     /// Starts flanneld in node `i` with the test-bed's settings plus `extra` flags.
+    /// Leaves everything running (the `--keep` of the demo): no cleanup on drop.
+    pub fn leak(self) {
+        std::mem::forget(self);
+    }
+
     pub fn start_agent(&mut self, i: usize, extra: &[&str]) {
         let bin = bin_path("flanneld");
         let node = &mut self.nodes[i];
@@ -305,7 +349,7 @@ impl Cluster {
     /// Starts a pod on node `i` through the real `flannel` plugin.
     pub fn add_pod(&mut self, i: usize) -> &Pod {
         let plugin = bin_path("flannel");
-        let ns = Netns::new("pd");
+        let ns = Netns::new(&format!("{}pd", self.ns_prefix));
         let cid = format!("pod-{}", ns.name());
         let node = &self.nodes[i];
         let mut child = node

@@ -3,6 +3,7 @@
 //! helpers to run commands and open sockets inside a namespace.
 
 pub mod cluster;
+pub mod kubeproxy;
 pub mod ns;
 pub mod tmp;
 

@@ -1,101 +1,258 @@
-//! `e2e demo`: builds a node out of network namespaces, starts pods through the
-//! real `flannel` CNI plugin with the upstream conflist, and shows what an
-//! operator would look at: the node's subnet.env, the pods' routes, a ping.
+//! `e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]`: builds a cluster
+//! of namespace nodes on an underlay bridge with a real etcd, runs the real
+//! `flanneld` on each, starts pods through the real `flannel` plugin, and
+//! shows what an operator would look at (seeds 002/003): leases and
+//! subnet.env, the route table, a cross-node ping with its ttl, tcpdump on the
+//! uplink, and a Service answered by a pod on another node.
 //!
-//! Today the demo is one node; the multi-node cluster (flanneld on each node,
-//! etcd on the underlay, cross-node traffic) arrives with the agent.
+//! `e2e down` removes what `--keep` (or an interrupted run) left behind.
 
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use e2e::{Netns, TempDir};
+use e2e::cluster::{Cluster, PREFIX, request};
+use e2e::kubeproxy::{self, Service};
+
+/// Every demo namespace starts with this, so `down` can find them.
+const NS_PREFIX: &str = "demo-";
 
 fn step(msg: &str) {
-    println!("\n==> {msg}");
+    println!("\n\x1b[1m==> {msg}\x1b[0m");
 }
 
-fn show(ns: &Netns, args: &[&str]) {
-    println!("$ ip -n {} {}", ns.name(), args.join(" "));
-    print!("{}", ns.ip(args));
-}
-
-fn plugin_path() -> PathBuf {
-    let p = std::env::current_exe().expect("current exe").with_file_name("flannel");
-    if !p.exists() {
-        eprintln!("e2e: {} not found; build the workspace first: cargo build --release", p.display());
-        std::process::exit(2);
+fn show(title: &str, text: &str) {
+    println!("$ {title}");
+    for l in text.lines() {
+        println!("  {l}");
     }
-    p
 }
 
-fn cni(plugin: &std::path::Path, node: &Netns, command: &str, cid: &str, pod: &Netns, conf: &str) -> String {
-    use std::io::Write;
-    let mut child = node
-        .command(plugin.to_str().unwrap())
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", pod.path())
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .stdin(Stdio::piped())
+struct Args {
+    backend: String,
+    nodes: usize,
+    keep: bool,
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut a = Args { backend: "vxlan".into(), nodes: 3, keep: false };
+    while let Some(arg) = it.next() {
+        let (k, inline) = match arg.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        let mut val = |name: &str| inline.clone().or_else(|| it.next()).ok_or(format!("{name} needs a value"));
+        match k.as_str() {
+            "--backend" => a.backend = val("--backend")?,
+            "--nodes" => a.nodes = val("--nodes")?.parse().map_err(|e| format!("--nodes: {e}"))?,
+            "--keep" => a.keep = true,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.backend != "vxlan" && a.backend != "host-gw" {
+        return Err(format!("--backend {}: must be vxlan or host-gw", a.backend));
+    }
+    if !(2..=20).contains(&a.nodes) {
+        return Err("--nodes: between 2 and 20".into());
+    }
+    Ok(a)
+}
+
+fn demo(args: Args) {
+    let vxlan = args.backend == "vxlan";
+    step(&format!(
+        "underlay bridge 192.0.2.0/24 with etcd on 192.0.2.254 ({} nodes, backend {})",
+        args.nodes, args.backend
+    ));
+    let mut c = Cluster::with_prefix("demo", NS_PREFIX);
+    let netconf = format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{}"}}}}"#, args.backend);
+    c.put_config(&netconf);
+    show(&format!("etcdctl put {PREFIX}/config"), &netconf);
+
+    step("flanneld on every node");
+    for i in 0..args.nodes {
+        c.add_node();
+        c.start_agent(i, &[]);
+    }
+    for i in 0..args.nodes {
+        if !c.wait_ready(i, Duration::from_secs(30)) {
+            eprintln!("node{} did not become ready:\n{}", i + 1, c.nodes[i].log());
+            std::process::exit(1);
+        }
+        println!("  node{} ({}) ready", i + 1, c.nodes[i].ip);
+    }
+    show(
+        &format!("etcdctl get --prefix {PREFIX}/subnets/"),
+        &c.etcdctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")]),
+    );
+    for n in &c.nodes {
+        show(&format!("cat /run/flannel/subnet.env   # node {}", n.ip), &n.subnet_env().unwrap_or_default());
+    }
+
+    step("two pods per node through the flannel CNI plugin (upstream conflist)");
+    for i in 0..args.nodes {
+        for _ in 0..2 {
+            let p = c.add_pod(i);
+            println!("  node{} pod {} -> {}", i + 1, p.cid, p.ip);
+        }
+    }
+
+    step("node1's route table (seed 003's `route -n`)");
+    show("ip route", &c.nodes[0].ns.ip(&["route"]));
+    if vxlan {
+        show("ip -d link show flannel.1", &c.nodes[0].ns.ip(&["-d", "link", "show", "flannel.1"]));
+        show("ip neigh show dev flannel.1", &c.nodes[0].ns.ip(&["neigh", "show", "dev", "flannel.1"]));
+        show(
+            "bridge fdb show dev flannel.1",
+            &e2e::cluster::run_in(&c.nodes[0].ns, "bridge", &["fdb", "show", "dev", "flannel.1"]),
+        );
+    }
+
+    let (a, b) = (0, 2); // first pod on node1, first pod on node2
+    let dst = c.pods[b].ip.to_string();
+    step(&format!("ping from a pod on node1 ({}) to a pod on node2 ({dst}), tcpdump on node1's eth0", c.pods[a].ip));
+    let filter = if vxlan { "udp port 8472" } else { "icmp" };
+    let dump = c.nodes[0]
+        .ns
+        .command("tcpdump")
+        .args(["-l", "-nn", "-c", "4", "-i", "eth0", filter])
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
-        .expect("run the flannel plugin");
-    child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        eprintln!("flannel {command} failed: {text}");
-        std::process::exit(1);
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(700));
+    let out = c.pods[a].ns.run("ping", &["-c", "3", "-i", "0.3", &dst]);
+    show(&format!("ping -c 3 {dst}"), &String::from_utf8_lossy(&out.stdout));
+    let dump = wait_output(dump, Duration::from_secs(5));
+    show(&format!("tcpdump -nn -i eth0 {filter}"), &dump);
+    if vxlan {
+        println!("  (ICMP between pods inside VXLAN, UDP 8472, VNI 1: the overlay)");
+    } else {
+        println!("  (plain pod-to-pod ICMP on the wire: host-gw routes via the peer node)");
     }
-    text
+
+    step("a Service: ClusterIP 10.96.0.10:80 with endpoints on the other nodes, kube-proxy's iptables chains");
+    let endpoints: Vec<(Ipv4Addr, u16)> = c.pods.iter().filter(|p| p.node != 0).map(|p| (p.ip, 8080)).collect();
+    for p in c.pods.iter().filter(|p| p.node != 0) {
+        p.serve(8080);
+    }
+    let svc = Service {
+        name: "default/web:http".into(),
+        cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+        port: 80,
+        node_port: Some(30080),
+        endpoints,
+    };
+    for n in &c.nodes {
+        kubeproxy::install(&n.ns, std::slice::from_ref(&svc), "10.244.0.0/16");
+    }
+    let nat = e2e::cluster::run_in(&c.nodes[0].ns, "iptables-save", &["-t", "nat"]);
+    show(
+        "iptables-save -t nat | grep -E 'KUBE-(SVC|SEP)'   # node1",
+        &nat.lines()
+            .filter(|l| l.starts_with("-A KUBE-SVC") || l.starts_with("-A KUBE-SEP"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let vip: SocketAddr = (svc.cluster_ip, svc.port).into();
+    for _ in 0..4 {
+        match request(&c.pods[a].ns, vip) {
+            Ok(line) => println!("  pod {} -> {vip}: answered by \"{line}\"", c.pods[a].ip),
+            Err(e) => println!("  pod {} -> {vip}: FAILED {e}", c.pods[a].ip),
+        }
+    }
+
+    if args.keep {
+        step("left running (--keep); remove with: e2e down");
+        c.leak();
+    } else {
+        step("tearing down");
+        drop(c);
+        println!("  done");
+    }
 }
 
-fn demo() {
-    let plugin = plugin_path();
-    let dir = TempDir::new("demo");
-    step("node1: a network namespace with its flannel lease written to subnet.env");
-    let node = Netns::new("demo-node");
-    let env = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
-    std::fs::write(dir.join("subnet.env"), env).unwrap();
-    print!("{env}");
-    let conf = serde_json::json!({
-        "cniVersion": "0.3.1", "name": "cbr0", "type": "flannel",
-        "subnetFile": dir.join("subnet.env"), "dataDir": dir.join("flannel"),
-        "ipam": {"dataDir": dir.join("networks")},
-        "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-    })
-    .to_string();
-    println!("conflist entry: {conf}");
+/// Waits for `child` up to `timeout`, then interrupts it; returns its stdout.
+fn wait_output(mut child: std::process::Child, timeout: Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    }
+    child.wait_with_output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
 
-    let pods: Vec<Netns> = (0..2).map(|_| Netns::new("demo-pod")).collect();
-    let mut ips = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        step(&format!("CNI ADD pod{i} (netns {})", pod.name()));
-        let res = cni(&plugin, &node, "ADD", &format!("demo{i}"), pod, &conf);
-        println!("{res}");
-        let v: serde_json::Value = serde_json::from_str(&res).unwrap();
-        ips.push(v["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string());
+/// Removes every demo namespace (killing what runs in it) and the demo's files.
+fn down() {
+    let list = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let mut n = 0;
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if !name.starts_with(NS_PREFIX) {
+            continue;
+        }
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on processes living in the demo's namespaces.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        n += 1;
     }
-    step("node1: the bridge and its ports");
-    show(&node, &["-br", "addr", "show"]);
-    step("pod0: routes (as seed 003 shows them)");
-    show(&pods[0], &["route"]);
-    step(&format!("pod0 -> pod1 ({}): ping", ips[1]));
-    let out = Command::new("ip").args(["netns", "exec", pods[0].name(), "ping", "-c", "3", &ips[1]]).output().unwrap();
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    step("CNI DEL both pods");
-    for (i, pod) in pods.iter().enumerate() {
-        cni(&plugin, &node, "DEL", &format!("demo{i}"), pod, &conf);
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with("flt-demo-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
-    println!("done; namespaces and files are removed on exit");
+    println!("removed {n} demo namespaces");
+}
+
+/// Runs the demo on a worker thread; SIGINT/SIGTERM on the main thread tear everything down.
+fn run_with_cleanup(args: Args) {
+    // SAFETY: plain libc signal-mask calls on a set we own, before any other thread exists.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let worker = std::thread::spawn(move || {
+            let ok = std::panic::catch_unwind(|| demo(args)).is_ok();
+            libc::kill(libc::getpid(), libc::SIGUSR1);
+            ok
+        });
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+        if sig == libc::SIGUSR1 {
+            let ok = worker.join().unwrap_or(false);
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+        eprintln!("\ninterrupted: cleaning up");
+        down();
+        std::process::exit(130);
+    }
 }
 
 fn main() {
-    match std::env::args().nth(1).as_deref() {
-        Some("demo") => demo(),
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("demo") => match parse_args(args) {
+            Ok(a) => run_with_cleanup(a),
+            Err(e) => {
+                eprintln!("e2e demo: {e}");
+                std::process::exit(2);
+            }
+        },
+        Some("down") => down(),
         _ => {
-            eprintln!("usage: e2e demo");
+            eprintln!("usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down");
             std::process::exit(2);
         }
     }
