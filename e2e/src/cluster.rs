@@ -409,3 +409,34 @@ pub fn run_in(ns: &Netns, program: &str, args: &[&str]) -> String {
     c.args(args);
     check(c, program)
 }
+
+/// Runs `tcpdump -l -nn --immediate-mode -c <count> -i <iface> <filter>` in
+/// `ns`, does `action` once it is listening, and returns what it printed
+/// (stopping it after `timeout` if fewer packets came).
+pub fn capture(ns: &Netns, iface: &str, filter: &str, count: u32, timeout: Duration, action: impl FnOnce()) -> String {
+    use std::io::BufRead;
+    let mut child = ns
+        .command("tcpdump")
+        .args(["-l", "-nn", "--immediate-mode", "-c", &count.to_string(), "-i", iface])
+        .args(filter.split_whitespace())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("listening on") {
+        line.clear();
+    }
+    action();
+    let deadline = std::time::Instant::now() + timeout;
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    }
+    let out = child.wait_with_output().expect("tcpdump output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

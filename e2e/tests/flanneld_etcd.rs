@@ -101,7 +101,7 @@ fn three_vxlan_agents_get_distinct_subnets_and_program_each_other() {
     converge(&c, true);
 
     // Pods on two nodes reach each other through the overlay; two routers on the way.
-    let a = c.add_pod(0).ip.to_string();
+    let a = c.add_pod(0).ip;
     let b_ip = c.add_pod(1).ip;
     let ttl = c.pods[0].ns.ping(&b_ip.to_string());
     assert_eq!(ttl, Some(62), "pod {a} -> pod {b_ip}");
@@ -126,7 +126,6 @@ fn three_vxlan_agents_get_distinct_subnets_and_program_each_other() {
         });
         assert!(ok, "node{} still routes {gone}", i + 1);
     }
-    let _ = a;
 }
 
 /// `ping -c <count> -i 0.1` from pod `from` to `to`, run while `during` happens; (sent, received).
@@ -265,9 +264,8 @@ fn ten_agents_racing_for_eight_subnets() {
     c.put_config(
         r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.8.0","Backend":{"Type":"host-gw"}}"#,
     );
-    for i in 0..10 {
+    for _ in 0..10 {
         c.add_node();
-        let _ = i;
     }
     for i in 0..10 {
         c.start_agent(i, &[]);

@@ -177,7 +177,17 @@ impl<M: SubnetManager> Agent<M> {
                     .map_err(|e| AgentError::Config(e.to_string()))?;
                 (Some(spec), Some(link.index), data)
             }
-            BackendType::HostGw => (None, None, serde_json::Value::Null),
+            BackendType::HostGw => {
+                // Switched from vxlan: the old VTEP and every route/ARP/FDB entry on it go.
+                let name = format!("flannel.{}", cfg.backend.vni);
+                if let Some(l) = nl.link_by_name(&name).await.map_err(backend::BackendError::from)?
+                    && l.vxlan.is_some()
+                {
+                    nl.del_link(l.index).await.map_err(backend::BackendError::from)?;
+                    info!("backend is host-gw: removed the VXLAN device {name} left from an earlier vxlan run");
+                }
+                (None, None, serde_json::Value::Null)
+            }
         };
         let attrs = LeaseAttrs {
             public_ip: uplink.public_ip,
