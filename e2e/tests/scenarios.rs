@@ -210,7 +210,7 @@ fn backend_switch_and_back_keeps_pod_ips() {
             c.stop_agent(i);
             c.start_agent(i, &[]);
         }
-        for i in 0..2 {
+        for (i, subnet) in subnets.iter().enumerate() {
             assert!(c.wait_ready(i, READY), "{}", c.nodes[i].log());
             let n = &c.nodes[i];
             let ok = wait_until(Duration::from_secs(10), || {
@@ -219,7 +219,7 @@ fn backend_switch_and_back_keeps_pod_ips() {
             });
             assert!(ok, "{backend}: node{} routes {:?}", i + 1, n.flannel_routes());
             assert_eq!(n.ns.links().iter().any(|l| l == "flannel.1"), via_vtep, "{backend}: VTEP presence");
-            assert_eq!(n.subnet().unwrap(), subnets[i], "{backend}: subnet kept");
+            assert_eq!(&n.subnet().unwrap(), subnet, "{backend}: subnet kept");
         }
         assert!(c.leases().iter().all(|(_, v)| v["BackendType"] == backend));
         assert_eq!(c.pods.iter().map(|p| p.ip).collect::<Vec<_>>(), ips);
