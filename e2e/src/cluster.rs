@@ -77,6 +77,11 @@ impl Node {
         std::fs::read_to_string(self.log_file()).unwrap_or_default()
     }
 
+    /// PID of the running agent.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     pub fn agent_running(&mut self) -> bool {
         self.agent.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }

@@ -14,6 +14,8 @@ use std::time::Duration;
 use e2e::cluster::{Cluster, PREFIX, request};
 use e2e::kubeproxy::{self, Service};
 
+mod scale;
+
 /// Every demo namespace starts with this, so `down` can find them.
 const NS_PREFIX: &str = "demo-";
 
@@ -251,8 +253,11 @@ fn main() {
             }
         },
         Some("down") => down(),
+        Some("scale") => scale::run(args),
         _ => {
-            eprintln!("usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down");
+            eprintln!(
+                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60]"
+            );
             std::process::exit(2);
         }
     }

@@ -9,7 +9,12 @@ use std::path::PathBuf;
 use clap::{ArgAction, Parser};
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "flanneld", version, about = "flannel node agent: subnet leases and the VXLAN / host-gw data path")]
+#[command(
+    name = "flanneld",
+    version,
+    args_override_self = true,
+    about = "flannel node agent: subnet leases and the VXLAN / host-gw data path"
+)]
 pub struct Opts {
     /// Comma-separated etcd endpoints.
     #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
@@ -126,6 +131,8 @@ mod tests {
             "--etcd-endpoints=http://a:2379,http://b:2379",
             "--etcd-prefix=/x/",
             "-v=2",
+            "--iptables-resync=3",
+            "--iptables-resync=7",
         ])
         .unwrap();
         assert!(o.ip_masq && !o.iptables_forward_rules);
@@ -133,6 +140,8 @@ mod tests {
         assert_eq!(o.etcd_endpoints.len(), 2);
         assert_eq!(o.etcd_key("subnets"), "/x/subnets");
         assert_eq!(o.verbosity, 2);
+        // As with Go's flag package, a repeated flag's last value wins.
+        assert_eq!(o.iptables_resync, 7);
         let e = Opts::try_parse_from(["flanneld", "--public-ip=300.1.1.1"]).unwrap_err().to_string();
         assert!(e.contains("--public-ip"), "{e}");
     }

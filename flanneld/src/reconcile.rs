@@ -98,17 +98,49 @@ fn same_route(a: &Route, b: &Route) -> bool {
 
 /// Brings the kernel in line with `want`. `vtep` is the VXLAN device whose
 /// ARP and FDB entries this agent owns (none for host-gw).
+///
+/// Order matters for traffic: ARP and FDB entries go in before the routes
+/// that use them, and stale routes go before the entries they used, so a
+/// packet never follows a route to a half-programmed peer.
 pub async fn apply(nl: &Netlink, want: &Desired, vtep: Option<u32>) -> Result<Applied, NetlinkError> {
     let mut done = Applied::default();
 
-    // Routes: one dump of the main table per family in use.
-    let mut have = nl.routes(true, Some(RT_TABLE_MAIN)).await?;
+    // One dump per kind, taken up front.
+    let mut routes = nl.routes(true, Some(RT_TABLE_MAIN)).await?;
     if want.routes.iter().any(|r| !r.dst.is_ipv4()) {
-        have.extend(nl.routes(false, Some(RT_TABLE_MAIN)).await?);
+        routes.extend(nl.routes(false, Some(RT_TABLE_MAIN)).await?);
     }
-    let owned: Vec<&Route> = have.iter().filter(|r| r.protocol == RTPROT_FLANNEL).collect();
+    let (neigh, fdb) = match vtep {
+        Some(v) => (nl.neighbours(v, false).await?, nl.neighbours(v, true).await?),
+        None => (Vec::new(), Vec::new()),
+    };
+
+    if let Some(vtep) = vtep {
+        let have: HashMap<IpAddr, [u8; 6]> =
+            neigh.iter().filter(|n| n.permanent).filter_map(|n| Some((n.ip?, n.mac?))).collect();
+        for (ip, mac) in &want.neighbours {
+            if have.get(ip) != Some(mac) {
+                nl.replace_neighbour(vtep, *ip, *mac).await?;
+                done.neighbours_set += 1;
+            }
+        }
+        // Entries without a remote (the device's own) are not ours.
+        let have: HashSet<([u8; 6], IpAddr)> = fdb.iter().filter_map(|n| Some((n.mac?, n.ip?))).collect();
+        for (mac, dst) in &want.fdb {
+            if !have.contains(&(*mac, *dst)) {
+                nl.replace_fdb(vtep, *mac, *dst).await?;
+                done.fdb_set += 1;
+            }
+        }
+    }
+
+    let owned: Vec<&Route> = routes.iter().filter(|r| r.protocol == RTPROT_FLANNEL).collect();
+    let mut by_dst: HashMap<IpNet, Vec<&Route>> = HashMap::new();
+    for h in &owned {
+        by_dst.entry(h.dst).or_default().push(h);
+    }
     for r in &want.routes {
-        if !owned.iter().any(|h| same_route(h, r)) {
+        if !by_dst.get(&r.dst).is_some_and(|hs| hs.iter().any(|h| same_route(h, r))) {
             nl.replace_route(r).await?;
             done.routes_added += 1;
         }
@@ -127,16 +159,7 @@ pub async fn apply(nl: &Netlink, want: &Desired, vtep: Option<u32>) -> Result<Ap
     }
 
     let Some(vtep) = vtep else { return Ok(done) };
-
-    // ARP/NDP on the VTEP: one dump.
-    let have = nl.neighbours(vtep, false).await?;
-    for (ip, mac) in &want.neighbours {
-        if !have.iter().any(|n| n.ip == Some(*ip) && n.mac == Some(*mac) && n.permanent) {
-            nl.replace_neighbour(vtep, *ip, *mac).await?;
-            done.neighbours_set += 1;
-        }
-    }
-    for n in have.iter().filter(|n| n.permanent) {
+    for n in neigh.iter().filter(|n| n.permanent) {
         if let Some(ip) = n.ip
             && !want.neighbours.contains_key(&ip)
         {
@@ -147,16 +170,7 @@ pub async fn apply(nl: &Netlink, want: &Desired, vtep: Option<u32>) -> Result<Ap
             }
         }
     }
-
-    // FDB on the VTEP: one dump. Entries without a remote (the device's own) are not ours.
-    let have = nl.neighbours(vtep, true).await?;
-    for (mac, dst) in &want.fdb {
-        if !have.iter().any(|n| n.mac == Some(*mac) && n.ip == Some(*dst)) {
-            nl.replace_fdb(vtep, *mac, *dst).await?;
-            done.fdb_set += 1;
-        }
-    }
-    for n in &have {
+    for n in &fdb {
         if let (Some(mac), Some(dst)) = (n.mac, n.ip)
             && want.fdb.get(&mac) != Some(&dst)
         {
