@@ -371,13 +371,16 @@ fn flags_come_from_the_environment_too() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let ok = wait_until(Duration::from_secs(20), || c.leases().len() == 1 && node.subnet_env().is_some());
+    let jump = "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG";
+    let nat = || e2e::cluster::run_in(&node.ns, "iptables-save", &["-t", "nat"]);
+    // subnet.env comes first, the rules right after it.
+    let ok = wait_until(Duration::from_secs(20), || {
+        c.leases().len() == 1 && node.subnet_env().is_some() && nat().contains(jump)
+    });
     let _ = child.kill();
     let _ = child.wait();
-    assert!(ok, "{}", node.log());
+    assert!(ok, "{}\n{}", node.log(), nat());
     assert_eq!(c.leases()[0].1["PublicIP"], "192.0.2.101");
     let filter = e2e::cluster::run_in(&node.ns, "iptables-save", &["-t", "filter"]);
     assert!(!filter.contains("FLANNEL-FWD"), "forward rules written although disabled: {filter}");
-    let nat = e2e::cluster::run_in(&node.ns, "iptables-save", &["-t", "nat"]);
-    assert!(nat.contains("-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG"), "{nat}");
 }
