@@ -384,3 +384,68 @@ fn flags_come_from_the_environment_too() {
     let filter = e2e::cluster::run_in(&node.ns, "iptables-save", &["-t", "filter"]);
     assert!(!filter.contains("FLANNEL-FWD"), "forward rules written although disabled: {filter}");
 }
+
+#[test]
+fn rules_follow_kube_proxy_into_legacy_iptables() {
+    let mut c = Cluster::new("fl");
+    c.put_config(HOST_GW);
+    c.add_node();
+    let ns = &c.nodes[0].ns;
+    // kube-proxy runs legacy here: its chains are in the legacy tables.
+    run_restore(
+        ns,
+        "iptables-legacy-restore",
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\nCOMMIT\n",
+    );
+    c.start_agent(0, &[]);
+    assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
+    let ns = &c.nodes[0].ns;
+    let legacy = e2e::cluster::run_in(ns, "iptables-legacy-save", &["-t", "nat"]);
+    assert!(legacy.contains("-A FLANNEL-POSTRTG"), "{legacy}");
+    let nft = e2e::cluster::run_in(ns, "iptables-nft-save", &["-t", "nat"]);
+    assert!(!nft.contains("FLANNEL-POSTRTG"), "rules also went to nft: {nft}");
+    assert!(c.nodes[0].log().contains("iptables: writing with iptables-legacy-restore"));
+}
+
+fn run_restore(ns: &e2e::Netns, prog: &str, input: &str) {
+    use std::io::Write;
+    let mut child = ns.command(prog).arg("--noflush").stdin(std::process::Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn uplink_by_regex_reach_or_address() {
+    let mut c = Cluster::new("fi");
+    c.put_config(VXLAN);
+    c.add_node();
+    let ns = &c.nodes[0].ns;
+    ns.ip(&["link", "add", "ext0", "type", "veth", "peer", "name", "ext1"]);
+    ns.ip(&["addr", "add", "198.51.100.1/24", "dev", "ext0"]);
+    ns.ip(&["link", "set", "ext0", "up"]);
+    ns.ip(&["link", "set", "ext1", "up"]);
+    let cases: [(&[&str], &str); 4] = [
+        (&["--iface-regex=^ext"], "198.51.100.1"),
+        (&["--iface-can-reach=198.51.100.77"], "198.51.100.1"),
+        (&["--iface=192.0.2.1"], "192.0.2.1"),
+        (&["--iface=nope0", "--iface=ext0"], "198.51.100.1"),
+    ];
+    for (flags, want) in cases {
+        c.start_agent(0, flags);
+        let ns = &c.nodes[0].ns;
+        let ok = wait_until(READY, || {
+            if !ns.links().iter().any(|l| l == "flannel.1") {
+                return false;
+            }
+            let link = ns.ip_json(&["-d", "link", "show", "flannel.1"]);
+            link[0]["linkinfo"]["info_data"]["local"] == want
+                && c.leases().iter().any(|(_, v)| v["PublicIP"] == want)
+                && c.nodes[0].http_get("/readyz").is_some_and(|r| r.0 == 200)
+        });
+        assert!(ok, "{flags:?}: {}", c.nodes[0].log());
+        c.stop_agent(0);
+    }
+    c.start_agent(0, &["--iface=nope0"]);
+    assert!(wait_until(Duration::from_secs(10), || !c.nodes[0].agent_running()));
+    assert!(c.nodes[0].log().contains("none of --iface nope0 exists here"), "{}", c.nodes[0].log());
+}

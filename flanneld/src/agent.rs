@@ -120,6 +120,7 @@ pub struct Agent<M: SubnetManager> {
     last_skipped: Vec<(IpNet, String)>,
     renew_backoff: Backoff,
     next_renew: Instant,
+    iptables: iptables::Flavour,
 }
 
 /// Reads and validates the network config, retrying while the store is away.
@@ -213,7 +214,13 @@ impl<M: SubnetManager> Agent<M> {
             last_skipped: Vec::new(),
             renew_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             next_renew: Instant::now(),
+            iptables: iptables::Flavour::default(),
         };
+        if agent.opts.ip_masq || agent.opts.iptables_forward_rules {
+            let (flavour, why) = iptables::Flavour::detect();
+            info!("iptables: writing with {} ({why})", flavour.restore);
+            agent.iptables = flavour;
+        }
         // Our previous subnet, if subnet.env still names one in this network.
         let prefer = SubnetEnv::read(&agent.opts.subnet_file)
             .ok()
@@ -329,7 +336,7 @@ impl<M: SubnetManager> Agent<M> {
         }
         let mut ok = true;
         for t in &tables {
-            match iptables::ensure(t) {
+            match iptables::ensure_with(&self.iptables, t) {
                 Ok(true) => {
                     self.metrics.iptables_restores.fetch_add(1, Ordering::Relaxed);
                     info!("iptables: wrote {} in table {}", t.chain, t.table);

@@ -73,12 +73,16 @@ pub async fn find_uplink(nl: &Netlink, opts: &Opts) -> Result<Uplink, BackendErr
     } else if !opts.iface_regex.is_empty() {
         for pat in &opts.iface_regex {
             let re = Regex::new(pat).map_err(|e| BackendError::Uplink(format!("--iface-regex {pat:?}: {e}")))?;
-            chosen = links.iter().filter(|l| l.name != "lo").find_map(|l| {
-                if re.is_match(&l.name) {
-                    return Some((l, None));
-                }
-                v4_of(l.index).find(|ip| re.is_match(&ip.to_string())).map(|ip| (l, Some(ip)))
-            });
+            // Addresses first, then names; an interface without a usable IPv4 address cannot carry traffic.
+            chosen = links
+                .iter()
+                .find_map(|l| v4_of(l.index).find(|ip| re.is_match(&ip.to_string())).map(|ip| (l, Some(ip))))
+                .or_else(|| {
+                    links
+                        .iter()
+                        .find(|l| l.name != "lo" && re.is_match(&l.name) && v4_of(l.index).next().is_some())
+                        .map(|l| (l, None))
+                });
             if chosen.is_some() {
                 break;
             }

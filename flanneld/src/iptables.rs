@@ -90,10 +90,54 @@ fn in_place(saved: &str, t: &TableRules) -> bool {
     ours == t.rules.iter().map(String::as_str).collect::<Vec<_>>() && saved.lines().any(|l| l == t.jump)
 }
 
+/// Which iptables flavour to write: the rules must land where kube-proxy's
+/// are, or Service traffic and our masquerade live in different worlds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flavour {
+    /// `iptables-save`, `iptables-nft-save` or `iptables-legacy-save`.
+    pub save: String,
+    pub restore: String,
+}
+
+impl Default for Flavour {
+    /// Whatever `iptables` points to on this host.
+    fn default() -> Flavour {
+        Flavour { save: "iptables-save".into(), restore: "iptables-restore".into() }
+    }
+}
+
+impl Flavour {
+    fn named(mode: &str) -> Flavour {
+        Flavour { save: format!("iptables-{mode}-save"), restore: format!("iptables-{mode}-restore") }
+    }
+
+    /// Picks nft or legacy the way Kubernetes' iptables-wrapper does: the
+    /// flavour that already holds kube-proxy's (or our) rules wins; with
+    /// neither, or only one flavour installed, the host default.
+    pub fn detect() -> (Flavour, String) {
+        let count = |f: &Flavour| {
+            run(&f.save, &[], None)
+                .ok()
+                .map(|out| out.lines().filter(|l| l.contains("KUBE-") || l.contains("FLANNEL-")).count())
+        };
+        let (nft, legacy) = (Flavour::named("nft"), Flavour::named("legacy"));
+        match (count(&nft), count(&legacy)) {
+            (Some(n), Some(l)) if l > n => (legacy, format!("legacy ({l} kube/flannel rules there, {n} in nft)")),
+            (Some(n), Some(l)) if n > l => (nft, format!("nft ({n} kube/flannel rules there, {l} in legacy)")),
+            _ => (Flavour::default(), "the host default (no kube/flannel rules to follow yet)".into()),
+        }
+    }
+}
+
+/// Makes sure the rules are in place with the host's default iptables.
+pub fn ensure(t: &TableRules) -> Result<bool, IptablesError> {
+    ensure_with(&Flavour::default(), t)
+}
+
 /// Makes sure the rules are in place; returns true when it had to write them.
 /// Stale content of our chain (an old Network or subnet) is replaced whole.
-pub fn ensure(t: &TableRules) -> Result<bool, IptablesError> {
-    let saved = run("iptables-save", &["-t", t.table], None)?;
+pub fn ensure_with(f: &Flavour, t: &TableRules) -> Result<bool, IptablesError> {
+    let saved = run(&f.save, &["-t", t.table], None)?;
     if in_place(&saved, t) {
         return Ok(false);
     }
@@ -108,7 +152,7 @@ pub fn ensure(t: &TableRules) -> Result<bool, IptablesError> {
         payload.push('\n');
     }
     payload.push_str("COMMIT\n");
-    run("iptables-restore", &["--noflush", "-w", "5"], Some(&payload))?;
+    run(&f.restore, &["--noflush", "-w", "5"], Some(&payload))?;
     Ok(true)
 }
 
