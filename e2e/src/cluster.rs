@@ -55,6 +55,19 @@ fn check(mut c: Command, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Upstream's conflist entry for the `flannel` plugin, with its files redirected.
+pub fn flannel_conf(version: &str, subnet_file: &Path, state_dir: &Path, ipam_dir: &Path) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": "cbr0",
+        "type": "flannel",
+        "subnetFile": subnet_file,
+        "dataDir": state_dir,
+        "ipam": {"dataDir": ipam_dir},
+        "delegate": {"hairpinMode": true, "isDefaultGateway": true},
+    })
+}
+
 /// A node: a namespace with `eth0` on the underlay and, when started, a flanneld.
 pub struct Node {
     pub ns: Netns,
@@ -104,15 +117,7 @@ impl Node {
 
     /// The conflist's flannel entry, pointed at this node's files.
     pub fn cni_conf(&self) -> Value {
-        json!({
-            "cniVersion": "0.3.1",
-            "name": "cbr0",
-            "type": "flannel",
-            "subnetFile": self.subnet_file(),
-            "dataDir": self.dir.join("cni-state"),
-            "ipam": {"dataDir": self.dir.join("ipam")},
-            "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-        })
+        flannel_conf("0.3.1", &self.subnet_file(), &self.dir.join("cni-state"), &self.dir.join("ipam"))
     }
 
     /// Routes flanneld owns (`proto 76`) as `ip -j route` objects.

@@ -8,10 +8,10 @@
 //! `e2e down` removes what `--keep` (or an interrupted run) left behind.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use e2e::cluster::{Cluster, PREFIX, request};
+use e2e::cluster::{Cluster, PREFIX, capture, request};
 use e2e::kubeproxy::{self, Service};
 
 mod scale;
@@ -114,18 +114,11 @@ fn demo(args: Args) {
     let dst = c.pods[b].ip.to_string();
     step(&format!("ping from a pod on node1 ({}) to a pod on node2 ({dst}), tcpdump on node1's eth0", c.pods[a].ip));
     let filter = if vxlan { "udp port 8472" } else { "icmp" };
-    let dump = c.nodes[0]
-        .ns
-        .command("tcpdump")
-        .args(["-l", "-nn", "-c", "4", "-i", "eth0", filter])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(700));
-    let out = c.pods[a].ns.run("ping", &["-c", "3", "-i", "0.3", &dst]);
-    show(&format!("ping -c 3 {dst}"), &String::from_utf8_lossy(&out.stdout));
-    let dump = wait_output(dump, Duration::from_secs(5));
+    let mut ping = String::new();
+    let dump = capture(&c.nodes[0].ns, "eth0", filter, 4, Duration::from_secs(5), || {
+        ping = String::from_utf8_lossy(&c.pods[a].ns.run("ping", &["-c", "3", "-i", "0.3", &dst]).stdout).into_owned();
+    });
+    show(&format!("ping -c 3 {dst}"), &ping);
     show(&format!("tcpdump -nn -i eth0 {filter}"), &dump);
     if vxlan {
         println!("  (ICMP between pods inside VXLAN, UDP 8472, VNI 1: the overlay)");
@@ -172,19 +165,6 @@ fn demo(args: Args) {
         drop(c);
         println!("  done");
     }
-}
-
-/// Waits for `child` up to `timeout`, then interrupts it; returns its stdout.
-fn wait_output(mut child: std::process::Child, timeout: Duration) -> String {
-    let deadline = std::time::Instant::now() + timeout;
-    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if matches!(child.try_wait(), Ok(None)) {
-        // SAFETY: kill(2) on our own child, which has not been reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    }
-    child.wait_with_output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
 /// Removes every demo namespace (killing what runs in it) and the demo's files.

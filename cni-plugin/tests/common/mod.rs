@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 pub use e2e::{Netns, TempDir};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flannel");
 
@@ -69,15 +69,7 @@ impl Node {
 
     /// The upstream conflist's flannel entry, pointed at this node's files.
     pub fn conf(&self, version: &str) -> Value {
-        json!({
-            "cniVersion": version,
-            "name": "cbr0",
-            "type": "flannel",
-            "subnetFile": self.subnet_file(),
-            "dataDir": self.dir.join("state"),
-            "ipam": {"dataDir": self.dir.join("ipam")},
-            "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-        })
+        e2e::cluster::flannel_conf(version, &self.subnet_file(), &self.dir.join("state"), &self.dir.join("ipam"))
     }
 
     pub fn cni(&self, command: &str, container_id: &str, netns: Option<&str>, ifname: &str, conf: &Value) -> CniOut {
