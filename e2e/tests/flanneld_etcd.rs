@@ -449,3 +449,37 @@ fn uplink_by_regex_reach_or_address() {
     assert!(wait_until(Duration::from_secs(10), || !c.nodes[0].agent_running()));
     assert!(c.nodes[0].log().contains("none of --iface nope0 exists here"), "{}", c.nodes[0].log());
 }
+
+#[test]
+fn direct_routing_and_unreachable_host_gw_peers() {
+    // DirectRouting: peers on the same L2 get plain routes via the uplink, no overlay.
+    let mut c = cluster(2, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#);
+    let peer = c.nodes[1].subnet().unwrap();
+    let n0 = &c.nodes[0];
+    let ok = wait_until(Duration::from_secs(10), || {
+        n0.flannel_routes()
+            .iter()
+            .any(|r| r["dst"] == peer.as_str() && r["gateway"] == "192.0.2.2" && r["dev"] == "eth0")
+    });
+    assert!(ok, "{:?}", n0.flannel_routes());
+    c.add_pod(0);
+    let b = c.add_pod(1).ip.to_string();
+    assert_eq!(c.pods[0].ns.ping(&b), Some(62));
+    drop(c);
+
+    // host-gw: a peer whose public IP is not on our L2 network is reported, not silently dropped.
+    let c = cluster(1, HOST_GW);
+    c.etcdctl(&[
+        "put",
+        &format!("{}/subnets/10.244.200.0-24", e2e::cluster::PREFIX),
+        r#"{"PublicIP":"203.0.113.9","BackendType":"host-gw","BackendData":null}"#,
+    ]);
+    let n0 = &c.nodes[0];
+    assert!(wait_until(Duration::from_secs(10), || n0.metric("flannel_peers_skipped") == Some(1.0)));
+    assert!(
+        n0.log().contains("peer 10.244.200.0/24 not programmed: 203.0.113.9 is not on-link via eth0"),
+        "{}",
+        n0.log()
+    );
+    assert!(n0.flannel_routes().is_empty());
+}
