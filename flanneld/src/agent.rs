@@ -121,6 +121,8 @@ pub struct Agent<M: SubnetManager> {
     renew_backoff: Backoff,
     next_renew: Instant,
     iptables: iptables::Flavour,
+    /// Whether the manager has been told the data path is up.
+    announced_up: bool,
 }
 
 /// Reads and validates the network config, retrying while the store is away.
@@ -172,7 +174,16 @@ impl<M: SubnetManager> Agent<M> {
                     gbp: cfg.backend.gbp,
                     mtu: cfg.backend.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN_OVERHEAD)),
                 };
-                let (link, _) = backend::ensure_vtep(&nl, &spec, &uplink, None, None).await?;
+                // A device that is gone (node rebuilt) comes back with the MAC peers already know.
+                let mac = if nl.link_by_name(&spec.name).await.map_err(backend::BackendError::from)?.is_none() {
+                    mgr.previous_vtep_mac(uplink.public_ip).await.and_then(|m| parse_mac(&m))
+                } else {
+                    None
+                };
+                if let Some(m) = mac {
+                    info!("recreating {} with its previous VtepMAC {}", spec.name, format_mac(&m));
+                }
+                let (link, _) = backend::ensure_vtep(&nl, &spec, &uplink, mac, None).await?;
                 let mac = link.mac.ok_or_else(|| AgentError::Config(format!("{} has no MAC address", spec.name)))?;
                 let data = serde_json::to_value(VxlanData { vni: spec.vni, vtep_mac: format_mac(&mac) })
                     .map_err(|e| AgentError::Config(e.to_string()))?;
@@ -215,6 +226,7 @@ impl<M: SubnetManager> Agent<M> {
             renew_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             next_renew: Instant::now(),
             iptables: iptables::Flavour::default(),
+            announced_up: false,
         };
         if agent.opts.ip_masq || agent.opts.iptables_forward_rules {
             let (flavour, why) = iptables::Flavour::detect();
@@ -254,6 +266,8 @@ impl<M: SubnetManager> Agent<M> {
     async fn acquire(&mut self, prefer: Option<IpNet>) -> Result<(), SubnetError> {
         let lease = self.mgr.acquire(&self.family, &self.attrs, prefer).await?;
         let subnet = lease.subnet;
+        // The manager may have overridden the public IP (Kubernetes annotations).
+        self.attrs = lease.attrs.clone();
         self.metrics.lease_held.store(true, Ordering::Relaxed);
         self.metrics.lease_expiry.store(unix_secs(lease.expiration), Ordering::Relaxed);
         self.schedule_renew(&lease);
@@ -450,6 +464,12 @@ impl<M: SubnetManager> Agent<M> {
         };
         match reconcile::apply(&self.nl, &want, vtep).await {
             Ok(done) => {
+                if !self.announced_up && self.opts.set_node_network_unavailable {
+                    match self.mgr.network_up().await {
+                        Ok(()) => self.announced_up = true,
+                        Err(e) => warn!("{e}; retrying on the next pass"),
+                    }
+                }
                 let changes = done.routes_added
                     + done.routes_removed
                     + done.neighbours_set
@@ -565,6 +585,18 @@ impl<M: SubnetManager> Agent<M> {
             }
         }
     }
+}
+
+/// The whole agent in Kubernetes mode.
+pub async fn run_kube(opts: Opts, metrics: Arc<Metrics>) -> Result<(), AgentError> {
+    let client = crate::subnet::kube::connect(&opts).await?;
+    let node = crate::subnet::kube::node_name(&client).await?;
+    info!("Kubernetes subnet manager for node {node}");
+    let mgr = crate::subnet::kube::KubeManager::new(client, node, &opts);
+    let (tx, rx) = mpsc::channel(1024);
+    let agent = Agent::start(opts, mgr, metrics.clone()).await?;
+    let _watcher = agent.mgr.spawn_watcher(tx, metrics);
+    agent.run(rx).await
 }
 
 /// The whole agent in etcd mode.

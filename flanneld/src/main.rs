@@ -29,12 +29,7 @@ async fn run(opts: Opts) -> Result<(), AgentError> {
             .map_err(|e| AgentError::Preflight(format!("--healthz-port: cannot listen on {addr}: {e}")))?;
         info!("health and metrics on http://{bound}/ (healthz, readyz, metrics)");
     }
-    if opts.kube_subnet_mgr {
-        return Err(AgentError::Config(
-            "--kube-subnet-mgr: the Kubernetes subnet manager is not in this build yet; use etcd".into(),
-        ));
-    }
-    agent::run_etcd(opts, metrics).await
+    if opts.kube_subnet_mgr { agent::run_kube(opts, metrics).await } else { agent::run_etcd(opts, metrics).await }
 }
 
 fn main() -> ExitCode {

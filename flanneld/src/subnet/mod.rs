@@ -3,8 +3,10 @@
 //! [`SubnetManager`] and learns its peers from a stream of [`LeaseEvent`]s.
 
 pub mod etcd;
+pub mod kube;
 
 use std::net::IpAddr;
+
 use std::time::SystemTime;
 
 use flannel_shared::IpNet;
@@ -42,6 +44,9 @@ pub enum SubnetError {
     Store(String),
     #[error("malformed lease {key}: {msg}")]
     BadLease { key: String, msg: String },
+    /// A setup the agent must not run with (e.g. a podCIDR outside Network).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl SubnetError {
@@ -66,4 +71,10 @@ pub trait SubnetManager {
     ) -> Result<OwnLease, SubnetError>;
     /// Extends the lease; `LeaseLost` when it no longer exists.
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError>;
+    /// The VtepMAC this node advertised before, so a rebuilt VXLAN device keeps it.
+    async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr) -> Option<String>;
+    /// Called once the data path is programmed (Kubernetes: clear `NetworkUnavailable`).
+    async fn network_up(&mut self) -> Result<(), SubnetError> {
+        Ok(())
+    }
 }

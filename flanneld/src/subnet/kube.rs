@@ -1,0 +1,362 @@
+//! Leases from the Kubernetes API, as upstream's kube subnet manager does:
+//! this node's subnet is `spec.podCIDR` (assigned by the controller manager),
+//! what peers need is published as annotations on our own Node
+//! (`<prefix>/backend-type`, `backend-data`, `public-ip`,
+//! `kube-subnet-manager`), and peers are learnt from a Node watcher.
+//! Every write is a strategic-merge patch, never a replace.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Config};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use flannel_shared::IpNet;
+use flannel_shared::lease::{Lease, LeaseAttrs};
+use flannel_shared::netconf::Family;
+
+use super::{LeaseEvent, OwnLease, SubnetError, SubnetManager};
+use crate::config::Opts;
+use crate::metrics::Metrics;
+
+fn api_err(what: &str, e: impl std::fmt::Display) -> SubnetError {
+    SubnetError::Store(format!("{what}: {e}"))
+}
+
+/// A client from `--kubeconfig-file` / `--kube-api-url`, else in-cluster config (or `$KUBECONFIG`).
+pub async fn connect(opts: &Opts) -> Result<Client, SubnetError> {
+    let mut config = match &opts.kubeconfig_file {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| api_err(&format!("--kubeconfig-file {}", path.display()), e))?;
+            Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| api_err(&format!("--kubeconfig-file {}", path.display()), e))?
+        }
+        None => Config::infer().await.map_err(|e| api_err("in-cluster config (or pass --kubeconfig-file)", e))?,
+    };
+    if let Some(url) = &opts.kube_api_url {
+        config.cluster_url = url.parse().map_err(|e| api_err("--kube-api-url", e))?;
+    }
+    Client::try_from(config).map_err(|e| api_err("Kubernetes client", e))
+}
+
+/// This node's name: `NODE_NAME`, else the node of the pod named by `POD_NAME`/`POD_NAMESPACE`.
+pub async fn node_name(client: &Client) -> Result<String, SubnetError> {
+    if let Ok(n) = std::env::var("NODE_NAME")
+        && !n.is_empty()
+    {
+        return Ok(n);
+    }
+    let (Ok(pod), Ok(ns)) = (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) else {
+        return Err(SubnetError::Store(
+            "set NODE_NAME (the DaemonSet passes spec.nodeName through the downward API), or POD_NAME and POD_NAMESPACE"
+                .into(),
+        ));
+    };
+    let p = Api::<Pod>::namespaced(client.clone(), &ns).get(&pod).await.map_err(|e| api_err(&format!("get pod {ns}/{pod}"), e))?;
+    p.spec.and_then(|s| s.node_name).ok_or_else(|| SubnetError::Store(format!("pod {ns}/{pod} is not scheduled on a node")))
+}
+
+/// The annotation keys under one prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    pub backend_type: String,
+    pub backend_data: String,
+    pub public_ip: String,
+    pub subnet_manager: String,
+    pub public_ip_overwrite: String,
+    pub node_public_ip: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        let p = prefix.trim_end_matches('/');
+        Keys {
+            backend_type: format!("{p}/backend-type"),
+            backend_data: format!("{p}/backend-data"),
+            public_ip: format!("{p}/public-ip"),
+            subnet_manager: format!("{p}/kube-subnet-manager"),
+            public_ip_overwrite: format!("{p}/public-ip-overwrite"),
+            node_public_ip: format!("{p}/node-public-ip"),
+        }
+    }
+}
+
+fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+/// The IPv4 pod CIDR of a node (`spec.podCIDRs`, else `spec.podCIDR`).
+pub fn pod_cidr(node: &Node) -> Option<IpNet> {
+    let spec = node.spec.as_ref()?;
+    let all = spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter());
+    all.filter_map(|c| c.parse::<IpNet>().ok()).find(IpNet::is_ipv4).map(|n| n.network())
+}
+
+/// A peer's lease from its Node: podCIDR plus our annotations; None until both are there.
+pub fn node_lease(node: &Node, keys: &Keys) -> Option<Lease> {
+    let subnet = pod_cidr(node)?;
+    let public_ip: Ipv4Addr = annotation(node, &keys.public_ip)?.parse().ok()?;
+    let backend_type = annotation(node, &keys.backend_type)?.to_string();
+    let backend_data = match annotation(node, &keys.backend_data) {
+        Some(text) => serde_json::from_str(text).ok()?,
+        None => Value::Null,
+    };
+    Some(Lease {
+        subnet,
+        attrs: LeaseAttrs { public_ip, public_ipv6: None, backend_type, backend_data, backend_v6_data: None },
+    })
+}
+
+/// The patch that publishes our lease attributes on our Node.
+pub fn annotations_patch(keys: &Keys, attrs: &LeaseAttrs) -> Value {
+    json!({"metadata": {"annotations": {
+        keys.backend_type.as_str(): attrs.backend_type,
+        keys.backend_data.as_str(): attrs.backend_data.to_string(),
+        keys.public_ip.as_str(): attrs.public_ip.to_string(),
+        keys.subnet_manager.as_str(): "true",
+    }}})
+}
+
+/// The status patch that clears `NetworkUnavailable` (merged by condition type).
+pub fn network_up_patch(now: &str) -> Value {
+    json!({"status": {"conditions": [{
+        "type": "NetworkUnavailable",
+        "status": "False",
+        "reason": "FlannelIsUp",
+        "message": "Flannel is running on this node",
+        "lastTransitionTime": now,
+        "lastHeartbeatTime": now,
+    }]}})
+}
+
+pub struct KubeManager {
+    client: Client,
+    node: String,
+    keys: Keys,
+    net_config_path: std::path::PathBuf,
+    /// How long to wait between looks at our Node while it has no podCIDR.
+    pub pod_cidr_poll: Duration,
+}
+
+impl KubeManager {
+    pub fn new(client: Client, node: String, opts: &Opts) -> KubeManager {
+        KubeManager {
+            client,
+            node,
+            keys: Keys::new(&opts.kube_annotation_prefix),
+            net_config_path: opts.net_config_path.clone(),
+            pod_cidr_poll: Duration::from_secs(2),
+        }
+    }
+
+    fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    /// Starts the Node watcher; it resumes on its own (with backoff) after errors.
+    pub fn spawn_watcher(&self, tx: mpsc::Sender<LeaseEvent>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+        let api = self.nodes();
+        let keys = self.keys.clone();
+        tokio::spawn(async move {
+            let mut stream = Box::pin(watcher::watcher(api, watcher::Config::default()));
+            let mut buffer: Vec<Lease> = Vec::new();
+            // podCIDR of every node we reported, so a node losing its annotations is removed.
+            let mut known: std::collections::HashMap<String, IpNet> = std::collections::HashMap::new();
+            let mut backoff = Duration::from_millis(200);
+            while let Some(ev) = stream.next().await {
+                let out = match ev {
+                    Ok(Event::Init) => {
+                        buffer.clear();
+                        continue;
+                    }
+                    Ok(Event::InitApply(n)) => {
+                        if let Some(l) = node_lease(&n, &keys) {
+                            buffer.push(l);
+                        }
+                        continue;
+                    }
+                    Ok(Event::InitDone) => {
+                        backoff = Duration::from_millis(200);
+                        known = buffer.iter().map(|l| (l.subnet.to_string(), l.subnet)).collect();
+                        LeaseEvent::Snapshot(std::mem::take(&mut buffer))
+                    }
+                    Ok(Event::Apply(n)) => match node_lease(&n, &keys) {
+                        Some(l) => {
+                            known.insert(n.metadata.name.clone().unwrap_or_default(), l.subnet);
+                            LeaseEvent::Added(l)
+                        }
+                        None => match known.remove(&n.metadata.name.clone().unwrap_or_default()) {
+                            Some(s) => LeaseEvent::Removed(s),
+                            None => continue,
+                        },
+                    },
+                    Ok(Event::Delete(n)) => {
+                        known.remove(&n.metadata.name.clone().unwrap_or_default());
+                        match pod_cidr(&n) {
+                            Some(s) => LeaseEvent::Removed(s),
+                            None => continue,
+                        }
+                    }
+                    Err(e) => {
+                        // The watcher re-lists by itself on the next poll; routes stay as they are meanwhile.
+                        metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
+                        warn!("watching nodes: {e}; resuming in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                if tx.send(out).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    fn rfc3339_now() -> String {
+        serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()))
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+}
+
+impl SubnetManager for KubeManager {
+    async fn network_config(&mut self) -> Result<String, SubnetError> {
+        std::fs::read_to_string(&self.net_config_path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SubnetError::NoConfig(self.net_config_path.display().to_string())
+            } else {
+                SubnetError::Store(format!("--net-config-path {}: {e}", self.net_config_path.display()))
+            }
+        })
+    }
+
+    async fn previous_vtep_mac(&mut self, _public_ip: Ipv4Addr) -> Option<String> {
+        let node = self.nodes().get(&self.node).await.ok()?;
+        let data: Value = serde_json::from_str(annotation(&node, &self.keys.backend_data)?).ok()?;
+        data.get("VtepMAC")?.as_str().map(String::from)
+    }
+
+    async fn acquire(
+        &mut self,
+        family: &Family,
+        attrs: &LeaseAttrs,
+        _prefer: Option<IpNet>,
+    ) -> Result<OwnLease, SubnetError> {
+        let api = self.nodes();
+        let mut waited = false;
+        let node = loop {
+            let node = api.get(&self.node).await.map_err(|e| api_err(&format!("get node {}", self.node), e))?;
+            if pod_cidr(&node).is_some() {
+                break node;
+            }
+            if !waited {
+                info!("waiting for node {} to be given a podCIDR (kube-controller-manager --allocate-node-cidrs)", self.node);
+                waited = true;
+            }
+            tokio::time::sleep(self.pod_cidr_poll).await;
+        };
+        let subnet = pod_cidr(&node).expect("checked above");
+        if !family.network.contains_net(&subnet) {
+            return Err(SubnetError::Refused(format!(
+                "node {} has podCIDR {subnet}, outside the flannel Network {} (net-conf.json and --cluster-cidr disagree)",
+                self.node, family.network
+            )));
+        }
+        let mut attrs = attrs.clone();
+        for key in [&self.keys.public_ip_overwrite, &self.keys.node_public_ip] {
+            if let Some(ip) = annotation(&node, key).and_then(|v| v.parse::<Ipv4Addr>().ok()) {
+                info!("public IP {ip} from the {key} annotation");
+                attrs.public_ip = ip;
+                break;
+            }
+        }
+        let patch = annotations_patch(&self.keys, &attrs);
+        api.patch(&self.node, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .map_err(|e| api_err(&format!("annotate node {}", self.node), e))?;
+        info!("node {} has podCIDR {subnet}; annotations published", self.node);
+        Ok(OwnLease { subnet, attrs, expiration: SystemTime::now() + Duration::from_secs(24 * 3600), id: 1 })
+    }
+
+    async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError> {
+        // Nothing expires in the API; check that our Node still carries what we published.
+        let node = match self.nodes().get(&self.node).await {
+            Ok(n) => n,
+            Err(kube::Error::Api(e)) if e.code == 404 => return Err(SubnetError::LeaseLost(lease.subnet)),
+            Err(e) => return Err(api_err(&format!("get node {}", self.node), e)),
+        };
+        let ours = node_lease(&node, &self.keys);
+        if ours.as_ref().map(|l| (&l.subnet, &l.attrs)) != Some((&lease.subnet, &lease.attrs)) {
+            return Err(SubnetError::LeaseLost(lease.subnet));
+        }
+        Ok(OwnLease { expiration: SystemTime::now() + Duration::from_secs(24 * 3600), ..lease.clone() })
+    }
+
+    async fn network_up(&mut self) -> Result<(), SubnetError> {
+        let patch = network_up_patch(&Self::rfc3339_now());
+        self.nodes()
+            .patch_status(&self.node, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .map_err(|e| api_err(&format!("set NetworkUnavailable=False on node {}", self.node), e))?;
+        info!("node {}: NetworkUnavailable=False (FlannelIsUp)", self.node);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cidr: Option<&str>, ann: &[(&str, &str)]) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": ann.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>()},
+            "spec": {"podCIDR": cidr, "podCIDRs": cidr.map(|c| vec![c])},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn leases_from_nodes() {
+        let k = Keys::new("flannel.alpha.coreos.com");
+        let n = node(
+            "n2",
+            Some("10.244.2.0/24"),
+            &[
+                ("flannel.alpha.coreos.com/backend-type", "vxlan"),
+                ("flannel.alpha.coreos.com/backend-data", r#"{"VNI":1,"VtepMAC":"0e:00:00:00:00:02"}"#),
+                ("flannel.alpha.coreos.com/public-ip", "192.0.2.2"),
+            ],
+        );
+        let l = node_lease(&n, &k).unwrap();
+        assert_eq!(l.subnet.to_string(), "10.244.2.0/24");
+        assert_eq!(l.vxlan_data().unwrap().vtep_mac, "0e:00:00:00:00:02");
+        // No annotations yet (flannel not running there) or no podCIDR: not a peer.
+        assert!(node_lease(&node("n3", Some("10.244.3.0/24"), &[]), &k).is_none());
+        assert!(node_lease(&node("n4", None, &[("flannel.alpha.coreos.com/public-ip", "192.0.2.4")]), &k).is_none());
+        // The patch round-trips into the same lease.
+        let patch = annotations_patch(&k, &l.attrs);
+        assert_eq!(patch["metadata"]["annotations"]["flannel.alpha.coreos.com/kube-subnet-manager"], "true");
+        let mut n5 = node("n5", Some("10.244.2.0/24"), &[]);
+        n5.metadata.annotations = serde_json::from_value(patch["metadata"]["annotations"].clone()).unwrap();
+        assert_eq!(node_lease(&n5, &k), Some(l));
+        let hostgw = LeaseAttrs {
+            public_ip: "192.0.2.9".parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "host-gw".into(),
+            backend_data: Value::Null,
+            backend_v6_data: None,
+        };
+        assert_eq!(annotations_patch(&k, &hostgw)["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"], "null");
+    }
+}
