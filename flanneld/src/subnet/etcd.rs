@@ -262,7 +262,11 @@ impl SubnetManager for EtcdManager {
     async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr) -> Option<String> {
         let prefix = self.subnets_prefix();
         let (leases, _) = list(&mut self.client, &prefix).await.ok()?;
-        leases.iter().find(|(l, _)| l.attrs.public_ip == public_ip).and_then(|(l, _)| l.vxlan_data()).map(|d| d.vtep_mac)
+        leases
+            .iter()
+            .find(|(l, _)| l.attrs.public_ip == public_ip)
+            .and_then(|(l, _)| l.vxlan_data())
+            .map(|d| d.vtep_mac)
     }
 
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError> {

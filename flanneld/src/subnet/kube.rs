@@ -35,7 +35,8 @@ fn api_err(what: &str, e: impl std::fmt::Display) -> SubnetError {
 pub async fn connect(opts: &Opts) -> Result<Client, SubnetError> {
     let mut config = match &opts.kubeconfig_file {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| api_err(&format!("--kubeconfig-file {}", path.display()), e))?;
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| api_err(&format!("--kubeconfig-file {}", path.display()), e))?;
             Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
                 .map_err(|e| api_err(&format!("--kubeconfig-file {}", path.display()), e))?
@@ -61,8 +62,13 @@ pub async fn node_name(client: &Client) -> Result<String, SubnetError> {
                 .into(),
         ));
     };
-    let p = Api::<Pod>::namespaced(client.clone(), &ns).get(&pod).await.map_err(|e| api_err(&format!("get pod {ns}/{pod}"), e))?;
-    p.spec.and_then(|s| s.node_name).ok_or_else(|| SubnetError::Store(format!("pod {ns}/{pod} is not scheduled on a node")))
+    let p = Api::<Pod>::namespaced(client.clone(), &ns)
+        .get(&pod)
+        .await
+        .map_err(|e| api_err(&format!("get pod {ns}/{pod}"), e))?;
+    p.spec
+        .and_then(|s| s.node_name)
+        .ok_or_else(|| SubnetError::Store(format!("pod {ns}/{pod} is not scheduled on a node")))
 }
 
 /// The annotation keys under one prefix.
@@ -261,7 +267,10 @@ impl SubnetManager for KubeManager {
                 break node;
             }
             if !waited {
-                info!("waiting for node {} to be given a podCIDR (kube-controller-manager --allocate-node-cidrs)", self.node);
+                info!(
+                    "waiting for node {} to be given a podCIDR (kube-controller-manager --allocate-node-cidrs)",
+                    self.node
+                );
                 waited = true;
             }
             tokio::time::sleep(self.pod_cidr_poll).await;
@@ -357,6 +366,9 @@ mod tests {
             backend_data: Value::Null,
             backend_v6_data: None,
         };
-        assert_eq!(annotations_patch(&k, &hostgw)["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"], "null");
+        assert_eq!(
+            annotations_patch(&k, &hostgw)["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"],
+            "null"
+        );
     }
 }

@@ -1,0 +1,208 @@
+//! The Kubernetes subnet manager against kube-rs's standard test double: a
+//! mocked tower service answering with the JSON a real API server sends
+//! (Node gets and lists, watch event streams, patch responses).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use flannel_shared::lease::LeaseAttrs;
+use flannel_shared::netconf::NetConfig;
+use flanneld::config::Opts;
+use flanneld::metrics::Metrics;
+use flanneld::subnet::kube::KubeManager;
+use flanneld::subnet::{LeaseEvent, SubnetError, SubnetManager};
+use http::{Method, Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tower_test::mock::{Handle, SendResponse};
+
+type Mock = Handle<Request<Body>, Response<Body>>;
+
+const P: &str = "flannel.alpha.coreos.com";
+
+fn node(name: &str, rv: u32, cidr: Option<&str>, mac: Option<&str>, public_ip: &str) -> Value {
+    let mut ann = serde_json::Map::new();
+    if let Some(m) = mac {
+        ann.insert(format!("{P}/backend-type"), json!("vxlan"));
+        ann.insert(format!("{P}/backend-data"), json!(format!(r#"{{"VNI":1,"VtepMAC":"{m}"}}"#)));
+        ann.insert(format!("{P}/public-ip"), json!(public_ip));
+        ann.insert(format!("{P}/kube-subnet-manager"), json!("true"));
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "resourceVersion": rv.to_string(), "annotations": ann},
+        "spec": {"podCIDR": cidr, "podCIDRs": cidr.map(|c| vec![c])},
+        "status": {"addresses": [{"type": "InternalIP", "address": public_ip}]},
+    })
+}
+
+fn respond(send: SendResponse<Response<Body>>, code: u16, body: &Value) {
+    send.send_response(Response::builder().status(code).body(Body::from(body.to_string().into_bytes())).unwrap());
+}
+
+async fn next(h: &mut Mock) -> (Request<Body>, SendResponse<Response<Body>>) {
+    tokio::time::timeout(Duration::from_secs(10), h.next_request())
+        .await
+        .expect("the manager made no request")
+        .expect("service dropped")
+}
+
+async fn body_json(req: Request<Body>) -> Value {
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn setup() -> (KubeManager, Mock) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let opts = Opts::parse_from(["flanneld", "--kube-subnet-mgr"]);
+    let mut m = KubeManager::new(client, "node1".into(), &opts);
+    m.pod_cidr_poll = Duration::from_millis(10);
+    (m, handle)
+}
+
+fn attrs() -> LeaseAttrs {
+    serde_json::from_value(
+        json!({"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}}),
+    )
+    .unwrap()
+}
+
+async fn recv(rx: &mut mpsc::Receiver<LeaseEvent>) -> LeaseEvent {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("no event").expect("closed")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn late_pod_cidr_annotations_and_network_up() {
+    rt().block_on(async {
+        let (mut m, mut h) = setup();
+        let family = NetConfig::parse(r#"{"Network":"10.244.0.0/16"}"#, |_| {}).unwrap().ipv4.unwrap();
+        let server = tokio::spawn(async move {
+            // The controller manager has not assigned a podCIDR yet.
+            let (req, send) = next(&mut h).await;
+            assert_eq!((req.method(), req.uri().path()), (&Method::GET, "/api/v1/nodes/node1"));
+            respond(send, 200, &node("node1", 1, None, None, "192.0.2.1"));
+            let (_, send) = next(&mut h).await;
+            let mut n = node("node1", 2, Some("10.244.1.0/24"), None, "192.0.2.1");
+            n["metadata"]["annotations"][format!("{P}/public-ip-overwrite")] = json!("203.0.113.1");
+            respond(send, 200, &n);
+            // Annotations: a strategic-merge patch of the Node, never a replace.
+            let (req, send) = next(&mut h).await;
+            assert_eq!((req.method(), req.uri().path()), (&Method::PATCH, "/api/v1/nodes/node1"));
+            assert_eq!(req.headers()["content-type"], "application/strategic-merge-patch+json");
+            let patch = body_json(req).await;
+            let ann = &patch["metadata"]["annotations"];
+            assert_eq!(ann[format!("{P}/public-ip")], "203.0.113.1", "public-ip-overwrite wins");
+            assert_eq!(ann[format!("{P}/backend-type")], "vxlan");
+            assert_eq!(ann[format!("{P}/kube-subnet-manager")], "true");
+            let data: Value = serde_json::from_str(ann[format!("{P}/backend-data")].as_str().unwrap()).unwrap();
+            assert_eq!(data, json!({"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}));
+            respond(send, 200, &node("node1", 3, Some("10.244.1.0/24"), Some("0e:00:00:00:00:01"), "203.0.113.1"));
+            // NetworkUnavailable=False on the status subresource.
+            let (req, send) = next(&mut h).await;
+            assert_eq!((req.method(), req.uri().path()), (&Method::PATCH, "/api/v1/nodes/node1/status"));
+            assert_eq!(req.headers()["content-type"], "application/strategic-merge-patch+json");
+            let patch = body_json(req).await;
+            let cond = &patch["status"]["conditions"][0];
+            assert_eq!((cond["type"].as_str(), cond["status"].as_str()), (Some("NetworkUnavailable"), Some("False")));
+            assert_eq!(cond["reason"], "FlannelIsUp");
+            assert!(cond["lastTransitionTime"].as_str().unwrap().ends_with('Z'));
+            respond(send, 200, &node("node1", 4, Some("10.244.1.0/24"), Some("0e:00:00:00:00:01"), "203.0.113.1"));
+            // A podCIDR outside Network is refused.
+            let (_, send) = next(&mut h).await;
+            respond(send, 200, &node("node1", 5, Some("10.99.1.0/24"), None, "192.0.2.1"));
+            // A vanished node: the lease is lost.
+            let (_, send) = next(&mut h).await;
+            respond(send, 404, &json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"nodes \"node1\" not found"}));
+        });
+        let lease = m.acquire(&family, &attrs(), None).await.unwrap();
+        assert_eq!(lease.subnet.to_string(), "10.244.1.0/24");
+        assert_eq!(lease.attrs.public_ip.to_string(), "203.0.113.1");
+        m.network_up().await.unwrap();
+        let e = m.acquire(&family, &attrs(), None).await.unwrap_err();
+        assert!(matches!(e, SubnetError::Refused(_)) && e.to_string().contains("outside the flannel Network"), "{e}");
+        assert!(matches!(m.renew(&lease).await, Err(SubnetError::LeaseLost(_))));
+        server.await.unwrap();
+    });
+}
+
+#[test]
+fn peers_from_the_node_watch_including_errors() {
+    rt().block_on(async {
+        let (m, mut h) = setup();
+        let metrics = Arc::new(Metrics::default());
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = m.spawn_watcher(tx, metrics.clone());
+        let list = |rv: u32, items: Vec<Value>| {
+            json!({"apiVersion":"v1","kind":"NodeList","metadata":{"resourceVersion": rv.to_string()},"items": items})
+        };
+        let server = tokio::spawn(async move {
+            let (req, send) = next(&mut h).await;
+            assert!(!req.uri().query().unwrap_or_default().contains("watch=true"), "{}", req.uri());
+            respond(
+                send,
+                200,
+                &list(
+                    100,
+                    vec![
+                        node("node1", 90, Some("10.244.1.0/24"), Some("0e:00:00:00:00:01"), "192.0.2.1"),
+                        node("node2", 91, Some("10.244.2.0/24"), Some("0e:00:00:00:00:02"), "192.0.2.2"),
+                        node("node3", 92, Some("10.244.3.0/24"), None, "192.0.2.3"),
+                    ],
+                ),
+            );
+            let (req, send) = next(&mut h).await;
+            let q = req.uri().query().unwrap_or_default().to_string();
+            assert!(q.contains("watch=true") && q.contains("resourceVersion=100"), "{q}");
+            let events = [
+                json!({"type":"MODIFIED","object": node("node2", 101, Some("10.244.2.0/24"), Some("0e:00:00:00:00:22"), "192.0.2.2")}),
+                json!({"type":"ADDED","object": node("node4", 102, Some("10.244.4.0/24"), Some("0e:00:00:00:00:04"), "192.0.2.4")}),
+                json!({"type":"DELETED","object": node("node2", 103, Some("10.244.2.0/24"), Some("0e:00:00:00:00:22"), "192.0.2.2")}),
+            ];
+            let body: String = events.iter().map(|e| format!("{e}\n")).collect();
+            send.send_response(Response::builder().body(Body::from(body.into_bytes())).unwrap());
+            // The stream ended: the watch resumes from the last version it saw; this one has expired.
+            let (req, send) = next(&mut h).await;
+            let q = req.uri().query().unwrap_or_default().to_string();
+            assert!(q.contains("watch=true") && q.contains("resourceVersion=103"), "{q}");
+            let gone = json!({"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Expired","message":"too old resource version: 103 (200)","code":410}});
+            send.send_response(Response::builder().body(Body::from(format!("{gone}\n").into_bytes())).unwrap());
+            // So it lists again.
+            let (req, send) = next(&mut h).await;
+            assert!(!req.uri().query().unwrap_or_default().contains("watch=true"), "{}", req.uri());
+            respond(
+                send,
+                200,
+                &list(
+                    200,
+                    vec![
+                        node("node1", 90, Some("10.244.1.0/24"), Some("0e:00:00:00:00:01"), "192.0.2.1"),
+                        node("node4", 102, Some("10.244.4.0/24"), Some("0e:00:00:00:00:04"), "192.0.2.4"),
+                    ],
+                ),
+            );
+            // Hold the next watch open until the test ends.
+            let held = next(&mut h).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(held);
+        });
+        let LeaseEvent::Snapshot(all) = recv(&mut rx).await else { panic!("first event must be a snapshot") };
+        let subnets: Vec<String> = all.iter().map(|l| l.subnet.to_string()).collect();
+        assert_eq!(subnets, ["10.244.1.0/24", "10.244.2.0/24"], "node3 has no flannel annotations yet");
+        let LeaseEvent::Added(l) = recv(&mut rx).await else { panic!("expected the VtepMAC change") };
+        assert_eq!((l.subnet.to_string(), l.vxlan_data().unwrap().vtep_mac), ("10.244.2.0/24".into(), "0e:00:00:00:00:22".into()));
+        let LeaseEvent::Added(l) = recv(&mut rx).await else { panic!("expected node4") };
+        assert_eq!(l.attrs.public_ip.to_string(), "192.0.2.4");
+        assert_eq!(recv(&mut rx).await, LeaseEvent::Removed("10.244.2.0/24".parse().unwrap()));
+        let LeaseEvent::Snapshot(all) = recv(&mut rx).await else { panic!("expected a re-list after 410") };
+        assert_eq!(all.len(), 2);
+        assert!(metrics.watch_restarts.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        server.abort();
+    });
+}
