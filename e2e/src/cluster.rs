@@ -320,6 +320,11 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, i: usize, extra: &[&str]) {
+        self.start_agent_env(i, extra, &[]);
+    }
+
+    /// [`Cluster::start_agent`] with extra environment variables (e.g. `NODE_NAME`).
+    pub fn start_agent_env(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) {
         let bin = bin_path("flanneld");
         let node = &mut self.nodes[i];
         node.kill_agent(SIGTERM);
@@ -332,6 +337,7 @@ impl Cluster {
             .arg(format!("--healthz-port={HEALTHZ_PORT}"))
             .args(["--ip-masq", "--reconcile-interval=1", "--iptables-resync=1", "-v=1"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("agent log"))
             .stderr(log)
