@@ -17,7 +17,7 @@ use e2e::kubeproxy::{self, Service};
 mod scale;
 
 /// Every demo namespace starts with this, so `down` can find them.
-const NS_PREFIX: &str = "demo-";
+pub(crate) const NS_PREFIX: &str = "demo-";
 
 fn step(msg: &str) {
     println!("\n\x1b[1m==> {msg}\x1b[0m");
@@ -223,6 +223,13 @@ fn run_with_cleanup(args: Args) {
 }
 
 fn main() {
+    // Release builds abort on panic, so no destructor would clean up: do it here.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("e2e: failed; removing the demo's namespaces and processes");
+        down();
+    }));
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         Some("demo") => match parse_args(args) {

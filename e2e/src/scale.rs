@@ -109,7 +109,7 @@ fn reference(n: usize) -> Duration {
 
 fn one(n: usize, idle: u64) {
     println!("\n== {n} peers");
-    let mut c = Cluster::new("scale");
+    let mut c = Cluster::with_prefix("demo-scale", crate::NS_PREFIX);
     c.put_config(r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#);
     write_leases(&c, n);
     c.add_node();
