@@ -383,6 +383,13 @@ fn flags_come_from_the_environment_too() {
     assert_eq!(c.leases()[0].1["PublicIP"], "192.0.2.101");
     let filter = e2e::cluster::run_in(&node.ns, "iptables-save", &["-t", "filter"]);
     assert!(!filter.contains("FLANNEL-FWD"), "forward rules written although disabled: {filter}");
+
+    // Restarted with masquerading turned off: the old rules go.
+    c.start_agent(0, &["--ip-masq=false"]);
+    assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
+    let nat = e2e::cluster::run_in(&c.nodes[0].ns, "iptables-save", &["-t", "nat"]);
+    assert!(!nat.contains("FLANNEL-POSTRTG"), "{nat}");
+    assert!(c.nodes[0].log().contains("iptables: removed FLANNEL-POSTRTG"));
 }
 
 #[test]

@@ -123,6 +123,8 @@ pub struct Agent<M: SubnetManager> {
     iptables: iptables::Flavour,
     /// Whether the manager has been told the data path is up.
     announced_up: bool,
+    /// Whether rule sets turned off by the flags have been removed.
+    rules_cleaned: bool,
 }
 
 /// Reads and validates the network config, retrying while the store is away.
@@ -227,8 +229,9 @@ impl<M: SubnetManager> Agent<M> {
             next_renew: Instant::now(),
             iptables: iptables::Flavour::default(),
             announced_up: false,
+            rules_cleaned: false,
         };
-        if agent.opts.ip_masq || agent.opts.iptables_forward_rules {
+        {
             let (flavour, why) = iptables::Flavour::detect();
             info!("iptables: writing with {} ({why})", flavour.restore);
             agent.iptables = flavour;
@@ -335,20 +338,37 @@ impl<M: SubnetManager> Agent<M> {
         Ok(())
     }
 
-    fn ensure_rules(&self) {
+    fn ensure_rules(&mut self) {
         let Some(own) = &self.own else { return };
         let mut tables = Vec::new();
+        let mut off = Vec::new();
+        let masq = iptables::masq_rules(&self.family.network, &own.subnet, !self.opts.ip_masq_fully_random_disable);
         if self.opts.ip_masq {
-            tables.push(iptables::masq_rules(
-                &self.family.network,
-                &own.subnet,
-                !self.opts.ip_masq_fully_random_disable,
-            ));
+            tables.push(masq)
+        } else {
+            off.push(masq)
         }
+        let fwd = iptables::forward_rules(&self.family.network);
         if self.opts.iptables_forward_rules {
-            tables.push(iptables::forward_rules(&self.family.network));
+            tables.push(fwd)
+        } else {
+            off.push(fwd)
         }
         let mut ok = true;
+        // Rules a previous run wrote but this one is told not to: removed once, at start.
+        if !self.rules_cleaned {
+            for t in &off {
+                match iptables::remove_with(&self.iptables, t) {
+                    Ok(true) => info!("iptables: removed {} (turned off by the flags)", t.chain),
+                    Ok(false) => {}
+                    Err(e) => {
+                        ok = false;
+                        error!("iptables: removing {}: {e}", t.chain);
+                    }
+                }
+            }
+            self.rules_cleaned = ok;
+        }
         for t in &tables {
             match iptables::ensure_with(&self.iptables, t) {
                 Ok(true) => {

@@ -156,6 +156,29 @@ pub fn ensure_with(f: &Flavour, t: &TableRules) -> Result<bool, IptablesError> {
     Ok(true)
 }
 
+/// Removes our chain and its jump (a rule set that was turned off, e.g. a
+/// restart without `--ip-masq`); returns true when there was something to remove.
+pub fn remove_with(f: &Flavour, t: &TableRules) -> Result<bool, IptablesError> {
+    let saved = run(&f.save, &["-t", t.table], None)?;
+    let declared = format!(":{} ", t.chain);
+    if !saved.lines().any(|l| l.starts_with(&declared)) {
+        return Ok(false);
+    }
+    let mut payload = format!("*{}\n", t.table);
+    // Every jump into the chain, whatever its comment.
+    let target = format!(" -j {}", t.chain);
+    for l in saved
+        .lines()
+        .filter(|l| l.starts_with("-A ") && l.ends_with(&target) && !l.starts_with(&format!("-A {} ", t.chain)))
+    {
+        payload.push_str(&l.replacen("-A ", "-D ", 1));
+        payload.push('\n');
+    }
+    payload.push_str(&format!("-F {0}\n-X {0}\nCOMMIT\n", t.chain));
+    run(&f.restore, &["--noflush", "-w", "5"], Some(&payload))?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

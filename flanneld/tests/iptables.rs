@@ -31,14 +31,14 @@ fn masq_and_forward_rules_are_installed_verified_and_repaired() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Seen from outside: the rules live in the namespace.
-    let nat = save(&ns, "nat");
-    assert!(nat.contains("-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG"), "{nat}");
-    assert!(nat.contains("-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4"), "{nat}");
+    // Seen from outside: the rules live in the namespace (the masquerade set was removed at the end).
+    let filter = save(&ns, "filter");
+    assert!(filter.contains("-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD"), "{filter}");
+    assert!(!save(&ns, "nat").contains("FLANNEL-POSTRTG"));
 }
 
 fn child() {
-    use flanneld::iptables::{ensure, forward_rules, masq_rules};
+    use flanneld::iptables::{Flavour, ensure, forward_rules, masq_rules, remove_with};
     let net = "10.244.0.0/16".parse().unwrap();
     let old = masq_rules(&"10.245.0.0/16".parse().unwrap(), &"10.245.7.0/24".parse().unwrap(), true);
     let masq = masq_rules(&net, &"10.244.1.0/24".parse().unwrap(), true);
@@ -75,4 +75,16 @@ fn child() {
         String::from_utf8_lossy(&Command::new("iptables-save").args(["-t", "filter"]).output().unwrap().stdout)
             .into_owned();
     assert!(filter.lines().any(|l| l == fwd.jump), "{filter}");
+
+    // Turned off: chain and jump go, the rest of the table stays.
+    let keep = Command::new("iptables")
+        .args(["-t", "nat", "-A", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "RETURN"])
+        .status();
+    assert!(keep.unwrap().success());
+    assert!(remove_with(&Flavour::default(), &masq).unwrap());
+    assert!(!remove_with(&Flavour::default(), &masq).unwrap());
+    let nat = String::from_utf8_lossy(&Command::new("iptables-save").args(["-t", "nat"]).output().unwrap().stdout)
+        .into_owned();
+    assert!(!nat.contains("FLANNEL-POSTRTG"), "{nat}");
+    assert!(nat.contains("-A POSTROUTING -s 192.0.2.0/24 -j RETURN"), "{nat}");
 }
