@@ -93,6 +93,15 @@ fn three_vxlan_agents_get_distinct_subnets_and_program_each_other() {
         let env = n.subnet_env().unwrap();
         assert!(env.contains("FLANNEL_NETWORK=10.244.0.0/16\n") && env.contains("FLANNEL_MTU=1450\n"), "{env}");
         assert!(env.contains("FLANNEL_IPMASQ=true\n"), "{env}");
+        // Byte for byte what upstream writes, so upstream agents and tools read it unchanged.
+        let key = format!("{}/subnets/{}", e2e::cluster::PREFIX, n.subnet().unwrap().replace('/', "-"));
+        let raw = c.etcdctl(&["get", &key, "--print-value-only"]);
+        let mac = link[0]["address"].as_str().unwrap();
+        let want = format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#,
+            n.ip
+        );
+        assert_eq!(raw.trim(), want);
         let info = &link[0]["linkinfo"]["info_data"];
         assert_eq!(info["port"], 8472);
         assert_eq!(info["local"], n.ip.to_string());

@@ -15,7 +15,8 @@ use crate::netconf::Family;
 pub struct LeaseAttrs {
     #[serde(rename = "PublicIP")]
     pub public_ip: Ipv4Addr,
-    #[serde(rename = "PublicIPv6", default, skip_serializing_if = "Option::is_none")]
+    /// Upstream writes `"PublicIPv6":null` on IPv4-only leases; so do we.
+    #[serde(rename = "PublicIPv6", default)]
     pub public_ipv6: Option<Ipv6Addr>,
     #[serde(rename = "BackendType")]
     pub backend_type: String,
@@ -90,10 +91,14 @@ mod tests {
 
     #[test]
     fn lease_json_is_upstreams() {
-        let text =
-            r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#;
+        // As upstream writes it (Documentation/reservations.md).
+        let text = r#"{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#;
         let attrs: LeaseAttrs = serde_json::from_str(text).unwrap();
         assert_eq!(serde_json::to_string(&attrs).unwrap(), text);
+        // Older writers leave PublicIPv6 out.
+        let old =
+            r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#;
+        assert_eq!(serde_json::from_str::<LeaseAttrs>(old).unwrap(), attrs);
         let l = Lease { subnet: "10.244.1.0/24".parse().unwrap(), attrs };
         assert_eq!(l.vxlan_data().unwrap().vtep_mac, "aa:bb:cc:dd:ee:ff");
         assert_eq!(subnet_key(&l.subnet), "10.244.1.0-24");
