@@ -648,6 +648,14 @@ pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
         Ok::<(), CniError>(())
     })?;
 
+    // ipMasq: the bridge plugin's per-pod chain and its jump.
+    let ip_masq = conf.ip_masq.or_else(|| SubnetEnv::read(&conf.subnet_file).ok().map(|s| !s.ipmasq)).unwrap_or(false);
+    if ip_masq {
+        for ip in &pod_ips {
+            drift.extend(masq::verify(&conf.name, &env.container_id, &ip.address));
+        }
+    }
+
     if drift.is_empty() {
         Ok(())
     } else {

@@ -58,6 +58,26 @@ pub fn setup(network: &str, container_id: &str, addr: &IpNet) -> Result<()> {
     Ok(())
 }
 
+/// What of [`setup`]'s rules is missing for `addr` (empty when all are in place).
+pub fn verify(network: &str, container_id: &str, addr: &IpNet) -> Vec<String> {
+    let v4 = addr.is_ipv4();
+    let chain = chain_name(network, container_id);
+    let c = comment(network, container_id);
+    let subnet = addr.network().to_string();
+    let host = format!("{}/{}", addr.addr(), if v4 { 32 } else { 128 });
+    let mcast = if v4 { "224.0.0.0/4" } else { "ff00::/8" };
+    let rules: [(&str, Vec<&str>); 3] = [
+        ("jump", vec!["POSTROUTING", "-s", &host, "-j", &chain, "-m", "comment", "--comment", &c]),
+        ("ACCEPT to the pod subnet", vec![&chain, "-d", &subnet, "-j", "ACCEPT", "-m", "comment", "--comment", &c]),
+        ("MASQUERADE", vec![&chain, "!", "-d", mcast, "-j", "MASQUERADE", "-m", "comment", "--comment", &c]),
+    ];
+    rules
+        .iter()
+        .filter(|(_, r)| iptables(v4, &[&["-C"][..], &r[..]].concat()).is_err())
+        .map(|(what, _)| format!("ipMasq rule missing for {}: {what} ({chain})", addr.addr()))
+        .collect()
+}
+
 /// Removes what [`setup`] installed; missing pieces are fine (DEL is idempotent).
 pub fn teardown(network: &str, container_id: &str, ip: IpAddr) -> std::result::Result<(), String> {
     let v4 = ip.is_ipv4();

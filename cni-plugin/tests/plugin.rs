@@ -359,10 +359,34 @@ fn ip_masq_rules_follow_upstream_when_flanneld_does_not_masquerade() {
         "{rules}"
     );
     assert!(rules.contains("! -d 224.0.0.0/4") && rules.contains("-j MASQUERADE"), "{rules}");
+
+    // CHECK sees a missing masquerade rule as drift.
+    let mut conf = node.conf("1.0.0");
+    let pod2 = Netns::new("cp");
+    let res = node.cni("ADD", "m2", Some(pod2.path().to_str().unwrap()), "eth0", &conf).expect_ok().json();
+    conf["prevResult"] = res;
+    node.cni("CHECK", "m2", Some(pod2.path().to_str().unwrap()), "eth0", &conf).expect_ok();
+    let jump = rules_line(&node, "m2");
+    let out = node.ns.run("sh", &["-c", &format!("iptables -t nat {}", jump.replacen("-A ", "-D ", 1))]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = node.cni("CHECK", "m2", Some(pod2.path().to_str().unwrap()), "eth0", &conf);
+    assert_eq!(out.code(), 102);
+    assert!(out.json()["details"].as_str().unwrap().contains("ipMasq rule missing"), "{}", out.stdout);
+    node.cni("DEL", "m2", Some(pod2.path().to_str().unwrap()), "eth0", &conf).expect_ok();
     node.del("m1", Some(&pod)).expect_ok();
     let rules = String::from_utf8_lossy(&node.ns.run("iptables-save", &["-t", "nat"]).stdout).into_owned();
     assert!(!rules.contains("CNI-"), "rules left behind: {rules}");
     node.assert_clean();
+}
+
+/// The POSTROUTING jump of one container's masquerade chain, as iptables-save prints it.
+fn rules_line(node: &Node, cid: &str) -> String {
+    let rules = String::from_utf8_lossy(&node.ns.run("iptables-save", &["-t", "nat"]).stdout).into_owned();
+    rules
+        .lines()
+        .find(|l| l.starts_with("-A POSTROUTING") && l.contains(cid))
+        .unwrap_or_else(|| panic!("no jump for {cid} in {rules}"))
+        .to_string()
 }
 
 #[test]
