@@ -99,8 +99,13 @@ fn demo(args: Args) {
         }
     }
 
-    step("node1's route table (seed 003's `route -n`)");
-    show("ip route", &c.nodes[0].ns.ip(&["route"]));
+    step(
+        "every node's route table (seed 003's `route -n`): cni0 for its own pods, flanneld's proto 76 routes to the others",
+    );
+    for n in &c.nodes {
+        show(&format!("ip route   # node {}", n.ip), &n.ns.ip(&["route"]));
+    }
+    step("node1's data path to its peers");
     if vxlan {
         show("ip -d link show flannel.1", &c.nodes[0].ns.ip(&["-d", "link", "show", "flannel.1"]));
         show("ip neigh show dev flannel.1", &c.nodes[0].ns.ip(&["neigh", "show", "dev", "flannel.1"]));
