@@ -55,6 +55,52 @@ fn check(mut c: Command, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A throwaway CA with a server certificate for etcd's underlay address and a
+/// client certificate (ECDSA P-256, made with the `openssl` CLI); returns `dir`.
+fn make_certs(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("tls dir");
+    let ssl = |args: &[&str]| {
+        let mut c = Command::new("openssl");
+        c.current_dir(dir).args(args);
+        check(c, "openssl (apt-get install openssl)");
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    ssl(&[
+        &["req", "-x509"][..],
+        &ec,
+        &["-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=e2e-ca"],
+    ]
+    .concat());
+    for (name, ext) in [
+        ("server", format!("subjectAltName=IP:{ETCD_IP}\nextendedKeyUsage=serverAuth,clientAuth\n")),
+        ("client", "extendedKeyUsage=clientAuth\n".to_string()),
+    ] {
+        let key = format!("{name}-key.pem");
+        let csr = format!("{name}.csr");
+        ssl(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN=e2e-{name}")]].concat());
+        std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext file");
+        let (out, extfile) = (format!("{name}.pem"), format!("{name}.ext"));
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &out,
+            "-days",
+            "2",
+            "-extfile",
+            &extfile,
+        ]);
+    }
+    dir.to_path_buf()
+}
+
 /// Upstream's conflist entry for the `flannel` plugin, with its files redirected.
 pub fn flannel_conf(version: &str, subnet_file: &Path, state_dir: &Path, ipam_dir: &Path) -> Value {
     json!({
@@ -198,6 +244,10 @@ pub struct Cluster {
     dir: TempDir,
     /// Prefix of every namespace name (lets `e2e down` find the demo's).
     ns_prefix: String,
+    /// Directory with ca.pem, server/client certs and keys when etcd speaks mutual TLS.
+    tls: Option<PathBuf>,
+    /// etcd user and password once auth is enabled.
+    auth: Option<(String, String)>,
 }
 
 impl Cluster {
@@ -208,6 +258,16 @@ impl Cluster {
 
     /// Like [`Cluster::new`], with every namespace name starting with `ns_prefix`.
     pub fn with_prefix(tag: &str, ns_prefix: &str) -> Cluster {
+        Cluster::build(tag, ns_prefix, false)
+    }
+
+    /// etcd with mutual TLS (a throwaway CA, server cert for 192.0.2.254, client cert);
+    /// agents get `--etcd-cafile/--etcd-certfile/--etcd-keyfile`.
+    pub fn with_tls(tag: &str) -> Cluster {
+        Cluster::build(tag, "", true)
+    }
+
+    fn build(tag: &str, ns_prefix: &str, tls: bool) -> Cluster {
         let underlay = Netns::new(&format!("{ns_prefix}ul"));
         underlay.ip(&["link", "add", "br0", "type", "bridge"]);
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]);
@@ -219,7 +279,12 @@ impl Cluster {
             etcd: None,
             dir: TempDir::new(tag),
             ns_prefix: ns_prefix.to_string(),
+            tls: None,
+            auth: None,
         };
+        if tls {
+            c.tls = Some(make_certs(&c.dir.join("tls")));
+        }
         c.start_etcd();
         c
     }
@@ -228,17 +293,63 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// etcd's client URL (https with TLS).
+    pub fn endpoint(&self) -> String {
+        if self.tls.is_some() { ETCD_URL.replacen("http:", "https:", 1) } else { ETCD_URL.to_string() }
+    }
+
+    /// Flags that connect a flanneld (or an etcdctl, with `etcdctl` = true) to this etcd.
+    fn client_flags(&self, etcdctl: bool) -> Vec<String> {
+        let mut f = Vec::new();
+        if let Some(d) = &self.tls {
+            let names = if etcdctl {
+                ["--cacert", "--cert", "--key"]
+            } else {
+                ["--etcd-cafile", "--etcd-certfile", "--etcd-keyfile"]
+            };
+            for (flag, file) in names.iter().zip(["ca.pem", "client.pem", "client-key.pem"]) {
+                f.push(format!("{flag}={}", d.join(file).display()));
+            }
+        }
+        if let Some((u, p)) = &self.auth {
+            if etcdctl {
+                f.push(format!("--user={u}:{p}"));
+            } else {
+                f.push(format!("--etcd-username={u}"));
+                f.push(format!("--etcd-password={p}"));
+            }
+        }
+        f
+    }
+
+    /// Turns on etcd authentication with a root user; etcdctl and agents started later use it.
+    pub fn enable_auth(&mut self, user: &str, password: &str) {
+        assert_eq!(user, "root", "etcd needs its root user before auth can be enabled");
+        self.etcdctl(&["user", "add", &format!("{user}:{password}")]);
+        self.etcdctl(&["auth", "enable"]);
+        self.auth = Some((user.to_string(), password.to_string()));
+    }
+
     /// Starts etcd (again) on its data dir and waits until it answers.
     pub fn start_etcd(&mut self) {
         let data = self.dir.join("etcd");
         let log = File::options().create(true).append(true).open(self.dir.join("etcd.log")).expect("etcd log");
         let peer = "http://127.0.0.1:2380";
+        let url = self.endpoint();
+        let mut tls_flags = Vec::new();
+        if let Some(d) = &self.tls {
+            tls_flags.push(format!("--cert-file={}", d.join("server.pem").display()));
+            tls_flags.push(format!("--key-file={}", d.join("server-key.pem").display()));
+            tls_flags.push(format!("--trusted-ca-file={}", d.join("ca.pem").display()));
+            tls_flags.push("--client-cert-auth".to_string());
+        }
         let child = self
             .underlay
             .command("etcd")
             .args(["--name", "e2e", "--data-dir"])
             .arg(&data)
-            .args(["--listen-client-urls", ETCD_URL, "--advertise-client-urls", ETCD_URL])
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(&tls_flags)
             .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
             .args(["--initial-cluster", &format!("e2e={peer}"), "--log-level", "warn"])
             .stdin(Stdio::null())
@@ -263,7 +374,8 @@ impl Cluster {
         self.underlay
             .command("etcdctl")
             .env("ETCDCTL_API", "3")
-            .args(["--endpoints", ETCD_URL, "--dial-timeout", "2s"])
+            .args(["--endpoints", &self.endpoint(), "--dial-timeout", "2s"])
+            .args(self.client_flags(true))
             .args(args)
             .output()
             .expect("etcdctl (apt-get install etcd-client)")
@@ -326,13 +438,16 @@ impl Cluster {
     /// [`Cluster::start_agent`] with extra environment variables (e.g. `NODE_NAME`).
     pub fn start_agent_env(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) {
         let bin = bin_path("flanneld");
+        let endpoint = self.endpoint();
+        let client = self.client_flags(false);
         let node = &mut self.nodes[i];
         node.kill_agent(SIGTERM);
         let log = File::options().create(true).append(true).open(node.log_file()).expect("agent log");
         let child = node
             .ns
             .command(bin.to_str().expect("utf-8 path"))
-            .arg(format!("--etcd-endpoints={ETCD_URL}"))
+            .arg(format!("--etcd-endpoints={endpoint}"))
+            .args(&client)
             .arg(format!("--subnet-file={}", node.subnet_file().display()))
             .arg(format!("--healthz-port={HEALTHZ_PORT}"))
             .args(["--ip-masq", "--reconcile-interval=1", "--iptables-resync=1", "-v=1"])

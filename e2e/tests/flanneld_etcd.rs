@@ -499,3 +499,41 @@ fn direct_routing_and_unreachable_host_gw_peers() {
     );
     assert!(n0.flannel_routes().is_empty());
 }
+
+#[test]
+fn etcd_over_mutual_tls_and_with_password_auth() {
+    let mut c = Cluster::with_tls("ft");
+    c.put_config(VXLAN);
+    for i in 0..2 {
+        c.add_node();
+        c.start_agent(i, &[]);
+    }
+    for i in 0..2 {
+        assert!(c.wait_ready(i, READY), "{}", c.nodes[i].log());
+    }
+    converge(&c, true);
+    // A client without a certificate is turned away by this etcd.
+    c.add_node();
+    c.start_agent(2, &["--etcd-certfile=", "--etcd-keyfile="]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(c.nodes[2].agent_running(), "an unreachable etcd is retried, not fatal");
+    assert_ne!(c.nodes[2].http_get("/readyz").map(|r| r.0), Some(200));
+    assert!(c.nodes[2].log().contains("retrying"), "{}", c.nodes[2].log());
+    assert_eq!(c.leases().len(), 2);
+    drop(c);
+
+    // Username/password (etcd auth), plain transport.
+    let mut c = Cluster::new("fa");
+    c.put_config(HOST_GW);
+    c.enable_auth("root", "s3cret");
+    c.add_node();
+    c.start_agent(0, &[]);
+    assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
+    assert_eq!(c.leases().len(), 1);
+    c.add_node();
+    // Wrong credentials stop the agent with etcd's reason.
+    c.start_agent(1, &["--etcd-password=wrong"]);
+    assert!(wait_until(Duration::from_secs(10), || !c.nodes[1].agent_running()));
+    assert!(c.nodes[1].log().contains("authentication failed"), "{}", c.nodes[1].log());
+    assert_eq!(c.leases().len(), 1);
+}

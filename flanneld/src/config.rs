@@ -22,15 +22,15 @@ pub struct Opts {
     /// etcd key prefix holding `config` and `subnets/`.
     #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
     pub etcd_prefix: String,
-    /// TLS client key for etcd.
+    /// TLS client key for etcd (an empty value, as with Go's flags, means none).
     #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
-    pub etcd_keyfile: Option<PathBuf>,
+    pub etcd_keyfile: Option<String>,
     /// TLS client certificate for etcd.
     #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
-    pub etcd_certfile: Option<PathBuf>,
+    pub etcd_certfile: Option<String>,
     /// CA that signed etcd's server certificate.
     #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
-    pub etcd_cafile: Option<PathBuf>,
+    pub etcd_cafile: Option<String>,
     #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
     pub etcd_username: Option<String>,
     #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]

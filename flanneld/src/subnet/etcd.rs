@@ -44,16 +44,20 @@ pub async fn connect(opts: &Opts) -> Result<Client, SubnetError> {
         .with_connect_timeout(Duration::from_secs(3))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
         .with_keep_alive_while_idle(true);
-    if let (Some(u), Some(p)) = (&opts.etcd_username, &opts.etcd_password) {
-        co = co.with_user(u.clone(), p.clone());
+    // As with Go's flags, an empty value means "not set".
+    let text = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+    let path = |p: &Option<String>| text(p).map(std::path::PathBuf::from);
+    if let (Some(u), Some(p)) = (text(&opts.etcd_username), text(&opts.etcd_password)) {
+        co = co.with_user(u, p);
     }
-    if opts.etcd_cafile.is_some() || opts.etcd_certfile.is_some() {
+    let (ca, cert, key) = (path(&opts.etcd_cafile), path(&opts.etcd_certfile), path(&opts.etcd_keyfile));
+    if ca.is_some() || cert.is_some() {
         let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| store_err(format!("{}: {e}", p.display())));
         let mut tls = TlsOptions::new();
-        if let Some(ca) = &opts.etcd_cafile {
+        if let Some(ca) = &ca {
             tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
         }
-        match (&opts.etcd_certfile, &opts.etcd_keyfile) {
+        match (&cert, &key) {
             (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
             (None, None) => {}
             _ => return Err(store_err("--etcd-certfile and --etcd-keyfile must be given together")),
