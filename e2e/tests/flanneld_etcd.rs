@@ -537,3 +537,43 @@ fn etcd_over_mutual_tls_and_with_password_auth() {
     assert!(c.nodes[1].log().contains("authentication failed"), "{}", c.nodes[1].log());
     assert_eq!(c.leases().len(), 1);
 }
+
+#[test]
+fn blackhole_route_for_the_node_subnet() {
+    let mut c = cluster(2, VXLAN);
+    c.start_agent(0, &["--ip-blackhole-route"]);
+    assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
+    let own = c.nodes[0].subnet().unwrap();
+    let has = |c: &Cluster| {
+        c.nodes[0]
+            .ns
+            .ip(&["route", "show", "type", "blackhole"])
+            .contains(&format!("blackhole {own} proto 76 metric 4096"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || has(&c)),
+        "{}",
+        c.nodes[0].ns.ip(&["route", "show", "type", "blackhole"])
+    );
+    // Pods still win over it (cni0's connected route), and it survives reconcile passes.
+    c.add_pod(0);
+    let b = c.add_pod(1).ip.to_string();
+    let a = c.pods[0].ip.to_string();
+    assert_eq!(c.pods[1].ns.ping(&a), Some(62));
+    assert_eq!(c.pods[0].ns.ping(&b), Some(62));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(has(&c));
+    // With the bridge's route gone (cni0 not set up yet, or torn down), traffic for the
+    // node's subnet is dropped here instead of following the default route out.
+    let unused = own.replace(".0/24", ".200");
+    assert!(c.nodes[0].ns.ip(&["route", "get", &unused]).contains("dev cni0"));
+    let gw = own.replace(".0/24", ".1/24");
+    c.nodes[0].ns.ip(&["addr", "del", &gw, "dev", "cni0"]);
+    // The kernel answers a route lookup that hits a blackhole with EINVAL; without it: "via 192.0.2.254 dev eth0".
+    let out = c.nodes[0].ns.run("ip", &["route", "get", &unused]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !out.status.success() && stderr.contains("Invalid argument") && !stdout.contains("eth0"),
+        "{stdout}{stderr}"
+    );
+}
