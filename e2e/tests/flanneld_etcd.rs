@@ -498,6 +498,17 @@ fn direct_routing_and_unreachable_host_gw_peers() {
         n0.log()
     );
     assert!(n0.flannel_routes().is_empty());
+
+    // A dual-stack lease written by upstream flannel: its IPv4 half is programmed here.
+    c.etcdctl(&[
+        "put",
+        &format!("{}/subnets/10.244.201.0-24&fc00:0:0:c9::-64", e2e::cluster::PREFIX),
+        r#"{"PublicIP":"192.0.2.77","PublicIPv6":"2001:db8::77","BackendType":"host-gw","BackendData":null,"BackendV6Data":null}"#,
+    ]);
+    assert!(wait_until(Duration::from_secs(10), || n0
+        .flannel_routes()
+        .iter()
+        .any(|r| r["dst"] == "10.244.201.0/24" && r["gateway"] == "192.0.2.77")));
 }
 
 #[test]

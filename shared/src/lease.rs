@@ -53,12 +53,31 @@ pub fn subnet_key(subnet: &IpNet) -> String {
     format!("{}-{}", subnet.network_addr(), subnet.prefix())
 }
 
-/// `10.244.1.0-24` -> `10.244.1.0/24` (a key's last path segment).
-pub fn parse_subnet_key(key: &str) -> Option<IpNet> {
-    let last = key.rsplit('/').next()?;
-    let (ip, len) = last.split_once('-')?;
+fn parse_part(part: &str) -> Option<IpNet> {
+    let (ip, len) = part.rsplit_once('-')?;
     let ip: IpAddr = ip.parse().ok()?;
     IpNet::new(ip, len.parse().ok()?).ok().filter(|n| n.network() == *n)
+}
+
+/// A key's last path segment -> (IPv4 subnet, IPv6 subnet of a dual-stack lease):
+/// `10.244.1.0-24`, or upstream's dual-stack form `10.244.1.0-24&fc00:0:0:1::-64`.
+pub fn parse_subnet_key_pair(key: &str) -> Option<(IpNet, Option<IpNet>)> {
+    let last = key.rsplit('/').next()?;
+    let (v4, v6) = match last.split_once('&') {
+        Some((a, b)) => (a, Some(b)),
+        None => (last, None),
+    };
+    let v4 = parse_part(v4).filter(IpNet::is_ipv4)?;
+    let v6 = match v6 {
+        Some(p) => Some(parse_part(p).filter(|n| !n.is_ipv4())?),
+        None => None,
+    };
+    Some((v4, v6))
+}
+
+/// The IPv4 subnet of a lease key (either form); see [`parse_subnet_key_pair`].
+pub fn parse_subnet_key(key: &str) -> Option<IpNet> {
+    parse_subnet_key_pair(key).map(|(v4, _)| v4)
 }
 
 /// Picks a subnet to claim: `prefer` when it is still allowed and free, else a
@@ -105,6 +124,12 @@ mod tests {
         assert_eq!(parse_subnet_key("/coreos.com/network/subnets/10.244.1.0-24"), Some(l.subnet));
         assert_eq!(parse_subnet_key("10.244.1.5-24"), None);
         assert_eq!(parse_subnet_key("garbage"), None);
+        // Upstream's dual-stack keys: an IPv4-only agent still sees the peer's IPv4 subnet.
+        let (v4, v6) = parse_subnet_key_pair("/coreos.com/network/subnets/10.244.1.0-24&fc00:0:0:1::-64").unwrap();
+        assert_eq!((v4.to_string(), v6.unwrap().to_string()), ("10.244.1.0/24".into(), "fc00:0:0:1::/64".into()));
+        assert_eq!(parse_subnet_key("10.244.1.0-24&fc00:0:0:1::-64"), Some(l.subnet));
+        assert_eq!(parse_subnet_key("10.244.1.0-24&fc00:0:0:1::5-64"), None);
+        assert_eq!(parse_subnet_key("10.244.1.0-24&10.1.0.0-16"), None);
         let hostgw: LeaseAttrs =
             serde_json::from_str(r#"{"PublicIP":"192.0.2.2","BackendType":"host-gw","BackendData":null}"#).unwrap();
         assert_eq!(hostgw.backend_type, "host-gw");
