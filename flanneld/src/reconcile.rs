@@ -103,13 +103,17 @@ fn same_route(a: &Route, b: &Route) -> bool {
 /// that use them, and stale routes go before the entries they used, so a
 /// packet never follows a route to a half-programmed peer.
 pub async fn apply(nl: &Netlink, want: &Desired, vtep: Option<u32>) -> Result<Applied, NetlinkError> {
+    apply_family(nl, want, vtep, true).await
+}
+
+/// [`apply`] for one address family: only routes of that family are read,
+/// added or removed (a dual-stack agent runs one pass per family, each with
+/// its own VTEP).
+pub async fn apply_family(nl: &Netlink, want: &Desired, vtep: Option<u32>, v4: bool) -> Result<Applied, NetlinkError> {
     let mut done = Applied::default();
 
     // One dump per kind, taken up front.
-    let mut routes = nl.routes(true, Some(RT_TABLE_MAIN)).await?;
-    if want.routes.iter().any(|r| !r.dst.is_ipv4()) {
-        routes.extend(nl.routes(false, Some(RT_TABLE_MAIN)).await?);
-    }
+    let routes = nl.routes(v4, Some(RT_TABLE_MAIN)).await?;
     let (neigh, fdb) = match vtep {
         Some(v) => (nl.neighbours(v, false).await?, nl.neighbours(v, true).await?),
         None => (Vec::new(), Vec::new()),
@@ -139,7 +143,7 @@ pub async fn apply(nl: &Netlink, want: &Desired, vtep: Option<u32>) -> Result<Ap
     for h in &owned {
         by_dst.entry(h.dst).or_default().push(h);
     }
-    for r in &want.routes {
+    for r in want.routes.iter().filter(|r| r.dst.is_ipv4() == v4) {
         if !by_dst.get(&r.dst).is_some_and(|hs| hs.iter().any(|h| same_route(h, r))) {
             nl.replace_route(r).await?;
             done.routes_added += 1;

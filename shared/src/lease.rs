@@ -39,6 +39,8 @@ pub struct VxlanData {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub subnet: IpNet,
+    /// The IPv6 subnet of a dual-stack lease.
+    pub subnet6: Option<IpNet>,
     pub attrs: LeaseAttrs,
 }
 
@@ -46,11 +48,24 @@ impl Lease {
     pub fn vxlan_data(&self) -> Option<VxlanData> {
         serde_json::from_value(self.attrs.backend_data.clone()).ok()
     }
+
+    /// `BackendV6Data` of a dual-stack vxlan lease (the IPv6 VTEP).
+    pub fn vxlan_v6_data(&self) -> Option<VxlanData> {
+        serde_json::from_value(self.attrs.backend_v6_data.clone()?).ok()
+    }
 }
 
 /// `10.244.1.0/24` -> `10.244.1.0-24`.
 pub fn subnet_key(subnet: &IpNet) -> String {
     format!("{}-{}", subnet.network_addr(), subnet.prefix())
+}
+
+/// Upstream's key for a lease: `10.244.1.0-24`, or `10.244.1.0-24&fc00:0:0:1::-64` when dual-stack.
+pub fn subnet_key_pair(subnet: &IpNet, subnet6: Option<&IpNet>) -> String {
+    match subnet6 {
+        Some(v6) => format!("{}&{}", subnet_key(subnet), subnet_key(v6)),
+        None => subnet_key(subnet),
+    }
 }
 
 fn parse_part(part: &str) -> Option<IpNet> {
@@ -118,7 +133,7 @@ mod tests {
         let old =
             r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#;
         assert_eq!(serde_json::from_str::<LeaseAttrs>(old).unwrap(), attrs);
-        let l = Lease { subnet: "10.244.1.0/24".parse().unwrap(), attrs };
+        let l = Lease { subnet: "10.244.1.0/24".parse().unwrap(), subnet6: None, attrs };
         assert_eq!(l.vxlan_data().unwrap().vtep_mac, "aa:bb:cc:dd:ee:ff");
         assert_eq!(subnet_key(&l.subnet), "10.244.1.0-24");
         assert_eq!(parse_subnet_key("/coreos.com/network/subnets/10.244.1.0-24"), Some(l.subnet));
@@ -128,6 +143,7 @@ mod tests {
         let (v4, v6) = parse_subnet_key_pair("/coreos.com/network/subnets/10.244.1.0-24&fc00:0:0:1::-64").unwrap();
         assert_eq!((v4.to_string(), v6.unwrap().to_string()), ("10.244.1.0/24".into(), "fc00:0:0:1::/64".into()));
         assert_eq!(parse_subnet_key("10.244.1.0-24&fc00:0:0:1::-64"), Some(l.subnet));
+        assert_eq!(subnet_key_pair(&v4, v6.as_ref()), "10.244.1.0-24&fc00:0:0:1::-64");
         assert_eq!(parse_subnet_key("10.244.1.0-24&fc00:0:0:1::5-64"), None);
         assert_eq!(parse_subnet_key("10.244.1.0-24&10.1.0.0-16"), None);
         let hostgw: LeaseAttrs =

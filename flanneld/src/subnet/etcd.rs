@@ -79,7 +79,7 @@ fn decode(kv: &KeyValue) -> Result<Lease, SubnetError> {
         .ok_or_else(|| SubnetError::BadLease { key: key.clone(), msg: "not <ip>-<len>".into() })?;
     let attrs: LeaseAttrs =
         serde_json::from_slice(kv.value()).map_err(|e| SubnetError::BadLease { key, msg: e.to_string() })?;
-    Ok(Lease { subnet, attrs })
+    Ok(Lease { subnet, subnet6: None, attrs })
 }
 
 /// Every well-formed lease under `subnets/`, and the store revision they were read at.

@@ -118,6 +118,7 @@ pub fn node_lease(node: &Node, keys: &Keys) -> Option<Lease> {
     };
     Some(Lease {
         subnet,
+        subnet6: None,
         attrs: LeaseAttrs { public_ip, public_ipv6: None, backend_type, backend_data, backend_v6_data: None },
     })
 }
