@@ -23,13 +23,13 @@ use flannel_shared::netconf::{BackendType, Family, NetConfig};
 use flannel_shared::netlink::{Netlink, Route, format_mac, parse_mac};
 use flannel_shared::subnet_env::SubnetEnv;
 
-use crate::backend::{self, Uplink, VXLAN_OVERHEAD, VtepSpec};
+use crate::backend::{self, Uplink, VXLAN_OVERHEAD, VXLAN6_OVERHEAD, VtepSpec};
 use crate::config::Opts;
 use crate::iptables;
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Mode, Peer, RTPROT_FLANNEL};
 use crate::subnet::etcd::{self, EtcdManager};
-use crate::subnet::{LeaseEvent, OwnLease, SubnetError, SubnetManager};
+use crate::subnet::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
 
 /// Metric of the `--ip-blackhole-route` route: above cni0's connected route,
 /// so it only catches traffic while the bridge route is absent.
@@ -79,6 +79,17 @@ pub fn enable_ip_forward(proc: &Path) -> Result<bool, AgentError> {
     Ok(true)
 }
 
+/// Turns on IPv6 forwarding (dual-stack); returns whether it had to.
+pub fn enable_ipv6_forward(proc: &Path) -> Result<bool, AgentError> {
+    let p = proc.join("sys/net/ipv6/conf/all/forwarding");
+    let cur = std::fs::read_to_string(&p).map_err(|e| AgentError::Preflight(format!("{}: {e}", p.display())))?;
+    if cur.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(&p, "1").map_err(|e| AgentError::Preflight(format!("enable {}: {e}", p.display())))?;
+    Ok(true)
+}
+
 fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
@@ -111,9 +122,13 @@ pub struct Agent<M: SubnetManager> {
     metrics: Arc<Metrics>,
     cfg: NetConfig,
     family: Family,
+    /// Set when the network is dual-stack.
+    family6: Option<Family>,
     uplink: Uplink,
     vtep: Option<VtepSpec>,
     vtep_index: Option<u32>,
+    vtep6: Option<VtepSpec>,
+    vtep6_index: Option<u32>,
     attrs: LeaseAttrs,
     own: Option<OwnLease>,
     peers: BTreeMap<IpNet, Lease>,
@@ -143,9 +158,9 @@ async fn load_config<M: SubnetManager>(mgr: &mut M) -> Result<NetConfig, AgentEr
     };
     let cfg =
         NetConfig::parse(&text, |w| warn!("network config: {w}")).map_err(|e| AgentError::Config(e.to_string()))?;
-    if cfg.ipv6.is_some() {
+    if cfg.ipv4.is_none() {
         return Err(AgentError::Config(
-            "network config: EnableIPv6: IPv6 pod networks are not supported by this flanneld yet".into(),
+            "network config: EnableIPv4: IPv6-only networks are not supported; keep IPv4 on (dual-stack works)".into(),
         ));
     }
     Ok(cfg)
@@ -167,48 +182,101 @@ impl<M: SubnetManager> Agent<M> {
             cfg.backend.kind.as_str()
         );
 
-        let (vtep, vtep_index, backend_data) = match cfg.backend.kind {
+        let family6 = cfg.ipv6.clone();
+        if family6.is_some() {
+            if uplink.public_ipv6.is_none() {
+                return Err(AgentError::Config(format!(
+                    "network config: EnableIPv6: {} has no global IPv6 address; give --public-ipv6 or another --iface",
+                    uplink.name
+                )));
+            }
+            if enable_ipv6_forward(Path::new("/proc"))? {
+                info!("enabled net.ipv6.conf.all.forwarding (dual-stack pods are routed through this host)");
+            }
+            info!(
+                "dual-stack: IPv6 network {}, public IPv6 {:?}",
+                cfg.ipv6.as_ref().map(|f| f.network).unwrap_or(family.network),
+                uplink.public_ipv6
+            );
+        }
+
+        let (mut vtep, mut vtep_index, mut backend_data) = (None, None, serde_json::Value::Null);
+        let (mut vtep6, mut vtep6_index, mut backend_v6_data) = (None, None, None);
+        match cfg.backend.kind {
             BackendType::Vxlan => {
-                let spec = VtepSpec {
-                    name: format!("flannel.{}", cfg.backend.vni),
-                    vni: cfg.backend.vni,
-                    port: cfg.backend.port,
-                    gbp: cfg.backend.gbp,
-                    mtu: cfg.backend.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN_OVERHEAD)),
-                };
-                // A device that is gone (node rebuilt) comes back with the MAC peers already know.
-                let mac = if nl.link_by_name(&spec.name).await.map_err(backend::BackendError::from)?.is_none() {
-                    mgr.previous_vtep_mac(uplink.public_ip).await.and_then(|m| parse_mac(&m))
-                } else {
-                    None
-                };
-                if let Some(m) = mac {
-                    info!("recreating {} with its previous VtepMAC {}", spec.name, format_mac(&m));
+                let mut specs = vec![(
+                    false,
+                    VtepSpec {
+                        name: format!("flannel.{}", cfg.backend.vni),
+                        local: IpAddr::V4(uplink.ip),
+                        vni: cfg.backend.vni,
+                        port: cfg.backend.port,
+                        gbp: cfg.backend.gbp,
+                        mtu: cfg.backend.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN_OVERHEAD)),
+                    },
+                )];
+                if let (Some(_), Some(ip6)) = (&family6, uplink.ip6) {
+                    specs.push((
+                        true,
+                        VtepSpec {
+                            name: format!("flannel-v6.{}", cfg.backend.vni),
+                            local: IpAddr::V6(ip6),
+                            vni: cfg.backend.vni,
+                            port: cfg.backend.port,
+                            gbp: cfg.backend.gbp,
+                            mtu: cfg.backend.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN6_OVERHEAD)),
+                        },
+                    ));
+                } else if family6.is_some() {
+                    return Err(AgentError::Config(format!(
+                        "network config: EnableIPv6: the IPv6 VXLAN device needs an IPv6 address on {}",
+                        uplink.name
+                    )));
                 }
-                let (link, _) = backend::ensure_vtep(&nl, &spec, &uplink, mac, None).await?;
-                let mac = link.mac.ok_or_else(|| AgentError::Config(format!("{} has no MAC address", spec.name)))?;
-                let data = serde_json::to_value(VxlanData { vni: spec.vni, vtep_mac: format_mac(&mac) })
-                    .map_err(|e| AgentError::Config(e.to_string()))?;
-                (Some(spec), Some(link.index), data)
+                for (v6, spec) in specs {
+                    // A device that is gone (node rebuilt) comes back with the MAC peers already know.
+                    let mac = if nl.link_by_name(&spec.name).await.map_err(backend::BackendError::from)?.is_none() {
+                        mgr.previous_vtep_mac(uplink.public_ip, v6).await.and_then(|m| parse_mac(&m))
+                    } else {
+                        None
+                    };
+                    if let Some(m) = mac {
+                        info!("recreating {} with its previous VtepMAC {}", spec.name, format_mac(&m));
+                    }
+                    let (link, _) = backend::ensure_vtep(&nl, &spec, &uplink, mac, None).await?;
+                    let mac =
+                        link.mac.ok_or_else(|| AgentError::Config(format!("{} has no MAC address", spec.name)))?;
+                    let data = serde_json::to_value(VxlanData { vni: spec.vni, vtep_mac: format_mac(&mac) })
+                        .map_err(|e| AgentError::Config(e.to_string()))?;
+                    if v6 {
+                        (vtep6, vtep6_index, backend_v6_data) = (Some(spec), Some(link.index), Some(data));
+                    } else {
+                        (vtep, vtep_index, backend_data) = (Some(spec), Some(link.index), data);
+                    }
+                }
             }
             BackendType::HostGw => {
-                // Switched from vxlan: the old VTEP and every route/ARP/FDB entry on it go.
-                let name = format!("flannel.{}", cfg.backend.vni);
-                if let Some(l) = nl.link_by_name(&name).await.map_err(backend::BackendError::from)?
-                    && l.vxlan.is_some()
-                {
-                    nl.del_link(l.index).await.map_err(backend::BackendError::from)?;
-                    info!("backend is host-gw: removed the VXLAN device {name} left from an earlier vxlan run");
+                // Switched from vxlan: the old VTEPs and every route/ARP/FDB entry on them go.
+                for name in [format!("flannel.{}", cfg.backend.vni), format!("flannel-v6.{}", cfg.backend.vni)] {
+                    if let Some(l) = nl.link_by_name(&name).await.map_err(backend::BackendError::from)?
+                        && l.vxlan.is_some()
+                    {
+                        nl.del_link(l.index).await.map_err(backend::BackendError::from)?;
+                        info!("backend is host-gw: removed the VXLAN device {name} left from an earlier vxlan run");
+                    }
                 }
-                (None, None, serde_json::Value::Null)
             }
-        };
+        }
         let attrs = LeaseAttrs {
             public_ip: uplink.public_ip,
-            public_ipv6: None,
+            public_ipv6: family6.as_ref().and(uplink.public_ipv6),
             backend_type: cfg.backend.kind.as_str().to_string(),
             backend_data,
-            backend_v6_data: None,
+            backend_v6_data: if family6.is_some() && cfg.backend.kind == BackendType::HostGw {
+                Some(serde_json::Value::Null)
+            } else {
+                backend_v6_data
+            },
         };
 
         let mut agent = Agent {
@@ -218,9 +286,12 @@ impl<M: SubnetManager> Agent<M> {
             metrics,
             cfg,
             family,
+            family6,
             uplink,
             vtep,
             vtep_index,
+            vtep6,
+            vtep6_index,
             attrs,
             own: None,
             peers: BTreeMap::new(),
@@ -236,15 +307,21 @@ impl<M: SubnetManager> Agent<M> {
             info!("iptables: writing with {} ({why})", flavour.restore);
             agent.iptables = flavour;
         }
-        // Our previous subnet, if subnet.env still names one in this network.
-        let prefer = SubnetEnv::read(&agent.opts.subnet_file)
-            .ok()
+        // Our previous subnets, if subnet.env still names them in this network.
+        let env = SubnetEnv::read(&agent.opts.subnet_file).ok();
+        let prefer = env
+            .as_ref()
             .filter(|e| e.network == Some(agent.family.network))
             .and_then(|e| e.subnet)
             .map(|s| s.network());
+        let prefer6 = env
+            .as_ref()
+            .filter(|e| e.ipv6_network.is_some() && e.ipv6_network == agent.family6.as_ref().map(|f| f.network))
+            .and_then(|e| e.ipv6_subnet)
+            .map(|s| s.network());
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         while agent.own.is_none() {
-            if let Err(e) = agent.acquire(prefer).await {
+            if let Err(e) = agent.acquire(prefer, prefer6).await {
                 if !e.is_transient() {
                     return Err(e.into());
                 }
@@ -261,13 +338,16 @@ impl<M: SubnetManager> Agent<M> {
         self.own.as_ref().map(|l| l.subnet)
     }
 
+    /// The pods' MTU: what fits through every tunnel in use (the IPv6 VTEP has 20 bytes more overhead).
     fn mtu(&self) -> u32 {
-        self.vtep.as_ref().map_or(self.uplink.mtu, |v| v.mtu)
+        let v4 = self.vtep.as_ref().map_or(self.uplink.mtu, |v| v.mtu);
+        self.vtep6.as_ref().map_or(v4, |v| v4.min(v.mtu))
     }
 
     /// Claims (or re-claims) a subnet, then points the VTEP and subnet.env at it.
-    async fn acquire(&mut self, prefer: Option<IpNet>) -> Result<(), SubnetError> {
-        let lease = self.mgr.acquire(&self.family, &self.attrs, prefer).await?;
+    async fn acquire(&mut self, prefer: Option<IpNet>, prefer6: Option<IpNet>) -> Result<(), SubnetError> {
+        let claim = Claim { family: &self.family, family6: self.family6.as_ref(), attrs: &self.attrs, prefer, prefer6 };
+        let lease = self.mgr.acquire(&claim).await?;
         let subnet = lease.subnet;
         // The manager may have overridden the public IP (Kubernetes annotations).
         self.attrs = lease.attrs.clone();
@@ -298,12 +378,12 @@ impl<M: SubnetManager> Agent<M> {
 
     fn write_subnet_env(&self) {
         let Some(own) = &self.own else { return };
-        let gw = own.subnet.nth(1).and_then(|ip| IpNet::new(ip, own.subnet.prefix()).ok());
+        let gw = |s: &IpNet| s.nth(1).and_then(|ip| IpNet::new(ip, s.prefix()).ok());
         let env = SubnetEnv {
             network: Some(self.family.network),
-            subnet: gw,
-            ipv6_network: None,
-            ipv6_subnet: None,
+            subnet: gw(&own.subnet),
+            ipv6_network: self.family6.as_ref().map(|f| f.network),
+            ipv6_subnet: own.subnet6.as_ref().and_then(gw),
             mtu: self.mtu(),
             ipmasq: self.opts.ip_masq,
         };
@@ -323,18 +403,27 @@ impl<M: SubnetManager> Agent<M> {
         }
     }
 
-    /// (Re)creates the VTEP if it is missing or wrong, with our advertised MAC,
-    /// and gives it `<subnet>.0/32`.
+    /// (Re)creates the VTEPs if missing or wrong, with our advertised MACs, and
+    /// gives them `<subnet>.0/32` (and `<IPv6 subnet>::/128`).
     async fn ensure_vtep(&mut self) -> Result<(), backend::BackendError> {
-        let Some(spec) = &self.vtep else { return Ok(()) };
-        let addr = self.own.as_ref().and_then(|l| IpNet::new(l.subnet.network_addr(), 32).ok());
-        let mac = self.attrs.backend_data.get("VtepMAC").and_then(|v| v.as_str()).and_then(parse_mac);
-        let (link, created) = backend::ensure_vtep(&self.nl, spec, &self.uplink, mac, addr).await?;
-        if created {
-            self.metrics.vtep_recreations.fetch_add(1, Ordering::Relaxed);
-            warn!("{} was missing or wrong and has been rebuilt; replaying every peer into it", spec.name);
+        for v6 in [false, true] {
+            let spec = if v6 { &self.vtep6 } else { &self.vtep };
+            let Some(spec) = spec else { continue };
+            let subnet = self.own.as_ref().and_then(|l| if v6 { l.subnet6 } else { Some(l.subnet) });
+            let addr = subnet.and_then(|s| IpNet::new(s.network_addr(), if v6 { 128 } else { 32 }).ok());
+            let data = if v6 { self.attrs.backend_v6_data.as_ref() } else { Some(&self.attrs.backend_data) };
+            let mac = data.and_then(|d| d.get("VtepMAC")).and_then(|v| v.as_str()).and_then(parse_mac);
+            let (link, created) = backend::ensure_vtep(&self.nl, spec, &self.uplink, mac, addr).await?;
+            if created {
+                self.metrics.vtep_recreations.fetch_add(1, Ordering::Relaxed);
+                warn!("{} was missing or wrong and has been rebuilt; replaying every peer into it", spec.name);
+            }
+            if v6 {
+                self.vtep6_index = Some(link.index);
+            } else {
+                self.vtep_index = Some(link.index);
+            }
         }
-        self.vtep_index = Some(link.index);
         Ok(())
     }
 
@@ -342,23 +431,24 @@ impl<M: SubnetManager> Agent<M> {
         let Some(own) = &self.own else { return };
         let mut tables = Vec::new();
         let mut off = Vec::new();
-        let masq = iptables::masq_rules(&self.family.network, &own.subnet, !self.opts.ip_masq_fully_random_disable);
-        if self.opts.ip_masq {
-            tables.push(masq)
-        } else {
-            off.push(masq)
-        }
-        let fwd = iptables::forward_rules(&self.family.network);
-        if self.opts.iptables_forward_rules {
-            tables.push(fwd)
-        } else {
-            off.push(fwd)
+        let v6 = self.family6.as_ref().zip(own.subnet6).map(|(f, s)| (f.network, s));
+        for (network, subnet, flavour) in std::iter::once((self.family.network, own.subnet, self.iptables.clone()))
+            .chain(v6.map(|(n, s)| (n, s, self.iptables.v6())))
+        {
+            let masq = iptables::masq_rules(&network, &subnet, !self.opts.ip_masq_fully_random_disable);
+            if self.opts.ip_masq {
+                tables.push((masq, flavour.clone()))
+            } else {
+                off.push((masq, flavour.clone()))
+            }
+            let fwd = iptables::forward_rules(&network);
+            if self.opts.iptables_forward_rules { tables.push((fwd, flavour)) } else { off.push((fwd, flavour)) }
         }
         let mut ok = true;
         // Rules a previous run wrote but this one is told not to: removed once, at start.
         if !self.rules_cleaned {
-            for t in &off {
-                match iptables::remove_with(&self.iptables, t) {
+            for (t, flavour) in &off {
+                match iptables::remove_with(flavour, t) {
                     Ok(true) => info!("iptables: removed {} (turned off by the flags)", t.chain),
                     Ok(false) => {}
                     Err(e) => {
@@ -369,8 +459,8 @@ impl<M: SubnetManager> Agent<M> {
             }
             self.rules_cleaned = ok;
         }
-        for t in &tables {
-            match iptables::ensure_with(&self.iptables, t) {
+        for (t, flavour) in &tables {
+            match iptables::ensure_with(flavour, t) {
                 Ok(true) => {
                     self.metrics.iptables_restores.fetch_add(1, Ordering::Relaxed);
                     info!("iptables: wrote {} in table {}", t.chain, t.table);
@@ -426,15 +516,58 @@ impl<M: SubnetManager> Agent<M> {
         }
     }
 
-    fn mode(&self) -> Option<Mode> {
+    fn mode(&self, v6: bool) -> Option<Mode> {
+        let nets = if v6 { &self.uplink.nets6 } else { &self.uplink.nets };
         match self.cfg.backend.kind {
             BackendType::Vxlan => Some(Mode::Vxlan {
-                vtep: self.vtep_index?,
+                vtep: if v6 { self.vtep6_index? } else { self.vtep_index? },
                 uplink: self.uplink.index,
-                direct_on: if self.cfg.backend.direct_routing { self.uplink.nets.first().copied() } else { None },
+                direct_on: if self.cfg.backend.direct_routing { nets.first().copied() } else { None },
             }),
             BackendType::HostGw => Some(Mode::HostGw { uplink: self.uplink.index }),
         }
+    }
+
+    /// What one family's peers call for, and the peers that cannot be programmed.
+    fn family_want(&self, mode: &Mode, v6: bool) -> (reconcile::Desired, Vec<(IpNet, String)>) {
+        let want_type = self.cfg.backend.kind.as_str();
+        let nets = if v6 { &self.uplink.nets6 } else { &self.uplink.nets };
+        let mut skipped = Vec::new();
+        let mut peers = Vec::with_capacity(self.peers.len());
+        for l in self.peers.values() {
+            if l.attrs.backend_type != want_type {
+                if !v6 {
+                    skipped.push((l.subnet, format!("backend {} (this node runs {want_type})", l.attrs.backend_type)));
+                }
+                continue;
+            }
+            let (subnet, public_ip, data) = if v6 {
+                match (l.subnet6, l.attrs.public_ipv6) {
+                    (Some(s), Some(ip)) => (s, IpAddr::V6(ip), l.vxlan_v6_data()),
+                    _ => {
+                        skipped.push((l.subnet, "no IPv6 half in its lease (an IPv4-only node)".to_string()));
+                        continue;
+                    }
+                }
+            } else {
+                (l.subnet, IpAddr::V4(l.attrs.public_ip), l.vxlan_data())
+            };
+            if matches!(mode, Mode::HostGw { .. }) && !nets.iter().any(|n| n.contains(public_ip)) {
+                skipped.push((
+                    subnet,
+                    format!(
+                        "{public_ip} is not on-link via {} ({nets:?}): host-gw needs every node on one L2 network",
+                        self.uplink.name
+                    ),
+                ));
+                continue;
+            }
+            let vtep_mac = data.and_then(|d| parse_mac(&d.vtep_mac));
+            peers.push(Peer { subnet, public_ip, vtep_mac });
+        }
+        let mut want = reconcile::desired(mode, &peers);
+        skipped.append(&mut want.skipped);
+        (want, skipped)
     }
 
     /// One full pass: VTEP present, then routes/ARP/FDB from the peers.
@@ -447,71 +580,61 @@ impl<M: SubnetManager> Agent<M> {
             error!("reconcile: VXLAN device: {e}");
             return;
         }
-        let Some(mode) = self.mode() else { return };
-        let want_type = self.cfg.backend.kind.as_str();
         let mut skipped = Vec::new();
-        let mut peers = Vec::with_capacity(self.peers.len());
-        for l in self.peers.values() {
-            if l.attrs.backend_type != want_type {
-                skipped.push((l.subnet, format!("backend {} (this node runs {want_type})", l.attrs.backend_type)));
+        let (mut routes, mut neighbours, mut fdb) = (0, 0, 0);
+        let mut ok = true;
+        for v6 in [false, true] {
+            if v6 && self.family6.is_none() {
                 continue;
             }
-            let public_ip = IpAddr::V4(l.attrs.public_ip);
-            let on_link = self.uplink.nets.iter().any(|n| n.contains(public_ip));
-            if matches!(mode, Mode::HostGw { .. }) && !on_link {
-                skipped.push((
-                    l.subnet,
-                    format!(
-                        "{public_ip} is not on-link via {} ({:?}): host-gw needs every node on one L2 network",
-                        self.uplink.name, self.uplink.nets
-                    ),
-                ));
-                continue;
+            let Some(mode) = self.mode(v6) else { continue };
+            let (mut want, mut skip) = self.family_want(&mode, v6);
+            skipped.append(&mut skip);
+            if self.opts.ip_blackhole_route
+                && let Some(own) = self.own.as_ref().and_then(|l| if v6 { l.subnet6 } else { Some(l.subnet) })
+            {
+                want.routes.push(Route::new(own).blackhole().metric(BLACKHOLE_METRIC).protocol(RTPROT_FLANNEL));
             }
-            let vtep_mac = l.vxlan_data().and_then(|d| parse_mac(&d.vtep_mac));
-            peers.push(Peer { subnet: l.subnet, public_ip, vtep_mac });
-        }
-        let mut want = reconcile::desired(&mode, &peers);
-        skipped.append(&mut want.skipped);
-        if self.opts.ip_blackhole_route
-            && let Some(own) = &self.own
-        {
-            want.routes.push(Route::new(own.subnet).blackhole().metric(BLACKHOLE_METRIC).protocol(RTPROT_FLANNEL));
-        }
-        let vtep = match mode {
-            Mode::Vxlan { vtep, .. } => Some(vtep),
-            Mode::HostGw { .. } => None,
-        };
-        match reconcile::apply(&self.nl, &want, vtep).await {
-            Ok(done) => {
-                if !self.announced_up && self.opts.set_node_network_unavailable {
-                    match self.mgr.network_up().await {
-                        Ok(()) => self.announced_up = true,
-                        Err(e) => warn!("{e}; retrying on the next pass"),
+            routes += want.routes.len();
+            neighbours += want.neighbours.len();
+            fdb += want.fdb.len();
+            let vtep = match mode {
+                Mode::Vxlan { vtep, .. } => Some(vtep),
+                Mode::HostGw { .. } => None,
+            };
+            match reconcile::apply_family(&self.nl, &want, vtep, !v6).await {
+                Ok(done) => {
+                    let changes = done.routes_added
+                        + done.routes_removed
+                        + done.neighbours_set
+                        + done.neighbours_removed
+                        + done.fdb_set
+                        + done.fdb_removed;
+                    m.reconcile_changes.fetch_add(changes as u64, Ordering::Relaxed);
+                    if !done.is_noop() {
+                        info!(
+                            "reconcile{}: routes +{} -{}, neighbours +{} -{}, fdb +{} -{}",
+                            if v6 { " (IPv6)" } else { "" },
+                            done.routes_added,
+                            done.routes_removed,
+                            done.neighbours_set,
+                            done.neighbours_removed,
+                            done.fdb_set,
+                            done.fdb_removed
+                        );
                     }
                 }
-                let changes = done.routes_added
-                    + done.routes_removed
-                    + done.neighbours_set
-                    + done.neighbours_removed
-                    + done.fdb_set
-                    + done.fdb_removed;
-                m.reconcile_changes.fetch_add(changes as u64, Ordering::Relaxed);
-                if !done.is_noop() {
-                    info!(
-                        "reconcile: routes +{} -{}, neighbours +{} -{}, fdb +{} -{}",
-                        done.routes_added,
-                        done.routes_removed,
-                        done.neighbours_set,
-                        done.neighbours_removed,
-                        done.fdb_set,
-                        done.fdb_removed
-                    );
+                Err(e) => {
+                    ok = false;
+                    m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                    error!("reconcile{}: {e}", if v6 { " (IPv6)" } else { "" });
                 }
             }
-            Err(e) => {
-                m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-                error!("reconcile: {e}");
+        }
+        if ok && !self.announced_up && self.opts.set_node_network_unavailable {
+            match self.mgr.network_up().await {
+                Ok(()) => self.announced_up = true,
+                Err(e) => warn!("{e}; retrying on the next pass"),
             }
         }
         if skipped != self.last_skipped {
@@ -521,9 +644,9 @@ impl<M: SubnetManager> Agent<M> {
             self.last_skipped = skipped;
         }
         m.peers.store(self.peers.len() as u64, Ordering::Relaxed);
-        m.routes.store(want.routes.len() as u64, Ordering::Relaxed);
-        m.neighbours.store(want.neighbours.len() as u64, Ordering::Relaxed);
-        m.fdb_entries.store(want.fdb.len() as u64, Ordering::Relaxed);
+        m.routes.store(routes as u64, Ordering::Relaxed);
+        m.neighbours.store(neighbours as u64, Ordering::Relaxed);
+        m.fdb_entries.store(fdb as u64, Ordering::Relaxed);
         m.skipped_peers.store(self.last_skipped.len() as u64, Ordering::Relaxed);
         let us = started.elapsed().as_micros() as u64;
         m.reconcile_last_us.store(us, Ordering::Relaxed);
@@ -559,7 +682,8 @@ impl<M: SubnetManager> Agent<M> {
     /// Claims our subnet again after losing it (preferring the same one).
     async fn reclaim(&mut self) {
         let prefer = self.own_subnet();
-        if let Err(e) = self.acquire(prefer).await {
+        let prefer6 = self.own.as_ref().and_then(|l| l.subnet6);
+        if let Err(e) = self.acquire(prefer, prefer6).await {
             self.metrics.lease_held.store(false, Ordering::Relaxed);
             let d = self.renew_backoff.next();
             error!("claiming a subnet again: {e}; retrying in {d:?}");

@@ -2,7 +2,7 @@
 //! (the uplink) and, for vxlan, the `flannel.<VNI>` device. Per-peer state is
 //! in [`crate::reconcile`].
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use regex_lite::Regex;
 use tracing::{info, warn};
@@ -14,6 +14,8 @@ use crate::config::Opts;
 
 /// VXLAN header + UDP + outer IPv4 + inner Ethernet.
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// The same with an outer IPv6 header.
+pub const VXLAN6_OVERHEAD: u32 = 70;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -35,6 +37,20 @@ pub struct Uplink {
     pub nets: Vec<IpNet>,
     /// What peers are told to send to (`--public-ip`, else `ip`).
     pub public_ip: Ipv4Addr,
+    /// This node's global IPv6 address on the uplink, if any (the IPv6 VTEP's `local`).
+    pub ip6: Option<Ipv6Addr>,
+    /// The uplink's IPv6 networks (on-link peers for IPv6 host-gw and DirectRouting).
+    pub nets6: Vec<IpNet>,
+    /// What peers are told to send IPv6 to (`--public-ipv6`, else `ip6`).
+    pub public_ipv6: Option<Ipv6Addr>,
+}
+
+fn usable_v6(a: &Address) -> Option<Ipv6Addr> {
+    match a.net.addr() {
+        // Not loopback, not link-local (fe80::/10).
+        IpAddr::V6(v6) if !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80 => Some(v6),
+        _ => None,
+    }
 }
 
 fn usable_v4(a: &Address) -> Option<Ipv4Addr> {
@@ -116,6 +132,8 @@ pub async fn find_uplink(nl: &Netlink, opts: &Opts) -> Result<Uplink, BackendErr
     })?;
     let nets =
         addrs.iter().filter(|a| a.index == link.index && usable_v4(a).is_some()).map(|a| a.net.network()).collect();
+    let v6: Vec<&Address> = addrs.iter().filter(|a| a.index == link.index && usable_v6(a).is_some()).collect();
+    let ip6 = v6.first().and_then(|a| usable_v6(a));
     Ok(Uplink {
         index: link.index,
         name: link.name.clone(),
@@ -123,6 +141,9 @@ pub async fn find_uplink(nl: &Netlink, opts: &Opts) -> Result<Uplink, BackendErr
         ip,
         nets,
         public_ip: opts.public_ip.unwrap_or(ip),
+        ip6,
+        nets6: v6.iter().map(|a| a.net.network()).collect(),
+        public_ipv6: opts.public_ipv6.or(ip6),
     })
 }
 
@@ -130,6 +151,8 @@ pub async fn find_uplink(nl: &Netlink, opts: &Opts) -> Result<Uplink, BackendErr
 #[derive(Clone, Debug)]
 pub struct VtepSpec {
     pub name: String,
+    /// The tunnel's source address: the uplink's IPv4 address, or its IPv6 one for the IPv6 VTEP.
+    pub local: IpAddr,
     pub vni: u32,
     pub port: u16,
     pub gbp: bool,
@@ -148,8 +171,8 @@ impl VtepSpec {
         if v.port != self.port {
             diffs.push(format!("port {} (want {})", v.port, self.port));
         }
-        if v.local != Some(IpAddr::V4(uplink.ip)) {
-            diffs.push(format!("local {:?} (want {})", v.local, uplink.ip));
+        if v.local != Some(self.local) {
+            diffs.push(format!("local {:?} (want {})", v.local, self.local));
         }
         if v.uplink.is_some_and(|i| i != uplink.index) {
             diffs.push(format!("dev #{:?} (want {})", v.uplink, uplink.name));
@@ -194,7 +217,7 @@ pub async fn ensure_vtep(
                 name: &spec.name,
                 vni: spec.vni,
                 port: spec.port,
-                local: Some(IpAddr::V4(uplink.ip)),
+                local: Some(spec.local),
                 uplink: Some(uplink.index),
                 mtu: Some(spec.mtu),
                 gbp: spec.gbp,
@@ -204,7 +227,7 @@ pub async fn ensure_vtep(
             created = true;
             info!(
                 "created {} (VNI {}, port {}, local {}, dev {})",
-                spec.name, spec.vni, spec.port, uplink.ip, uplink.name
+                spec.name, spec.vni, spec.port, spec.local, uplink.name
             );
             nl.link_by_name(&spec.name)
                 .await?
@@ -216,7 +239,11 @@ pub async fn ensure_vtep(
     }
     if let Some(want) = addr {
         let have = nl.addresses(Some(link.index)).await?;
-        for a in have.iter().filter(|a| a.net.is_ipv4() && a.net != want) {
+        // Only global addresses of the same family are ours to replace (the kernel adds an fe80:: one).
+        let stale = |a: &&Address| {
+            a.net.is_ipv4() == want.is_ipv4() && a.net != want && usable_v6(a).is_some() != want.is_ipv4()
+        };
+        for a in have.iter().filter(stale) {
             nl.del_address(link.index, a.net).await?;
         }
         if !have.iter().any(|a| a.net == want) {

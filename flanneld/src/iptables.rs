@@ -27,6 +27,7 @@ pub struct TableRules {
 pub fn masq_rules(network: &IpNet, subnet: &IpNet, random_fully: bool) -> TableRules {
     let (n, s) = (network.network(), subnet.network());
     let rf = if random_fully { " --random-fully" } else { "" };
+    let multicast = if network.is_ipv4() { "224.0.0.0/4" } else { "ff00::/8" };
     let c = MASQ_COMMENT;
     TableRules {
         table: "nat",
@@ -38,7 +39,7 @@ pub fn masq_rules(network: &IpNet, subnet: &IpNet, random_fully: bool) -> TableR
             format!("-A {MASQ_CHAIN} -s {s} -d {n} -m comment --comment {c} -j RETURN"),
             format!("-A {MASQ_CHAIN} -s {n} -d {s} -m comment --comment {c} -j RETURN"),
             format!("-A {MASQ_CHAIN} ! -s {n} -d {s} -m comment --comment {c} -j RETURN"),
-            format!("-A {MASQ_CHAIN} -s {n} ! -d 224.0.0.0/4 -m comment --comment {c} -j MASQUERADE{rf}"),
+            format!("-A {MASQ_CHAIN} -s {n} ! -d {multicast} -m comment --comment {c} -j MASQUERADE{rf}"),
             format!("-A {MASQ_CHAIN} ! -s {n} -d {n} -m comment --comment {c} -j MASQUERADE{rf}"),
         ],
     }
@@ -107,6 +108,14 @@ impl Default for Flavour {
 }
 
 impl Flavour {
+    /// The same flavour for IPv6 (`ip6tables-save`, `ip6tables-legacy-restore`, ...).
+    pub fn v6(&self) -> Flavour {
+        Flavour {
+            save: self.save.replacen("iptables", "ip6tables", 1),
+            restore: self.restore.replacen("iptables", "ip6tables", 1),
+        }
+    }
+
     fn named(mode: &str) -> Flavour {
         Flavour { save: format!("iptables-{mode}-save"), restore: format!("iptables-{mode}-restore") }
     }

@@ -17,10 +17,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use flannel_shared::IpNet;
-use flannel_shared::lease::{Lease, LeaseAttrs, choose_subnet, parse_subnet_key, subnet_key};
-use flannel_shared::netconf::Family;
+use flannel_shared::lease::{
+    Lease, LeaseAttrs, choose_subnet, parse_subnet_key, parse_subnet_key_pair, subnet_key_pair,
+};
 
-use super::{LeaseEvent, OwnLease, SubnetError, SubnetManager};
+use super::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
 use crate::config::Opts;
 use crate::metrics::Metrics;
 
@@ -75,11 +76,11 @@ pub struct EtcdManager {
 
 fn decode(kv: &KeyValue) -> Result<Lease, SubnetError> {
     let key = String::from_utf8_lossy(kv.key()).into_owned();
-    let subnet = parse_subnet_key(&key)
-        .ok_or_else(|| SubnetError::BadLease { key: key.clone(), msg: "not <ip>-<len>".into() })?;
+    let (subnet, subnet6) = parse_subnet_key_pair(&key)
+        .ok_or_else(|| SubnetError::BadLease { key: key.clone(), msg: "not <ip>-<len>[&<ip6>-<len>]".into() })?;
     let attrs: LeaseAttrs =
         serde_json::from_slice(kv.value()).map_err(|e| SubnetError::BadLease { key, msg: e.to_string() })?;
-    Ok(Lease { subnet, subnet6: None, attrs })
+    Ok(Lease { subnet, subnet6, attrs })
 }
 
 /// Every well-formed lease under `subnets/`, and the store revision they were read at.
@@ -105,33 +106,35 @@ impl EtcdManager {
         format!("{}/subnets/", self.prefix)
     }
 
-    fn key(&self, subnet: &IpNet) -> String {
-        format!("{}{}", self.subnets_prefix(), subnet_key(subnet))
+    fn key(&self, subnet: &IpNet, subnet6: Option<&IpNet>) -> String {
+        format!("{}{}", self.subnets_prefix(), subnet_key_pair(subnet, subnet6))
     }
 
-    /// Puts our lease under `key` if the transaction's condition holds.
+    /// Puts our lease under the key for (`subnet`, `subnet6`) if every condition
+    /// holds, deleting `replaces` (our previous key in another form) in the same transaction.
     async fn try_claim(
         &mut self,
-        subnet: IpNet,
+        (subnet, subnet6): (IpNet, Option<IpNet>),
         attrs: &LeaseAttrs,
-        cond: Compare,
+        conds: Vec<Compare>,
+        replaces: Option<Vec<u8>>,
     ) -> Result<Option<OwnLease>, SubnetError> {
         let value = serde_json::to_string(attrs).map_err(store_err)?;
         let grant = timed("grant lease", self.client.lease_grant(self.ttl, None)).await?;
         let id = grant.id();
-        let txn = Txn::new().when([cond]).and_then([TxnOp::put(
-            self.key(&subnet),
-            value,
-            Some(PutOptions::new().with_lease(id)),
-        )]);
-        let resp = timed("claim subnet", self.client.txn(txn)).await?;
+        let mut ops = Vec::new();
+        if let Some(old) = replaces {
+            ops.push(TxnOp::delete(old, None));
+        }
+        ops.push(TxnOp::put(self.key(&subnet, subnet6.as_ref()), value, Some(PutOptions::new().with_lease(id))));
+        let resp = timed("claim subnet", self.client.txn(Txn::new().when(conds).and_then(ops))).await?;
         if !resp.succeeded() {
             // Lost the race; the fresh etcd lease holds nothing, let it go.
             let _ = timed("revoke lease", self.client.lease_revoke(id)).await;
             return Ok(None);
         }
         let expiration = SystemTime::now() + Duration::from_secs(grant.ttl().max(0) as u64);
-        Ok(Some(OwnLease { subnet, attrs: attrs.clone(), expiration, id }))
+        Ok(Some(OwnLease { subnet, subnet6, attrs: attrs.clone(), expiration, id }))
     }
 
     /// Starts the task that lists, then watches, the subnets prefix and sends
@@ -204,77 +207,93 @@ impl SubnetManager for EtcdManager {
         }
     }
 
-    async fn acquire(
-        &mut self,
-        family: &Family,
-        attrs: &LeaseAttrs,
-        prefer: Option<IpNet>,
-    ) -> Result<OwnLease, SubnetError> {
+    async fn acquire(&mut self, c: &Claim<'_>) -> Result<OwnLease, SubnetError> {
+        let (family, attrs) = (c.family, c.attrs);
         let prefix = self.subnets_prefix();
         for attempt in 0..16u64 {
             let (leases, _) = list(&mut self.client, &prefix).await?;
             let by_subnet: HashMap<IpNet, &(Lease, KeyValue)> = leases.iter().map(|e| (e.0.subnet, e)).collect();
+            let taken6: HashSet<IpNet> = leases.iter().filter_map(|(l, _)| l.subnet6).collect();
+            let seed = u64::from(u32::from(attrs.public_ip)) ^ (u64::from(std::process::id()) << 32) ^ attempt;
 
             // Ours already (a restart): the subnet from subnet.env, else any lease with our public IP.
             let mine = |s: &IpNet| by_subnet.get(s).is_some_and(|(l, _)| l.attrs.public_ip == attrs.public_ip);
-            let previous = prefer
+            let previous = c
+                .prefer
                 .filter(|p| family.allows(p) && (mine(p) || !by_subnet.contains_key(p)))
                 .or_else(|| leases.iter().map(|(l, _)| l.subnet).find(|s| mine(s) && family.allows(s)));
-            if let Some(p) = previous {
-                let got = match by_subnet.get(&p) {
-                    Some((_, kv)) => {
-                        let old_lease = kv.lease();
-                        let cond = Compare::mod_revision(self.key(&p), CompareOp::Equal, kv.mod_revision());
-                        let got = self.try_claim(p, attrs, cond).await?;
-                        if got.is_some() && old_lease != 0 {
-                            let _ = timed("revoke old lease", self.client.lease_revoke(old_lease)).await;
-                        }
-                        got
-                    }
-                    None => {
-                        self.try_claim(p, attrs, Compare::create_revision(self.key(&p), CompareOp::Equal, 0)).await?
-                    }
-                };
-                if let Some(l) = got {
-                    info!("reusing subnet {} (previous lease of this node)", l.subnet);
-                    return Ok(l);
+            let old = previous.and_then(|p| by_subnet.get(&p).copied());
+            let s4 = match previous {
+                Some(p) => p,
+                None => {
+                    let taken: HashSet<IpNet> = by_subnet.keys().copied().collect();
+                    choose_subnet(family, &taken, None, seed).ok_or_else(|| SubnetError::Exhausted {
+                        network: family.network,
+                        min: family.subnet_min,
+                        max: family.subnet_max,
+                        taken: taken.iter().filter(|s| family.allows(s)).count(),
+                    })?
                 }
-                continue;
-            }
-
-            let taken: HashSet<IpNet> = by_subnet.keys().copied().collect();
-            let seed = u64::from(u32::from(attrs.public_ip)) ^ (u64::from(std::process::id()) << 32) ^ attempt;
-            let Some(s) = choose_subnet(family, &taken, None, seed) else {
-                return Err(SubnetError::Exhausted {
-                    network: family.network,
-                    min: family.subnet_min,
-                    max: family.subnet_max,
-                    taken: taken.iter().filter(|s| family.allows(s)).count(),
-                });
             };
-            if let Some(l) =
-                self.try_claim(s, attrs, Compare::create_revision(self.key(&s), CompareOp::Equal, 0)).await?
-            {
-                info!("claimed subnet {}", l.subnet);
+            let s6 = match c.family6 {
+                None => None,
+                Some(f6) => {
+                    let old6 = old.and_then(|(l, _)| l.subnet6);
+                    let usable = |s: &IpNet| f6.allows(s) && (!taken6.contains(s) || Some(*s) == old6);
+                    let pick = c.prefer6.filter(usable).or(old6.filter(usable));
+                    Some(pick.or_else(|| choose_subnet(f6, &taken6, None, seed)).ok_or_else(|| {
+                        SubnetError::Exhausted {
+                            network: f6.network,
+                            min: f6.subnet_min,
+                            max: f6.subnet_max,
+                            taken: taken6.iter().filter(|s| f6.allows(s)).count(),
+                        }
+                    })?)
+                }
+            };
+            let key = self.key(&s4, s6.as_ref());
+            let mut conds = Vec::new();
+            let mut replaces = None;
+            match old {
+                Some((_, kv)) => {
+                    conds.push(Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision()));
+                    if kv.key() != key.as_bytes() {
+                        conds.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+                        replaces = Some(kv.key().to_vec());
+                    }
+                }
+                None => conds.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0)),
+            }
+            if let Some(l) = self.try_claim((s4, s6), attrs, conds, replaces).await? {
+                if let Some((_, kv)) = old
+                    && kv.lease() != 0
+                {
+                    let _ = timed("revoke old lease", self.client.lease_revoke(kv.lease())).await;
+                }
+                if previous.is_some() {
+                    info!("reusing subnet {} (previous lease of this node)", l.subnet);
+                } else {
+                    info!("claimed subnet {}", l.subnet);
+                }
+                if let Some(s6) = l.subnet6 {
+                    info!("IPv6 subnet {s6}");
+                }
                 return Ok(l);
             }
-            debug!("lost the race for {s}, retrying");
+            debug!("lost the race for {key}, retrying");
         }
         Err(store_err("could not claim a subnet after 16 attempts (heavy contention)"))
     }
 
-    async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr) -> Option<String> {
+    async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr, v6: bool) -> Option<String> {
         let prefix = self.subnets_prefix();
         let (leases, _) = list(&mut self.client, &prefix).await.ok()?;
-        leases
-            .iter()
-            .find(|(l, _)| l.attrs.public_ip == public_ip)
-            .and_then(|(l, _)| l.vxlan_data())
-            .map(|d| d.vtep_mac)
+        let l = &leases.iter().find(|(l, _)| l.attrs.public_ip == public_ip)?.0;
+        if v6 { l.vxlan_v6_data() } else { l.vxlan_data() }.map(|d| d.vtep_mac)
     }
 
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError> {
-        let key = self.key(&lease.subnet);
+        let key = self.key(&lease.subnet, lease.subnet6.as_ref());
         let resp = timed("read own lease", self.client.get(key.as_str(), None)).await?;
         let Some(kv) = resp.kvs().first() else { return Err(SubnetError::LeaseLost(lease.subnet)) };
         let theirs: Option<LeaseAttrs> = serde_json::from_slice(kv.value()).ok();

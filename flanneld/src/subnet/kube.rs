@@ -21,9 +21,8 @@ use tracing::{info, warn};
 
 use flannel_shared::IpNet;
 use flannel_shared::lease::{Lease, LeaseAttrs};
-use flannel_shared::netconf::Family;
 
-use super::{LeaseEvent, OwnLease, SubnetError, SubnetManager};
+use super::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
 use crate::config::Opts;
 use crate::metrics::Metrics;
 
@@ -77,6 +76,8 @@ pub struct Keys {
     pub backend_type: String,
     pub backend_data: String,
     pub public_ip: String,
+    pub backend_v6_data: String,
+    pub public_ipv6: String,
     pub subnet_manager: String,
     pub public_ip_overwrite: String,
     pub node_public_ip: String,
@@ -89,6 +90,8 @@ impl Keys {
             backend_type: format!("{p}/backend-type"),
             backend_data: format!("{p}/backend-data"),
             public_ip: format!("{p}/public-ip"),
+            backend_v6_data: format!("{p}/backend-v6-data"),
+            public_ipv6: format!("{p}/public-ipv6"),
             subnet_manager: format!("{p}/kube-subnet-manager"),
             public_ip_overwrite: format!("{p}/public-ip-overwrite"),
             node_public_ip: format!("{p}/node-public-ip"),
@@ -102,9 +105,14 @@ fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 
 /// The IPv4 pod CIDR of a node (`spec.podCIDRs`, else `spec.podCIDR`).
 pub fn pod_cidr(node: &Node) -> Option<IpNet> {
+    pod_cidr_of(node, true)
+}
+
+/// The pod CIDR of one family (`spec.podCIDRs` holds one per family when dual-stack).
+pub fn pod_cidr_of(node: &Node, v4: bool) -> Option<IpNet> {
     let spec = node.spec.as_ref()?;
     let all = spec.pod_cidrs.iter().flatten().chain(spec.pod_cidr.iter());
-    all.filter_map(|c| c.parse::<IpNet>().ok()).find(IpNet::is_ipv4).map(|n| n.network())
+    all.filter_map(|c| c.parse::<IpNet>().ok()).find(|n| n.is_ipv4() == v4).map(|n| n.network())
 }
 
 /// A peer's lease from its Node: podCIDR plus our annotations; None until both are there.
@@ -116,21 +124,31 @@ pub fn node_lease(node: &Node, keys: &Keys) -> Option<Lease> {
         Some(text) => serde_json::from_str(text).ok()?,
         None => Value::Null,
     };
+    // The IPv6 half, when the node publishes one.
+    let public_ipv6 = annotation(node, &keys.public_ipv6).and_then(|v| v.parse().ok());
+    let subnet6 = public_ipv6.and(pod_cidr_of(node, false));
+    let backend_v6_data = annotation(node, &keys.backend_v6_data).and_then(|t| serde_json::from_str(t).ok());
     Some(Lease {
         subnet,
-        subnet6: None,
-        attrs: LeaseAttrs { public_ip, public_ipv6: None, backend_type, backend_data, backend_v6_data: None },
+        subnet6,
+        attrs: LeaseAttrs { public_ip, public_ipv6, backend_type, backend_data, backend_v6_data },
     })
 }
 
 /// The patch that publishes our lease attributes on our Node.
 pub fn annotations_patch(keys: &Keys, attrs: &LeaseAttrs) -> Value {
-    json!({"metadata": {"annotations": {
+    let mut patch = json!({"metadata": {"annotations": {
         keys.backend_type.as_str(): attrs.backend_type,
         keys.backend_data.as_str(): attrs.backend_data.to_string(),
         keys.public_ip.as_str(): attrs.public_ip.to_string(),
         keys.subnet_manager.as_str(): "true",
-    }}})
+    }}});
+    if let Some(v6) = attrs.public_ipv6 {
+        let ann = &mut patch["metadata"]["annotations"];
+        ann[keys.public_ipv6.as_str()] = json!(v6.to_string());
+        ann[keys.backend_v6_data.as_str()] = json!(attrs.backend_v6_data.clone().unwrap_or(Value::Null).to_string());
+    }
+    patch
 }
 
 /// The status patch that clears `NetworkUnavailable` (merged by condition type).
@@ -248,23 +266,20 @@ impl SubnetManager for KubeManager {
         })
     }
 
-    async fn previous_vtep_mac(&mut self, _public_ip: Ipv4Addr) -> Option<String> {
+    async fn previous_vtep_mac(&mut self, _public_ip: Ipv4Addr, v6: bool) -> Option<String> {
         let node = self.nodes().get(&self.node).await.ok()?;
-        let data: Value = serde_json::from_str(annotation(&node, &self.keys.backend_data)?).ok()?;
+        let key = if v6 { &self.keys.backend_v6_data } else { &self.keys.backend_data };
+        let data: Value = serde_json::from_str(annotation(&node, key)?).ok()?;
         data.get("VtepMAC")?.as_str().map(String::from)
     }
 
-    async fn acquire(
-        &mut self,
-        family: &Family,
-        attrs: &LeaseAttrs,
-        _prefer: Option<IpNet>,
-    ) -> Result<OwnLease, SubnetError> {
+    async fn acquire(&mut self, c: &Claim<'_>) -> Result<OwnLease, SubnetError> {
+        let (family, attrs) = (c.family, c.attrs);
         let api = self.nodes();
         let mut waited = false;
         let node = loop {
             let node = api.get(&self.node).await.map_err(|e| api_err(&format!("get node {}", self.node), e))?;
-            if pod_cidr(&node).is_some() {
+            if pod_cidr(&node).is_some() && (c.family6.is_none() || pod_cidr_of(&node, false).is_some()) {
                 break node;
             }
             if !waited {
@@ -283,6 +298,19 @@ impl SubnetManager for KubeManager {
                 self.node, family.network
             )));
         }
+        let subnet6 = match c.family6 {
+            Some(f6) => {
+                let s6 = pod_cidr_of(&node, false).expect("checked above");
+                if !f6.network.contains_net(&s6) {
+                    return Err(SubnetError::Refused(format!(
+                        "node {} has IPv6 podCIDR {s6}, outside the flannel IPv6Network {}",
+                        self.node, f6.network
+                    )));
+                }
+                Some(s6)
+            }
+            None => None,
+        };
         let mut attrs = attrs.clone();
         for key in [&self.keys.public_ip_overwrite, &self.keys.node_public_ip] {
             if let Some(ip) = annotation(&node, key).and_then(|v| v.parse::<Ipv4Addr>().ok()) {
@@ -296,7 +324,7 @@ impl SubnetManager for KubeManager {
             .await
             .map_err(|e| api_err(&format!("annotate node {}", self.node), e))?;
         info!("node {} has podCIDR {subnet}; annotations published", self.node);
-        Ok(OwnLease { subnet, attrs, expiration: SystemTime::now() + Duration::from_secs(24 * 3600), id: 1 })
+        Ok(OwnLease { subnet, subnet6, attrs, expiration: SystemTime::now() + Duration::from_secs(24 * 3600), id: 1 })
     }
 
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError> {

@@ -26,6 +26,8 @@ pub enum LeaseEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnLease {
     pub subnet: IpNet,
+    /// This node's IPv6 subnet when the network is dual-stack.
+    pub subnet6: Option<IpNet>,
     pub attrs: LeaseAttrs,
     pub expiration: SystemTime,
     /// Manager-specific handle (the etcd lease ID).
@@ -56,23 +58,31 @@ impl SubnetError {
     }
 }
 
+/// What the agent asks a manager for.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    pub family: &'a Family,
+    /// Set when the network is dual-stack.
+    pub family6: Option<&'a Family>,
+    pub attrs: &'a LeaseAttrs,
+    pub prefer: Option<IpNet>,
+    pub prefer6: Option<IpNet>,
+}
+
 /// The agent runs on a single-threaded runtime, so these futures need not be `Send`.
 #[allow(async_fn_in_trait)]
 pub trait SubnetManager {
     /// The raw net-conf.json text.
     async fn network_config(&mut self) -> Result<String, SubnetError>;
-    /// Claims a subnet for `attrs`: `prefer` (our previous one) when it is free
-    /// or already ours, else any free one in `family`'s range.
-    async fn acquire(
-        &mut self,
-        family: &Family,
-        attrs: &LeaseAttrs,
-        prefer: Option<IpNet>,
-    ) -> Result<OwnLease, SubnetError>;
+    /// Claims a subnet (and an IPv6 one when the network is dual-stack) for
+    /// `claim.attrs`: the preferred ones (our previous lease) when free or
+    /// already ours, else free ones in the families' ranges.
+    async fn acquire(&mut self, claim: &Claim<'_>) -> Result<OwnLease, SubnetError>;
     /// Extends the lease; `LeaseLost` when it no longer exists.
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError>;
-    /// The VtepMAC this node advertised before, so a rebuilt VXLAN device keeps it.
-    async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr) -> Option<String>;
+    /// The VtepMAC this node advertised before (for the IPv6 VTEP when `v6`),
+    /// so a rebuilt VXLAN device keeps it.
+    async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr, v6: bool) -> Option<String>;
     /// Called once the data path is programmed (Kubernetes: clear `NetworkUnavailable`).
     async fn network_up(&mut self) -> Result<(), SubnetError> {
         Ok(())
