@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -118,6 +118,8 @@ pub fn flannel_conf(version: &str, subnet_file: &Path, state_dir: &Path, ipam_di
 pub struct Node {
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    /// 2001:db8::<n> on eth0 when the cluster has IPv6 on its underlay.
+    pub ip6: Option<Ipv6Addr>,
     pub dir: PathBuf,
     agent: Option<Child>,
 }
@@ -148,6 +150,22 @@ impl Node {
     /// `KEY=value` lines of subnet.env, if written.
     pub fn subnet_env(&self) -> Option<String> {
         std::fs::read_to_string(self.subnet_file()).ok()
+    }
+
+    /// This node's IPv6 subnet (`fd00:10:244:5::/64`) from subnet.env, when dual-stack.
+    pub fn subnet6(&self) -> Option<String> {
+        let env = self.subnet_env()?;
+        let gw = env.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))?;
+        let (ip, len) = gw.split_once('/')?;
+        let ip: Ipv6Addr = ip.parse().ok()?;
+        let len: u32 = len.parse().ok()?;
+        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        Some(format!("{}/{len}", Ipv6Addr::from(u128::from(ip) & mask)))
+    }
+
+    /// IPv6 routes flanneld owns (`proto 76`) as `ip -j -6 route` objects.
+    pub fn flannel_routes6(&self) -> Vec<Value> {
+        self.ns.ip_json(&["-6", "route", "show", "proto", "76"]).as_array().cloned().unwrap_or_default()
     }
 
     /// This node's subnet (`10.244.1.0/24`) from subnet.env.
@@ -207,6 +225,8 @@ pub struct Pod {
     pub ns: Netns,
     pub node: usize,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address when the network is dual-stack.
+    pub ip6: Option<Ipv6Addr>,
     pub cid: String,
 }
 
@@ -248,6 +268,8 @@ pub struct Cluster {
     tls: Option<PathBuf>,
     /// etcd user and password once auth is enabled.
     auth: Option<(String, String)>,
+    /// Whether the underlay (and nodes added later) carry IPv6 too (2001:db8::/64).
+    ipv6: bool,
 }
 
 impl Cluster {
@@ -281,6 +303,7 @@ impl Cluster {
             ns_prefix: ns_prefix.to_string(),
             tls: None,
             auth: None,
+            ipv6: false,
         };
         if tls {
             c.tls = Some(make_certs(&c.dir.join("tls")));
@@ -320,6 +343,12 @@ impl Cluster {
             }
         }
         f
+    }
+
+    /// Gives the underlay IPv6 (2001:db8::fe/64 on br0); nodes added afterwards get 2001:db8::<n>/64.
+    pub fn enable_ipv6(&mut self) {
+        self.underlay.ip(&["addr", "add", "2001:db8::fe/64", "dev", "br0", "nodad"]);
+        self.ipv6 = true;
     }
 
     /// Turns on etcd authentication with a root user; etcdctl and agents started later use it.
@@ -419,9 +448,13 @@ impl Cluster {
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", ETCD_IP]);
+        let ip6 = self.ipv6.then(|| Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, (i + 1) as u16));
+        if let Some(v6) = ip6 {
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        }
         let dir = self.dir.join(format!("node{}", i + 1));
         std::fs::create_dir_all(&dir).expect("node dir");
-        self.nodes.push(Node { ns, ip, dir, agent: None });
+        self.nodes.push(Node { ns, ip, ip6, dir, agent: None });
         i
     }
 
@@ -502,12 +535,18 @@ impl Cluster {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "CNI ADD on node {i} failed: {text} {}", String::from_utf8_lossy(&out.stderr));
         let res: Value = serde_json::from_str(&text).expect("CNI result JSON");
-        let ip = res["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no IP in CNI result {res}"));
-        self.pods.push(Pod { ns, node: i, ip, cid });
+        let ips: Vec<IpAddr> = res["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["address"].as_str()?.split('/').next()?.parse().ok())
+            .collect();
+        let ip = ips
+            .iter()
+            .find_map(|a| if let IpAddr::V4(v4) = a { Some(*v4) } else { None })
+            .unwrap_or_else(|| panic!("no IPv4 address in CNI result {res}"));
+        let ip6 = ips.iter().find_map(|a| if let IpAddr::V6(v6) = a { Some(*v6) } else { None });
+        self.pods.push(Pod { ns, node: i, ip, ip6, cid });
         self.pods.last().expect("just pushed")
     }
 
