@@ -43,6 +43,12 @@ fn merge(dst: &mut Value, src: &Value) {
 
 impl FakeApi {
     fn put_node(&self, name: &str, cidr: &str, annotations: Value) {
+        self.put_node_cidrs(name, &[cidr], annotations);
+    }
+
+    /// A node with one podCIDR per family (dual-stack: IPv4 first, as Kubernetes orders them).
+    fn put_node_cidrs(&self, name: &str, cidrs: &[&str], annotations: Value) {
+        let cidr = cidrs[0];
         let (m, cv) = &*self.0;
         let mut st = m.lock().unwrap();
         st.rv += 1;
@@ -50,7 +56,7 @@ impl FakeApi {
         let node = json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "resourceVersion": rv.to_string(), "annotations": annotations},
-            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+            "spec": {"podCIDR": cidr, "podCIDRs": cidrs},
             "status": {"conditions": []},
         });
         let kind = if st.nodes.contains_key(name) { "MODIFIED" } else { "ADDED" };
@@ -207,15 +213,10 @@ impl FakeApi {
     }
 }
 
-#[test]
-fn two_kube_mode_agents_publish_annotations_and_route_to_each_other() {
-    let api = FakeApi::default();
-    api.put_node("n1", "10.244.1.0/24", json!({}));
-    api.put_node("n2", "10.244.2.0/24", json!({}));
-
-    let mut c = Cluster::new("kf");
+/// Two namespace nodes (n1, n2) running flanneld in Kubernetes mode against `api`.
+fn start_agents(c: &mut Cluster, api: &FakeApi, netconf_json: &str) {
     let netconf = c.dir().join("net-conf.json");
-    std::fs::write(&netconf, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+    std::fs::write(&netconf, netconf_json).unwrap();
     let kubeconfig = c.dir().join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -237,6 +238,16 @@ fn two_kube_mode_agents_publish_annotations_and_route_to_each_other() {
             &[("NODE_NAME", name)],
         );
     }
+}
+
+#[test]
+fn two_kube_mode_agents_publish_annotations_and_route_to_each_other() {
+    let api = FakeApi::default();
+    api.put_node("n1", "10.244.1.0/24", json!({}));
+    api.put_node("n2", "10.244.2.0/24", json!({}));
+
+    let mut c = Cluster::new("kf");
+    start_agents(&mut c, &api, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#);
     for i in 0..2 {
         assert!(c.wait_ready(i, Duration::from_secs(30)), "{}", c.nodes[i].log());
     }
@@ -293,4 +304,39 @@ fn two_kube_mode_agents_publish_annotations_and_route_to_each_other() {
     assert!(wait_until(Duration::from_secs(10), || n.flannel_routes().iter().any(|r| r["dst"] == "10.244.3.0/24")));
     api.delete_node("n3");
     assert!(wait_until(Duration::from_secs(10), || n.flannel_routes().iter().all(|r| r["dst"] != "10.244.3.0/24")));
+}
+
+#[test]
+fn dual_stack_from_pod_cidrs() {
+    let api = FakeApi::default();
+    api.put_node_cidrs("n1", &["10.244.1.0/24", "fd00:10:244:1::/64"], json!({}));
+    api.put_node_cidrs("n2", &["10.244.2.0/24", "fd00:10:244:2::/64"], json!({}));
+    let mut c = Cluster::new("kd");
+    c.enable_ipv6();
+    start_agents(
+        &mut c,
+        &api,
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+    );
+    for i in 0..2 {
+        assert!(c.wait_ready(i, Duration::from_secs(30)), "{}", c.nodes[i].log());
+    }
+    assert_eq!(c.nodes[0].subnet6().as_deref(), Some("fd00:10:244:1::/64"));
+    let ann = api.node("n1")["metadata"]["annotations"].clone();
+    assert_eq!(ann[format!("{P}/public-ipv6")], "2001:db8::1");
+    let data: Value = serde_json::from_str(ann[format!("{P}/backend-v6-data")].as_str().unwrap()).unwrap();
+    assert_eq!(data["VtepMAC"], c.nodes[0].ns.ip_json(&["link", "show", "flannel-v6.1"])[0]["address"]);
+    let n = &c.nodes[0];
+    assert!(wait_until(Duration::from_secs(10), || n
+        .flannel_routes6()
+        .iter()
+        .any(|r| r["dst"] == "fd00:10:244:2::/64" && r["dev"] == "flannel-v6.1")));
+    c.add_pod(0);
+    c.add_pod(1);
+    let b6 = c.pods[1].ip6.expect("pod IPv6").to_string();
+    let ping6 = |c: &Cluster| {
+        let out = c.pods[0].ns.run("ping", &["-6", "-c", "1", "-W", "2", &b6]);
+        String::from_utf8_lossy(&out.stdout).contains("ttl=62")
+    };
+    assert!(wait_until(Duration::from_secs(10), || ping6(&c)));
 }
