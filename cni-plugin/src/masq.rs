@@ -35,14 +35,33 @@ fn iptables(v4: bool, args: &[&str]) -> std::result::Result<(), String> {
     }
 }
 
+/// The pieces of one pod address's rules.
+struct Parts {
+    v4: bool,
+    chain: String,
+    comment: String,
+    subnet: String,
+    host: String,
+    mcast: &'static str,
+}
+
+impl Parts {
+    fn new(network: &str, container_id: &str, addr: &IpNet) -> Parts {
+        let v4 = addr.is_ipv4();
+        Parts {
+            v4,
+            chain: chain_name(network, container_id),
+            comment: comment(network, container_id),
+            subnet: addr.network().to_string(),
+            host: format!("{}/{}", addr.addr(), if v4 { 32 } else { 128 }),
+            mcast: if v4 { "224.0.0.0/4" } else { "ff00::/8" },
+        }
+    }
+}
+
 /// Installs the masquerade chain for one pod address (`addr` carries the subnet's prefix).
 pub fn setup(network: &str, container_id: &str, addr: &IpNet) -> Result<()> {
-    let v4 = addr.is_ipv4();
-    let chain = chain_name(network, container_id);
-    let c = comment(network, container_id);
-    let subnet = addr.network().to_string();
-    let host = format!("{}/{}", addr.addr(), if v4 { 32 } else { 128 });
-    let mcast = if v4 { "224.0.0.0/4" } else { "ff00::/8" };
+    let Parts { v4, chain, comment: c, subnet, host, mcast } = Parts::new(network, container_id, addr);
     let fail = |e: String| CniError::new(code::IPTABLES_FAILURE, "failed to set up ipMasq").with_details(e);
     // A chain left by an interrupted ADD is reused after a flush.
     if iptables(v4, &["-N", &chain]).is_err() {
@@ -60,12 +79,7 @@ pub fn setup(network: &str, container_id: &str, addr: &IpNet) -> Result<()> {
 
 /// What of [`setup`]'s rules is missing for `addr` (empty when all are in place).
 pub fn verify(network: &str, container_id: &str, addr: &IpNet) -> Vec<String> {
-    let v4 = addr.is_ipv4();
-    let chain = chain_name(network, container_id);
-    let c = comment(network, container_id);
-    let subnet = addr.network().to_string();
-    let host = format!("{}/{}", addr.addr(), if v4 { 32 } else { 128 });
-    let mcast = if v4 { "224.0.0.0/4" } else { "ff00::/8" };
+    let Parts { v4, chain, comment: c, subnet, host, mcast } = Parts::new(network, container_id, addr);
     let rules: [(&str, Vec<&str>); 3] = [
         ("jump", vec!["POSTROUTING", "-s", &host, "-j", &chain, "-m", "comment", "--comment", &c]),
         ("ACCEPT to the pod subnet", vec![&chain, "-d", &subnet, "-j", "ACCEPT", "-m", "comment", "--comment", &c]),

@@ -68,9 +68,9 @@ pub fn check_br_netfilter(proc: &Path) -> Result<(), AgentError> {
     }
 }
 
-/// Turns on IPv4 forwarding; returns whether it had to.
-pub fn enable_ip_forward(proc: &Path) -> Result<bool, AgentError> {
-    let p = proc.join("sys/net/ipv4/ip_forward");
+/// Sets a `0/1` sysctl under `proc` (normally `/proc`) to 1; returns whether it had to.
+fn turn_on(proc: &Path, rel: &str) -> Result<bool, AgentError> {
+    let p = proc.join(rel);
     let cur = std::fs::read_to_string(&p).map_err(|e| AgentError::Preflight(format!("{}: {e}", p.display())))?;
     if cur.trim() == "1" {
         return Ok(false);
@@ -79,15 +79,14 @@ pub fn enable_ip_forward(proc: &Path) -> Result<bool, AgentError> {
     Ok(true)
 }
 
+/// Turns on IPv4 forwarding; returns whether it had to.
+pub fn enable_ip_forward(proc: &Path) -> Result<bool, AgentError> {
+    turn_on(proc, "sys/net/ipv4/ip_forward")
+}
+
 /// Turns on IPv6 forwarding (dual-stack); returns whether it had to.
 pub fn enable_ipv6_forward(proc: &Path) -> Result<bool, AgentError> {
-    let p = proc.join("sys/net/ipv6/conf/all/forwarding");
-    let cur = std::fs::read_to_string(&p).map_err(|e| AgentError::Preflight(format!("{}: {e}", p.display())))?;
-    if cur.trim() == "1" {
-        return Ok(false);
-    }
-    std::fs::write(&p, "1").map_err(|e| AgentError::Preflight(format!("enable {}: {e}", p.display())))?;
-    Ok(true)
+    turn_on(proc, "sys/net/ipv6/conf/all/forwarding")
 }
 
 fn unix_secs(t: SystemTime) -> i64 {
