@@ -96,6 +96,25 @@ fn same_route(a: &Route, b: &Route) -> bool {
         && a.metric == b.metric
 }
 
+/// Netlink requests kept in flight at once: the kernel answers them in order,
+/// and not waiting for each ack makes a 5,000-peer pass several times faster.
+const WINDOW: usize = 64;
+
+/// Runs the requests with up to [`WINDOW`] in flight; how many ran, or the first error.
+async fn pipelined<F>(requests: impl Iterator<Item = F>) -> Result<usize, NetlinkError>
+where
+    F: std::future::Future<Output = Result<(), NetlinkError>>,
+{
+    use futures_util::StreamExt;
+    let mut results = futures_util::stream::iter(requests).buffer_unordered(WINDOW);
+    let mut n = 0;
+    while let Some(r) = results.next().await {
+        r?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// Brings the kernel in line with `want`. `vtep` is the VXLAN device whose
 /// ARP and FDB entries this agent owns (none for host-gw).
 ///
@@ -122,20 +141,12 @@ pub async fn apply_family(nl: &Netlink, want: &Desired, vtep: Option<u32>, v4: b
     if let Some(vtep) = vtep {
         let have: HashMap<IpAddr, [u8; 6]> =
             neigh.iter().filter(|n| n.permanent).filter_map(|n| Some((n.ip?, n.mac?))).collect();
-        for (ip, mac) in &want.neighbours {
-            if have.get(ip) != Some(mac) {
-                nl.replace_neighbour(vtep, *ip, *mac).await?;
-                done.neighbours_set += 1;
-            }
-        }
+        let todo = want.neighbours.iter().filter(|(ip, mac)| have.get(*ip) != Some(*mac));
+        done.neighbours_set = pipelined(todo.map(|(ip, mac)| nl.replace_neighbour(vtep, *ip, *mac))).await?;
         // Entries without a remote (the device's own) are not ours.
         let have: HashSet<([u8; 6], IpAddr)> = fdb.iter().filter_map(|n| Some((n.mac?, n.ip?))).collect();
-        for (mac, dst) in &want.fdb {
-            if !have.contains(&(*mac, *dst)) {
-                nl.replace_fdb(vtep, *mac, *dst).await?;
-                done.fdb_set += 1;
-            }
-        }
+        let todo = want.fdb.iter().filter(|(mac, dst)| !have.contains(&(**mac, **dst)));
+        done.fdb_set = pipelined(todo.map(|(mac, dst)| nl.replace_fdb(vtep, *mac, *dst))).await?;
     }
 
     let owned: Vec<&Route> = routes.iter().filter(|r| r.protocol == RTPROT_FLANNEL).collect();
@@ -143,12 +154,12 @@ pub async fn apply_family(nl: &Netlink, want: &Desired, vtep: Option<u32>, v4: b
     for h in &owned {
         by_dst.entry(h.dst).or_default().push(h);
     }
-    for r in want.routes.iter().filter(|r| r.dst.is_ipv4() == v4) {
-        if !by_dst.get(&r.dst).is_some_and(|hs| hs.iter().any(|h| same_route(h, r))) {
-            nl.replace_route(r).await?;
-            done.routes_added += 1;
-        }
-    }
+    let todo = want
+        .routes
+        .iter()
+        .filter(|r| r.dst.is_ipv4() == v4)
+        .filter(|r| !by_dst.get(&r.dst).is_some_and(|hs| hs.iter().any(|h| same_route(h, r))));
+    done.routes_added = pipelined(todo.map(|r| nl.replace_route(r))).await?;
     // A replace above already swapped any owned route with the same destination;
     // what remains stale is an owned route whose lease is gone.
     let wanted_dsts: HashSet<IpNet> = want.routes.iter().map(|r| r.dst).collect();
