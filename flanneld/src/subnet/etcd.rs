@@ -151,7 +151,7 @@ impl EtcdManager {
                         metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
                         warn!("watching {prefix}: {e}; re-listing in {backoff:?}");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
             }

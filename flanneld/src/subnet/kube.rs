@@ -236,7 +236,7 @@ impl KubeManager {
                         metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
                         warn!("watching nodes: {e}; resuming in {backoff:?}");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 };
