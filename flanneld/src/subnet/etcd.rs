@@ -145,9 +145,14 @@ impl EtcdManager {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
-                match watch_once(&mut client, &prefix, &tx).await {
+                let mut listed = false;
+                match watch_once(&mut client, &prefix, &tx, &mut listed).await {
                     Ok(()) => return, // the agent hung up
                     Err(e) => {
+                        if listed {
+                            // The store was there for this cycle: start the backoff over.
+                            backoff = Duration::from_millis(200);
+                        }
                         metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
                         warn!("watching {prefix}: {e}; re-listing in {backoff:?}");
                         tokio::time::sleep(backoff).await;
@@ -160,11 +165,17 @@ impl EtcdManager {
 }
 
 /// One list + watch cycle. Returns Ok only when the receiver is gone.
-async fn watch_once(client: &mut Client, prefix: &str, tx: &mpsc::Sender<LeaseEvent>) -> Result<(), SubnetError> {
+async fn watch_once(
+    client: &mut Client,
+    prefix: &str,
+    tx: &mpsc::Sender<LeaseEvent>,
+    listed: &mut bool,
+) -> Result<(), SubnetError> {
     let (leases, rev) = list(client, prefix).await?;
     if tx.send(LeaseEvent::Snapshot(leases.into_iter().map(|(l, _)| l).collect())).await.is_err() {
         return Ok(());
     }
+    *listed = true;
     let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
     let mut stream = timed("watch leases", client.watch(prefix, Some(opts))).await?;
     debug!("watching {prefix} from revision {}", rev + 1);
