@@ -152,15 +152,14 @@ impl Node {
         std::fs::read_to_string(self.subnet_file()).ok()
     }
 
+    /// subnet.env as the plugin reads it.
+    fn parsed_env(&self) -> Option<flannel_shared::subnet_env::SubnetEnv> {
+        flannel_shared::subnet_env::SubnetEnv::read(&self.subnet_file()).ok()
+    }
+
     /// This node's IPv6 subnet (`fd00:10:244:5::/64`) from subnet.env, when dual-stack.
     pub fn subnet6(&self) -> Option<String> {
-        let env = self.subnet_env()?;
-        let gw = env.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))?;
-        let (ip, len) = gw.split_once('/')?;
-        let ip: Ipv6Addr = ip.parse().ok()?;
-        let len: u32 = len.parse().ok()?;
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-        Some(format!("{}/{len}", Ipv6Addr::from(u128::from(ip) & mask)))
+        Some(self.parsed_env()?.ipv6_subnet?.network().to_string())
     }
 
     /// IPv6 routes flanneld owns (`proto 76`) as `ip -j -6 route` objects.
@@ -170,13 +169,7 @@ impl Node {
 
     /// This node's subnet (`10.244.1.0/24`) from subnet.env.
     pub fn subnet(&self) -> Option<String> {
-        let env = self.subnet_env()?;
-        let gw = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
-        let (ip, len) = gw.split_once('/')?;
-        let ip: Ipv4Addr = ip.parse().ok()?;
-        let len: u32 = len.parse().ok()?;
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        Some(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask)))
+        Some(self.parsed_env()?.subnet?.network().to_string())
     }
 
     /// The conflist's flannel entry, pointed at this node's files.
