@@ -284,7 +284,9 @@ impl Cluster {
 
     fn build(tag: &str, ns_prefix: &str, tls: bool) -> Cluster {
         let underlay = Netns::new(&format!("{ns_prefix}ul"));
-        underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+        // A bridge without a MAC of its own takes its lowest port's and changes it as ports come;
+        // a node that cached the old one (another port's MAC) is then cut off from etcd.
+        underlay.ip(&["link", "add", "br0", "address", "02:00:c0:00:02:fe", "type", "bridge"]);
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]);
         underlay.ip(&["link", "set", "br0", "up"]);
         let mut c = Cluster {
