@@ -478,7 +478,7 @@ impl Cluster {
             .args(&client)
             .arg(format!("--subnet-file={}", node.subnet_file().display()))
             .arg(format!("--healthz-port={HEALTHZ_PORT}"))
-            .args(["--ip-masq", "--reconcile-interval=1", "--iptables-resync=1", "-v=1"])
+            .args(["--ip-masq", "--iptables-resync=1", "-v=1"])
             .args(extra)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

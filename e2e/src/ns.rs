@@ -58,11 +58,14 @@ impl Netns {
     pub fn ip_json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = vec!["-j"];
         a.extend_from_slice(args);
-        let out = self.ip(&a);
-        if out.trim().is_empty() {
-            return serde_json::Value::Array(vec![]);
-        }
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j {args:?}: {e}: {out}"))
+        parse_ip_json(args, &self.ip(&a))
+    }
+
+    /// [`Netns::ip_json`] that returns `None` when `ip` fails (e.g. the device is
+    /// gone for a moment while an agent rebuilds it): for polling.
+    pub fn try_ip_json(&self, args: &[&str]) -> Option<serde_json::Value> {
+        let out = Command::new("ip").args(["-n", &self.name, "-j"]).args(args).output().ok()?;
+        out.status.success().then(|| parse_ip_json(args, &String::from_utf8_lossy(&out.stdout)))
     }
 
     /// A command that will run inside this namespace (`ip netns exec`).
@@ -107,4 +110,11 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
+}
+
+fn parse_ip_json(args: &[&str], out: &str) -> serde_json::Value {
+    if out.trim().is_empty() {
+        return serde_json::Value::Array(vec![]);
+    }
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("ip -j {args:?}: {e}: {out}"))
 }

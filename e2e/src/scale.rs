@@ -114,7 +114,7 @@ fn one(n: usize, idle: u64) {
     write_leases(&c, n);
     c.add_node();
     let started = Instant::now();
-    c.start_agent(0, &["--reconcile-interval=5", "--iptables-resync=5", "-v=0"]);
+    c.start_agent(0, &["--iptables-resync=5", "-v=0"]);
     let node = &c.nodes[0];
     let fdb_count = |ns: &Netns| {
         e2e::cluster::run_in(ns, "bridge", &["fdb", "show", "dev", "flannel.1"])

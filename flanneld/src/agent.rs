@@ -26,6 +26,7 @@ use flannel_shared::subnet_env::SubnetEnv;
 use crate::backend::{self, Uplink, VXLAN_OVERHEAD, VXLAN6_OVERHEAD, VtepSpec};
 use crate::config::Opts;
 use crate::iptables;
+use crate::kernel_watch::{Interest, KernelWatch};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Mode, Peer, RTPROT_FLANNEL};
 use crate::subnet::etcd::{self, EtcdManager};
@@ -34,6 +35,9 @@ use crate::subnet::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
 /// Metric of the `--ip-blackhole-route` route: above cni0's connected route,
 /// so it only catches traffic while the bridge route is absent.
 const BLACKHOLE_METRIC: u32 = 4096;
+
+/// How long a burst of kernel notifications may take to arrive before the pass it wakes.
+const KERNEL_SETTLE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -139,6 +143,11 @@ pub struct Agent<M: SubnetManager> {
     announced_up: bool,
     /// Whether rule sets turned off by the flags have been removed.
     rules_cleaned: bool,
+    /// Wakes a reconcile pass when the kernel reports a change to what we own.
+    kernel: KernelWatch,
+    /// Set while the last pass failed: when to try again (sooner than the periodic pass).
+    retry_at: Option<Instant>,
+    retry_backoff: Backoff,
 }
 
 /// Reads and validates the network config, retrying while the store is away.
@@ -171,6 +180,8 @@ impl<M: SubnetManager> Agent<M> {
         let cfg = load_config(&mut mgr).await?;
         let family = cfg.ipv4.clone().ok_or_else(|| AgentError::Config("network config: Network: missing".into()))?;
         let nl = Netlink::connect()?;
+        // Subscribed before the first write, so nothing done to our state from here on goes unseen.
+        let kernel = KernelWatch::start(metrics.clone());
         let uplink = backend::find_uplink(&nl, &opts).await?;
         info!(
             "uplink {} ({}), public IP {}, MTU {}, backend {}",
@@ -300,7 +311,11 @@ impl<M: SubnetManager> Agent<M> {
             iptables: iptables::Flavour::default(),
             announced_up: false,
             rules_cleaned: false,
+            kernel,
+            retry_at: None,
+            retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
         };
+        agent.update_interest();
         {
             let (flavour, why) = iptables::Flavour::detect();
             info!("iptables: writing with {} ({why})", flavour.restore);
@@ -423,7 +438,16 @@ impl<M: SubnetManager> Agent<M> {
                 self.vtep_index = Some(link.index);
             }
         }
+        self.update_interest();
         Ok(())
+    }
+
+    /// Tells the kernel watch what we own now (VTEP indices change when a device is rebuilt).
+    fn update_interest(&self) {
+        let names = [&self.vtep, &self.vtep6].into_iter().flatten().map(|v| v.name.clone()).collect();
+        let links = [self.vtep_index, self.vtep6_index].into_iter().flatten().collect();
+        let nets = std::iter::once(self.family.network).chain(self.family6.as_ref().map(|f| f.network)).collect();
+        self.kernel.set_interest(Interest { names, links, nets });
     }
 
     fn ensure_rules(&mut self) {
@@ -572,11 +596,15 @@ impl<M: SubnetManager> Agent<M> {
     /// One full pass: VTEP present, then routes/ARP/FDB from the peers.
     pub async fn reconcile(&mut self) {
         let started = Instant::now();
+        // Changes signalled so far are covered by this pass: it reads the kernel afresh.
+        self.kernel.clear();
         let m = self.metrics.clone();
         m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.ensure_vtep().await {
             m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-            error!("reconcile: VXLAN device: {e}");
+            let d = self.retry_backoff.next();
+            error!("reconcile: VXLAN device: {e}; retrying in {d:?}");
+            self.retry_at = Some(Instant::now() + d);
             return;
         }
         let mut skipped = Vec::new();
@@ -633,8 +661,19 @@ impl<M: SubnetManager> Agent<M> {
         if ok && !self.announced_up && self.opts.set_node_network_unavailable {
             match self.mgr.network_up().await {
                 Ok(()) => self.announced_up = true,
-                Err(e) => warn!("{e}; retrying on the next pass"),
+                Err(e) => {
+                    warn!("{e}; retrying on the next pass");
+                    ok = false;
+                }
             }
+        }
+        if ok {
+            self.retry_at = None;
+            self.retry_backoff.reset();
+        } else {
+            let d = self.retry_backoff.next();
+            debug!("reconcile pass incomplete; next pass in {d:?}");
+            self.retry_at = Some(Instant::now() + d);
         }
         if skipped != self.last_skipped {
             for (s, why) in &skipped {
@@ -705,6 +744,7 @@ impl<M: SubnetManager> Agent<M> {
         rules_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let renew_at = tokio::time::Instant::from_std(self.next_renew);
+            let retry_at = self.retry_at.map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: exiting, leaving routes and lease in place"); return Ok(()) }
                 _ = int.recv() => { info!("SIGINT: exiting, leaving routes and lease in place"); return Ok(()) }
@@ -721,6 +761,15 @@ impl<M: SubnetManager> Agent<M> {
                     self.reconcile().await;
                 }
                 _ = reconcile_tick.tick() => self.reconcile().await,
+                _ = self.kernel.changed() => {
+                    // Let a burst (an `ip route flush`, a device deleted with all its
+                    // entries) arrive whole, then look once.
+                    tokio::time::sleep(KERNEL_SETTLE).await;
+                    self.reconcile().await;
+                }
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                    self.reconcile().await
+                }
                 _ = rules_tick.tick() => self.ensure_rules(),
                 _ = tokio::time::sleep_until(renew_at) => {
                     if self.own.as_ref().is_some_and(|l| l.id == 0) { self.reclaim().await } else { self.renew().await }

@@ -96,8 +96,9 @@ pub struct Opts {
     #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", default_value = "/etc/kube-flannel/net-conf.json")]
     pub net_config_path: PathBuf,
 
-    /// Seconds between full reconcile passes of routes, ARP and FDB entries.
-    #[arg(long, env = "FLANNELD_RECONCILE_INTERVAL", default_value_t = 5)]
+    /// Seconds between full reconcile passes of routes, ARP and FDB entries. Kernel change
+    /// notifications wake a pass at once; this periodic one is the safety net.
+    #[arg(long, env = "FLANNELD_RECONCILE_INTERVAL", default_value_t = 60)]
     pub reconcile_interval: u64,
 
     /// Log verbosity: 0 = info, 1-2 = debug, 3+ = trace.

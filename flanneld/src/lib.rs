@@ -7,6 +7,7 @@ pub mod backend;
 pub mod config;
 pub mod health;
 pub mod iptables;
+pub mod kernel_watch;
 pub mod metrics;
 pub mod reconcile;
 pub mod subnet;

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub reconcile_last_us: AtomicU64,
     pub reconcile_total_us: AtomicU64,
     pub watch_restarts: AtomicU64,
+    /// Kernel notifications about state the agent owns (each burst wakes a pass).
+    pub kernel_changes: AtomicU64,
     pub iptables_restores: AtomicU64,
     pub iptables_errors: AtomicU64,
     pub vtep_recreations: AtomicU64,
@@ -82,6 +84,12 @@ impl Metrics {
             "counter",
             "Times the lease watch broke and was re-listed.",
             g(&self.watch_restarts),
+        );
+        put(
+            "kernel_changes_total",
+            "counter",
+            "Kernel notifications touching our routes, ARP/FDB entries or VXLAN devices.",
+            g(&self.kernel_changes),
         );
         put(
             "iptables_restores_total",

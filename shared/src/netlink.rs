@@ -11,8 +11,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_core::ErrorMessage;
-use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_core::{ErrorMessage, NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
@@ -24,6 +23,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::ip::IpNet;
@@ -746,6 +746,82 @@ impl Netlink {
         let op = || format!("delete route {} via {:?}", route.dst, route.gateway);
         let msg = route.to_message().map_err(|msg| NetlinkError::Other { op: op(), msg })?;
         self.handle.route().del(msg).execute().await.map_err(map_err(op()))
+    }
+}
+
+// ---- change notifications ----
+
+/// A change the kernel announced on a [`Monitor`], reduced to what tells a
+/// reconciler whether its state may have been touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// A link was added, changed or deleted.
+    Link { index: u32, name: String },
+    /// An address of link `index` was added or removed.
+    Address { index: u32 },
+    /// A route was added, changed or deleted.
+    Route(Route),
+    /// An ARP/NDP entry (`fdb` false) or bridge FDB entry of link `index` was added, changed or deleted.
+    Neighbour { index: u32, fdb: bool },
+    /// The socket buffer overflowed and the kernel dropped notifications: anything may have changed.
+    Overrun,
+}
+
+type Notifications =
+    futures_util::stream::BoxStream<'static, (NetlinkMessage<RouteNetlinkMessage>, netlink_sys::SocketAddr)>;
+
+/// A subscription to link, address, route and neighbour changes in the
+/// caller's network namespace (what `ip monitor` shows).
+pub struct Monitor {
+    rx: Notifications,
+}
+
+impl Monitor {
+    /// Subscribes; must be called inside a tokio runtime with I/O enabled.
+    pub fn subscribe() -> io::Result<Monitor> {
+        use netlink_sys::AsyncSocket;
+        use rtnetlink::MulticastGroup as G;
+        let groups = [G::Link, G::Neigh, G::Ipv4Ifaddr, G::Ipv6Ifaddr, G::Ipv4Route, G::Ipv6Route];
+        let (mut conn, _handle, rx) = rtnetlink::new_multicast_connection(&groups)?;
+        // A bulk write of our own (three messages a peer) lands here too; a
+        // roomy buffer keeps overruns rare, and an overrun is reported anyway.
+        conn.socket_mut().socket_mut().set_rx_buf_sz(MONITOR_BUFFER)?;
+        tokio::spawn(conn);
+        Ok(Monitor { rx: Box::pin(rx) })
+    }
+
+    /// The next change, or `None` once the socket is gone.
+    pub async fn next(&mut self) -> Option<KernelEvent> {
+        use futures_util::StreamExt;
+        loop {
+            let (msg, _) = self.rx.next().await?;
+            if let Some(ev) = event_from_message(msg) {
+                return Some(ev);
+            }
+        }
+    }
+}
+
+const MONITOR_BUFFER: usize = 4 << 20;
+
+fn event_from_message(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<KernelEvent> {
+    use RouteNetlinkMessage as M;
+    let inner = match msg.payload {
+        NetlinkPayload::Overrun(_) => return Some(KernelEvent::Overrun),
+        NetlinkPayload::InnerMessage(m) => m,
+        _ => return None,
+    };
+    match inner {
+        M::NewLink(l) | M::DelLink(l) => {
+            let link = Link::from_message(&l);
+            Some(KernelEvent::Link { index: link.index, name: link.name })
+        }
+        M::NewAddress(a) | M::DelAddress(a) => Some(KernelEvent::Address { index: a.header.index }),
+        M::NewRoute(r) | M::DelRoute(r) => Route::from_message(&r).map(KernelEvent::Route),
+        M::NewNeighbour(n) | M::DelNeighbour(n) => {
+            Some(KernelEvent::Neighbour { index: n.header.ifindex, fdb: n.header.family == AddressFamily::Bridge })
+        }
+        _ => None,
     }
 }
 

@@ -1,0 +1,143 @@
+//! Kernel change notifications: anything that touches what the agent owns
+//! (a route of ours or inside the pod network, an ARP/FDB entry, address or
+//! setting of a VTEP) wakes the agent for a reconcile pass at once, so the
+//! periodic pass is only a safety net and an idle agent does no work.
+//!
+//! Our own writes come back here too; they cost one more pass, which finds
+//! nothing to do and writes nothing, so they cannot loop.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use flannel_shared::IpNet;
+use flannel_shared::netlink::{KernelEvent, Monitor};
+
+use crate::metrics::Metrics;
+use crate::reconcile::RTPROT_FLANNEL;
+
+/// What the agent owns, as far as notifications can tell.
+#[derive(Clone, Debug, Default)]
+pub struct Interest {
+    /// VTEP names (`flannel.1`, `flannel-v6.1`): a device of that name appearing or going.
+    pub names: Vec<String>,
+    /// VTEP link indices: their ARP/NDP/FDB entries, addresses and settings.
+    pub links: Vec<u32>,
+    /// The pod networks: routes into them, whoever wrote them.
+    pub nets: Vec<IpNet>,
+}
+
+impl Interest {
+    /// Whether `ev` may have changed state the agent reconciles.
+    pub fn touched_by(&self, ev: &KernelEvent) -> bool {
+        match ev {
+            KernelEvent::Overrun => true,
+            KernelEvent::Link { index, name } => self.links.contains(index) || self.names.contains(name),
+            KernelEvent::Address { index } => self.links.contains(index),
+            KernelEvent::Neighbour { index, .. } => self.links.contains(index),
+            KernelEvent::Route(r) => r.protocol == RTPROT_FLANNEL || self.nets.iter().any(|n| n.contains_net(&r.dst)),
+        }
+    }
+}
+
+/// A running subscription; [`KernelWatch::changed`] yields once per burst of relevant changes.
+pub struct KernelWatch {
+    interest: Arc<Mutex<Interest>>,
+    rx: mpsc::Receiver<()>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl KernelWatch {
+    /// Subscribes in the caller's namespace. Without a subscription (it failed)
+    /// [`KernelWatch::changed`] never fires and the periodic pass does all the work.
+    pub fn start(metrics: Arc<Metrics>) -> KernelWatch {
+        let interest = Arc::new(Mutex::new(Interest::default()));
+        let (tx, rx) = mpsc::channel(1);
+        let task = match Monitor::subscribe() {
+            Ok(monitor) => Some(tokio::spawn(forward(monitor, interest.clone(), tx, metrics))),
+            Err(e) => {
+                warn!("kernel change notifications unavailable ({e}); relying on the periodic reconcile pass");
+                None
+            }
+        };
+        KernelWatch { interest, rx, task }
+    }
+
+    pub fn set_interest(&self, interest: Interest) {
+        *self.interest.lock().unwrap_or_else(|p| p.into_inner()) = interest;
+    }
+
+    /// Waits for a relevant change (forever without a subscription).
+    pub async fn changed(&mut self) {
+        if self.rx.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Forgets changes already signalled (they are covered by the pass about to start).
+    pub fn clear(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+impl Drop for KernelWatch {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+async fn forward(mut monitor: Monitor, interest: Arc<Mutex<Interest>>, tx: mpsc::Sender<()>, metrics: Arc<Metrics>) {
+    while let Some(ev) = monitor.next().await {
+        let relevant = interest.lock().unwrap_or_else(|p| p.into_inner()).touched_by(&ev);
+        if !relevant {
+            continue;
+        }
+        metrics.kernel_changes.fetch_add(1, Ordering::Relaxed);
+        if matches!(ev, KernelEvent::Overrun) {
+            warn!("kernel notifications overflowed; running a full reconcile pass");
+        } else {
+            debug!("kernel change: {ev:?}");
+        }
+        // A full channel already holds a wake-up; the burst shares it.
+        let _ = tx.try_send(());
+    }
+    warn!("kernel change notifications stopped; relying on the periodic reconcile pass");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flannel_shared::netlink::Route;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_our_devices_routes_and_networks_matter() {
+        let i = Interest {
+            names: vec!["flannel.1".into()],
+            links: vec![7],
+            nets: vec![net("10.244.0.0/16"), net("fd00:10:244::/56")],
+        };
+        assert!(i.touched_by(&KernelEvent::Overrun));
+        assert!(i.touched_by(&KernelEvent::Link { index: 7, name: "flannel.1".into() }));
+        // Recreated by someone else under a new index.
+        assert!(i.touched_by(&KernelEvent::Link { index: 9, name: "flannel.1".into() }));
+        assert!(!i.touched_by(&KernelEvent::Link { index: 3, name: "veth1234".into() }));
+        assert!(i.touched_by(&KernelEvent::Neighbour { index: 7, fdb: true }));
+        assert!(!i.touched_by(&KernelEvent::Neighbour { index: 2, fdb: false }));
+        assert!(i.touched_by(&KernelEvent::Address { index: 7 }));
+        assert!(!i.touched_by(&KernelEvent::Address { index: 2 }));
+        assert!(i.touched_by(&KernelEvent::Route(Route::new(net("10.244.3.0/24")))));
+        assert!(i.touched_by(&KernelEvent::Route(Route::new(net("fd00:10:244:3::/64")))));
+        assert!(i.touched_by(&KernelEvent::Route(Route::new(net("192.168.0.0/24")).protocol(RTPROT_FLANNEL))));
+        assert!(!i.touched_by(&KernelEvent::Route(Route::new(net("192.168.0.0/24")))));
+        assert!(!i.touched_by(&KernelEvent::Route(Route::new(net("0.0.0.0/0")))));
+    }
+}
