@@ -555,6 +555,9 @@ fn blackhole_route_for_the_node_subnet() {
     let mut c = cluster(2, VXLAN);
     c.start_agent(0, &["--ip-blackhole-route"]);
     assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
+    // Ready means the peers already known are programmed, not just that the lease is held.
+    let peer = c.nodes[1].subnet().unwrap();
+    assert!(c.nodes[0].flannel_routes().iter().any(|r| r["dst"] == peer), "{}", c.nodes[0].log());
     let own = c.nodes[0].subnet().unwrap();
     let has = |c: &Cluster| {
         c.nodes[0]

@@ -148,6 +148,8 @@ pub struct Agent<M: SubnetManager> {
     /// Set while the last pass failed: when to try again (sooner than the periodic pass).
     retry_at: Option<Instant>,
     retry_backoff: Backoff,
+    /// Whether a full listing of the leases has arrived (readiness waits for it to be programmed).
+    listed: bool,
 }
 
 /// Reads and validates the network config, retrying while the store is away.
@@ -314,6 +316,7 @@ impl<M: SubnetManager> Agent<M> {
             kernel,
             retry_at: None,
             retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+            listed: false,
         };
         agent.update_interest();
         {
@@ -512,6 +515,7 @@ impl<M: SubnetManager> Agent<M> {
                     .map(|l| (l.subnet, l))
                     .collect();
                 debug!("lease snapshot: {} peers", self.peers.len());
+                self.listed = true;
                 lost
             }
             LeaseEvent::Added(l) => {
@@ -670,6 +674,9 @@ impl<M: SubnetManager> Agent<M> {
         if ok {
             self.retry_at = None;
             self.retry_backoff.reset();
+            if self.listed && !m.peers_synced.swap(true, Ordering::Relaxed) {
+                info!("ready: {} peers programmed", self.peers.len());
+            }
         } else {
             let d = self.retry_backoff.next();
             debug!("reconcile pass incomplete; next pass in {d:?}");

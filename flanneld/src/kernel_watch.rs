@@ -38,7 +38,9 @@ impl Interest {
             KernelEvent::Link { index, name } => self.links.contains(index) || self.names.contains(name),
             KernelEvent::Address { index } => self.links.contains(index),
             KernelEvent::Neighbour { index, .. } => self.links.contains(index),
-            KernelEvent::Route(r) => r.protocol == RTPROT_FLANNEL || self.nets.iter().any(|n| n.contains_net(&r.dst)),
+            KernelEvent::Route { dst, protocol } => {
+                *protocol == RTPROT_FLANNEL || self.nets.iter().any(|n| n.contains_net(dst))
+            }
         }
     }
 }
@@ -112,7 +114,6 @@ async fn forward(mut monitor: Monitor, interest: Arc<Mutex<Interest>>, tx: mpsc:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flannel_shared::netlink::Route;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
@@ -134,10 +135,11 @@ mod tests {
         assert!(!i.touched_by(&KernelEvent::Neighbour { index: 2, fdb: false }));
         assert!(i.touched_by(&KernelEvent::Address { index: 7 }));
         assert!(!i.touched_by(&KernelEvent::Address { index: 2 }));
-        assert!(i.touched_by(&KernelEvent::Route(Route::new(net("10.244.3.0/24")))));
-        assert!(i.touched_by(&KernelEvent::Route(Route::new(net("fd00:10:244:3::/64")))));
-        assert!(i.touched_by(&KernelEvent::Route(Route::new(net("192.168.0.0/24")).protocol(RTPROT_FLANNEL))));
-        assert!(!i.touched_by(&KernelEvent::Route(Route::new(net("192.168.0.0/24")))));
-        assert!(!i.touched_by(&KernelEvent::Route(Route::new(net("0.0.0.0/0")))));
+        let route = |dst: &str, protocol: u8| KernelEvent::Route { dst: net(dst), protocol };
+        assert!(i.touched_by(&route("10.244.3.0/24", 3)));
+        assert!(i.touched_by(&route("fd00:10:244:3::/64", 3)));
+        assert!(i.touched_by(&route("192.168.0.0/24", RTPROT_FLANNEL)));
+        assert!(!i.touched_by(&route("192.168.0.0/24", 3)));
+        assert!(!i.touched_by(&route("0.0.0.0/0", 3)));
     }
 }

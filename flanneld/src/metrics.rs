@@ -29,6 +29,8 @@ pub struct Metrics {
     pub lease_held: AtomicBool,
     pub subnet_env_written: AtomicBool,
     pub rules_in_place: AtomicBool,
+    /// The peers known from the first full lease listing are in the kernel.
+    pub peers_synced: AtomicBool,
 }
 
 impl Metrics {
@@ -42,6 +44,9 @@ impl Metrics {
         }
         if !self.rules_in_place.load(Ordering::Relaxed) {
             return Err("iptables rules not in place");
+        }
+        if !self.peers_synced.load(Ordering::Relaxed) {
+            return Err("peers from the first lease listing not programmed yet");
         }
         Ok(())
     }
@@ -107,7 +112,7 @@ impl Metrics {
         put(
             "ready",
             "gauge",
-            "1 when the lease is held, subnet.env written and rules in place.",
+            "1 when the lease is held, subnet.env written, rules in place and the known peers programmed.",
             u8::from(self.readiness().is_ok()).to_string(),
         );
         out
@@ -135,6 +140,8 @@ mod tests {
         m.lease_held.store(true, Ordering::Relaxed);
         m.subnet_env_written.store(true, Ordering::Relaxed);
         m.rules_in_place.store(true, Ordering::Relaxed);
+        assert_eq!(m.readiness(), Err("peers from the first lease listing not programmed yet"));
+        m.peers_synced.store(true, Ordering::Relaxed);
         assert_eq!(m.readiness(), Ok(()));
     }
 }

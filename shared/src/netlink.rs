@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_core::{ErrorMessage, NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_core::ErrorMessage;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
@@ -23,7 +24,6 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::ip::IpNet;
@@ -760,66 +760,139 @@ pub enum KernelEvent {
     /// An address of link `index` was added or removed.
     Address { index: u32 },
     /// A route was added, changed or deleted.
-    Route(Route),
+    Route { dst: IpNet, protocol: u8 },
     /// An ARP/NDP entry (`fdb` false) or bridge FDB entry of link `index` was added, changed or deleted.
     Neighbour { index: u32, fdb: bool },
     /// The socket buffer overflowed and the kernel dropped notifications: anything may have changed.
     Overrun,
 }
 
-type Notifications =
-    futures_util::stream::BoxStream<'static, (NetlinkMessage<RouteNetlinkMessage>, netlink_sys::SocketAddr)>;
-
 /// A subscription to link, address, route and neighbour changes in the
 /// caller's network namespace (what `ip monitor` shows).
+///
+/// Notifications are read straight off the socket and only the few fields
+/// of [`KernelEvent`] are picked out: our own bulk writes (three messages a
+/// peer) come back here, and decoding each in full would cost more than the
+/// writes themselves.
 pub struct Monitor {
-    rx: Notifications,
+    socket: netlink_sys::TokioSocket,
+    buf: Vec<u8>,
+    pending: std::collections::VecDeque<KernelEvent>,
 }
+
+/// rtnetlink multicast groups (linux/rtnetlink.h).
+const MONITOR_GROUPS: [u32; 6] = [
+    1,  // RTNLGRP_LINK
+    3,  // RTNLGRP_NEIGH
+    5,  // RTNLGRP_IPV4_IFADDR
+    7,  // RTNLGRP_IPV4_ROUTE
+    9,  // RTNLGRP_IPV6_IFADDR
+    11, // RTNLGRP_IPV6_ROUTE
+];
+/// Kernel-side buffer: a burst of our own writes fits; an overflow is reported anyway.
+const MONITOR_BUFFER: usize = 4 << 20;
 
 impl Monitor {
     /// Subscribes; must be called inside a tokio runtime with I/O enabled.
     pub fn subscribe() -> io::Result<Monitor> {
         use netlink_sys::AsyncSocket;
-        use rtnetlink::MulticastGroup as G;
-        let groups = [G::Link, G::Neigh, G::Ipv4Ifaddr, G::Ipv6Ifaddr, G::Ipv4Route, G::Ipv6Route];
-        let (mut conn, _handle, rx) = rtnetlink::new_multicast_connection(&groups)?;
-        // A bulk write of our own (three messages a peer) lands here too; a
-        // roomy buffer keeps overruns rare, and an overrun is reported anyway.
-        conn.socket_mut().socket_mut().set_rx_buf_sz(MONITOR_BUFFER)?;
-        tokio::spawn(conn);
-        Ok(Monitor { rx: Box::pin(rx) })
+        let mut socket = netlink_sys::TokioSocket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+        let s = socket.socket_mut();
+        s.bind(&netlink_sys::SocketAddr::new(0, 0))?;
+        for g in MONITOR_GROUPS {
+            s.add_membership(g)?;
+        }
+        s.set_rx_buf_sz(MONITOR_BUFFER)?;
+        Ok(Monitor { socket, buf: Vec::with_capacity(1 << 16), pending: Default::default() })
     }
 
-    /// The next change, or `None` once the socket is gone.
+    /// The next change, or `None` once the socket fails.
     pub async fn next(&mut self) -> Option<KernelEvent> {
-        use futures_util::StreamExt;
+        use netlink_sys::AsyncSocketExt;
         loop {
-            let (msg, _) = self.rx.next().await?;
-            if let Some(ev) = event_from_message(msg) {
+            if let Some(ev) = self.pending.pop_front() {
                 return Some(ev);
+            }
+            self.buf.clear();
+            match self.socket.recv(&mut self.buf).await {
+                Ok(()) => parse_notifications(&self.buf, &mut self.pending),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Some(KernelEvent::Overrun),
+                Err(_) => return None,
             }
         }
     }
 }
 
-const MONITOR_BUFFER: usize = 4 << 20;
+fn ne_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
 
-fn event_from_message(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<KernelEvent> {
-    use RouteNetlinkMessage as M;
-    let inner = match msg.payload {
-        NetlinkPayload::Overrun(_) => return Some(KernelEvent::Overrun),
-        NetlinkPayload::InnerMessage(m) => m,
-        _ => return None,
-    };
-    match inner {
-        M::NewLink(l) | M::DelLink(l) => {
-            let link = Link::from_message(&l);
-            Some(KernelEvent::Link { index: link.index, name: link.name })
+fn ne_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+const fn nl_align(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+/// The payload of attribute `want` in a run of netlink attributes.
+fn nl_attr(mut b: &[u8], want: u16) -> Option<&[u8]> {
+    while b.len() >= 4 {
+        let len = ne_u16(b, 0)? as usize;
+        let kind = ne_u16(b, 2)? & 0x3fff; // NLA_TYPE_MASK
+        if len < 4 || len > b.len() {
+            return None;
         }
-        M::NewAddress(a) | M::DelAddress(a) => Some(KernelEvent::Address { index: a.header.index }),
-        M::NewRoute(r) | M::DelRoute(r) => Route::from_message(&r).map(KernelEvent::Route),
-        M::NewNeighbour(n) | M::DelNeighbour(n) => {
-            Some(KernelEvent::Neighbour { index: n.header.ifindex, fdb: n.header.family == AddressFamily::Bridge })
+        if kind == want {
+            return Some(&b[4..len]);
+        }
+        b = &b[nl_align(len).min(b.len())..];
+    }
+    None
+}
+
+/// Every notification in one datagram (a datagram may carry several).
+fn parse_notifications(mut buf: &[u8], out: &mut std::collections::VecDeque<KernelEvent>) {
+    const HEADER: usize = 16; // struct nlmsghdr
+    while buf.len() >= HEADER {
+        let (Some(len), Some(kind)) = (ne_u32(buf, 0), ne_u16(buf, 4)) else { return };
+        let len = len as usize;
+        if len < HEADER || len > buf.len() {
+            return;
+        }
+        if let Some(ev) = parse_notification(kind, &buf[HEADER..len]) {
+            out.push_back(ev);
+        }
+        buf = &buf[nl_align(len).min(buf.len())..];
+    }
+}
+
+fn parse_notification(kind: u16, b: &[u8]) -> Option<KernelEvent> {
+    // Message types from linux/netlink.h and linux/rtnetlink.h; header layouts
+    // are struct ifinfomsg (16 bytes), ifaddrmsg (8), rtmsg (12) and ndmsg (12).
+    match kind {
+        4 /* NLMSG_OVERRUN */ => Some(KernelEvent::Overrun),
+        16 | 17 /* RTM_NEWLINK, RTM_DELLINK */ => {
+            let name = nl_attr(b.get(16..)?, 3 /* IFLA_IFNAME */)?;
+            let name = name.split(|c| *c == 0).next().unwrap_or_default();
+            Some(KernelEvent::Link { index: ne_u32(b, 4)?, name: String::from_utf8_lossy(name).into_owned() })
+        }
+        20 | 21 /* RTM_NEWADDR, RTM_DELADDR */ => Some(KernelEvent::Address { index: ne_u32(b, 4)? }),
+        24 | 25 /* RTM_NEWROUTE, RTM_DELROUTE */ => {
+            let (family, dst_len, protocol) = (*b.first()?, *b.get(1)?, *b.get(5)?);
+            let dst = nl_attr(b.get(12..)?, 1 /* RTA_DST */);
+            let addr = match (i32::from(family), dst) {
+                (libc::AF_INET, Some(a)) => IpAddr::from(<[u8; 4]>::try_from(a).ok()?),
+                (libc::AF_INET, None) => IpAddr::from([0u8; 4]),
+                (libc::AF_INET6, Some(a)) => IpAddr::from(<[u8; 16]>::try_from(a).ok()?),
+                (libc::AF_INET6, None) => IpAddr::from([0u8; 16]),
+                _ => return None,
+            };
+            Some(KernelEvent::Route { dst: IpNet::new(addr, dst_len).ok()?, protocol })
+        }
+        28 | 29 /* RTM_NEWNEIGH, RTM_DELNEIGH */ => {
+            let fdb = i32::from(*b.first()?) == libc::AF_BRIDGE;
+            Some(KernelEvent::Neighbour { index: ne_u32(b, 4)?, fdb })
         }
         _ => None,
     }
@@ -828,6 +901,53 @@ fn event_from_message(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<Kernel
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One netlink message: header, fixed part, attributes (type, payload).
+    fn nl_message(kind: u16, fixed: &[u8], attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = fixed.to_vec();
+        for (t, p) in attrs {
+            body.extend_from_slice(&((4 + p.len()) as u16).to_ne_bytes());
+            body.extend_from_slice(&t.to_ne_bytes());
+            body.extend_from_slice(p);
+            body.resize(nl_align(body.len()), 0);
+        }
+        let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&body);
+        m
+    }
+
+    #[test]
+    fn notifications_are_picked_apart() {
+        let mut rtmsg = [0u8; 12];
+        (rtmsg[0], rtmsg[1], rtmsg[5]) = (libc::AF_INET as u8, 24, 76);
+        let mut buf = nl_message(25, &rtmsg, &[(15, &[0, 0, 0, 254]), (1, &[10, 244, 3, 0])]);
+        let mut ifinfo = [0u8; 16];
+        ifinfo[4..8].copy_from_slice(&7u32.to_ne_bytes());
+        buf.extend(nl_message(17, &ifinfo, &[(4, &1450u32.to_ne_bytes()), (3, b"flannel.1\0")]));
+        let mut ndmsg = [0u8; 12];
+        ndmsg[0] = libc::AF_BRIDGE as u8;
+        ndmsg[4..8].copy_from_slice(&7u32.to_ne_bytes());
+        buf.extend(nl_message(29, &ndmsg, &[]));
+        let mut rt6 = [0u8; 12];
+        rt6[0] = libc::AF_INET6 as u8;
+        buf.extend(nl_message(24, &rt6, &[]));
+        buf.extend(nl_message(3 /* NLMSG_DONE: not a change */, &[0; 4], &[]));
+        let mut out = Default::default();
+        parse_notifications(&buf, &mut out);
+        let want = [
+            KernelEvent::Route { dst: "10.244.3.0/24".parse().unwrap(), protocol: 76 },
+            KernelEvent::Link { index: 7, name: "flannel.1".into() },
+            KernelEvent::Neighbour { index: 7, fdb: true },
+            KernelEvent::Route { dst: "::/0".parse().unwrap(), protocol: 0 },
+        ];
+        assert_eq!(out.into_iter().collect::<Vec<_>>(), want);
+        // A truncated datagram yields what is whole and stops.
+        let mut out = Default::default();
+        parse_notifications(&buf[..buf.len() - 3], &mut out);
+        assert_eq!(out.len(), 4);
+    }
 
     #[test]
     fn mac_round_trip() {
