@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{trace, warn};
 
 use flannel_shared::IpNet;
 use flannel_shared::netlink::{KernelEvent, Monitor};
@@ -103,7 +103,7 @@ async fn forward(mut monitor: Monitor, interest: Arc<Mutex<Interest>>, tx: mpsc:
         if matches!(ev, KernelEvent::Overrun) {
             warn!("kernel notifications overflowed; running a full reconcile pass");
         } else {
-            debug!("kernel change: {ev:?}");
+            trace!("kernel change: {ev:?}");
         }
         // A full channel already holds a wake-up; the burst shares it.
         let _ = tx.try_send(());
