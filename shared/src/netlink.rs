@@ -802,7 +802,22 @@ impl Monitor {
         for g in MONITOR_GROUPS {
             s.add_membership(g)?;
         }
-        s.set_rx_buf_sz(MONITOR_BUFFER)?;
+        // SO_RCVBUF is capped by net.core.rmem_max (~200 KB by default); with
+        // CAP_NET_ADMIN, SO_RCVBUFFORCE is not.
+        let size = MONITOR_BUFFER as libc::c_int;
+        // SAFETY: setsockopt on a socket we own with a pointer to a live c_int of the given length.
+        let forced = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } == 0;
+        if !forced {
+            s.set_rx_buf_sz(MONITOR_BUFFER)?;
+        }
         Ok(Monitor { socket, buf: Vec::with_capacity(1 << 16), pending: Default::default() })
     }
 
