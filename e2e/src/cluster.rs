@@ -201,6 +201,29 @@ impl Node {
         body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// Waits until the agent stops running reconcile passes (none for `quiet`) and
+    /// returns the count then; `Err` with the counts seen if it never goes quiet
+    /// within `deadline` (a pass that keeps waking the next one).
+    pub fn settles(&self, quiet: Duration, deadline: Duration) -> Result<f64, String> {
+        let runs = || self.metric("flannel_reconcile_runs_total");
+        let start = std::time::Instant::now();
+        let mut seen = Vec::new();
+        let mut last = runs();
+        let mut since = std::time::Instant::now();
+        while start.elapsed() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = runs();
+            if now != last {
+                seen.extend(now);
+                last = now;
+                since = std::time::Instant::now();
+            } else if since.elapsed() >= quiet {
+                return last.ok_or_else(|| "no metrics".to_string());
+            }
+        }
+        Err(format!("reconcile passes never stopped: {seen:?}\n{}", self.log()))
+    }
+
     fn kill_agent(&mut self, sig: i32) {
         if let Some(mut c) = self.agent.take() {
             // SAFETY: kill(2) on a child we spawned and have not reaped yet.

@@ -524,6 +524,7 @@ impl<M: SubnetManager> Agent<M> {
                         return false;
                     }
                     warn!("our subnet {} was taken over by {}", l.subnet, l.attrs.public_ip);
+                    debug!("theirs: {:?}; ours: {:?}", l.attrs, own.as_ref().map(|o| &o.1));
                     return true;
                 }
                 info!("peer lease {} -> {} ({})", l.subnet, l.attrs.public_ip, l.attrs.backend_type);

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{Netlink, NetlinkError, RT_TABLE_MAIN, Route};
+use flannel_shared::netlink::{Idempotent, Netlink, NetlinkError, RT_TABLE_MAIN, Route};
 
 /// `rtm_protocol` of the routes flanneld installs (`ip route show proto 76`).
 pub const RTPROT_FLANNEL: u8 = 76;
@@ -93,7 +93,13 @@ fn same_route(a: &Route, b: &Route) -> bool {
         && a.oif == b.oif
         && a.onlink == b.onlink
         && a.kind == b.kind
-        && a.metric == b.metric
+        && effective_metric(a) == effective_metric(b)
+}
+
+/// The metric the kernel gives a route: IPv6 routes added without one get 1024
+/// (IP6_RT_PRIO_USER) and are dumped with it; IPv4 ones keep 0.
+fn effective_metric(r: &Route) -> u32 {
+    if r.metric == 0 && !r.dst.is_ipv4() { 1024 } else { r.metric }
 }
 
 /// Netlink requests kept in flight at once: the kernel answers them in order,
@@ -154,12 +160,24 @@ pub async fn apply_family(nl: &Netlink, want: &Desired, vtep: Option<u32>, v4: b
     for h in &owned {
         by_dst.entry(h.dst).or_default().push(h);
     }
-    let todo = want
+    let todo: Vec<&Route> = want
         .routes
         .iter()
         .filter(|r| r.dst.is_ipv4() == v4)
-        .filter(|r| !by_dst.get(&r.dst).is_some_and(|hs| hs.iter().any(|h| same_route(h, r))));
-    done.routes_added = pipelined(todo.map(|r| nl.replace_route(r))).await?;
+        .filter(|r| !by_dst.get(&r.dst).is_some_and(|hs| hs.iter().any(|h| same_route(h, r))))
+        .collect();
+    if !v4 {
+        // IPv6 refuses to replace a route by one through another device whose gateway
+        // lies inside the old route ("Nexthop has invalid gateway or device mismatch"),
+        // which is what a switch to vxlan asks (the gateway is `<subnet>::`): the old
+        // route goes first.
+        for r in &todo {
+            for h in by_dst.get(&r.dst).into_iter().flatten().filter(|h| h.oif != r.oif) {
+                nl.del_route(h).await.ignore_not_found()?;
+            }
+        }
+    }
+    done.routes_added = pipelined(todo.into_iter().map(|r| nl.replace_route(r))).await?;
     // A replace above already swapped any owned route with the same destination;
     // what remains stale is an owned route whose lease is gone.
     let wanted_dsts: HashSet<IpNet> = want.routes.iter().map(|r| r.dst).collect();

@@ -2,7 +2,7 @@
 
 use e2e::Netns;
 use flannel_shared::netlink::{Netlink, VxlanSpec};
-use flanneld::reconcile::{Desired, Mode, Peer, RTPROT_FLANNEL, apply, desired};
+use flanneld::reconcile::{Desired, Mode, Peer, RTPROT_FLANNEL, apply, apply_family, desired};
 use serde_json::Value;
 
 fn peers(n: usize) -> Vec<Peer> {
@@ -143,5 +143,53 @@ fn vxlan_state_is_reconciled_not_appended() {
         assert!(neigh(&node).is_empty() && fdb(&node).is_empty(), "{:?} {:?}", neigh(&node), fdb(&node));
         let foreign = node.ip_json(&["route", "show", "10.99.0.0/16"]);
         assert_eq!(foreign.as_array().unwrap().len(), 1, "foreign route was touched");
+    });
+}
+
+#[test]
+fn ipv6_passes_settle() {
+    // IPv6 routes come back from the kernel with metric 1024 when added without
+    // one: a second pass must still see them as in place, for host-gw and vxlan.
+    let node = Netns::new("r6");
+    let wire = Netns::new("w6");
+    node.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "p1", "netns", wire.name()]);
+    node.ip(&["addr", "add", "2001:db8::1/64", "dev", "eth0", "nodad"]);
+    node.ip(&["link", "set", "eth0", "up"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let nl = Netlink::connect_in(&node.open()).unwrap();
+        let uplink = nl.link_by_name("eth0").await.unwrap().unwrap().index;
+        let peers: Vec<Peer> = (2..4)
+            .map(|i| Peer {
+                subnet: format!("fd00:10:244:{i}::/64").parse().unwrap(),
+                public_ip: format!("2001:db8::{i}").parse().unwrap(),
+                vtep_mac: Some([0x0e, 0, 0, 0, 0, i as u8]),
+            })
+            .collect();
+        let want = desired(&Mode::HostGw { uplink }, &peers);
+        let done = apply_family(&nl, &want, None, false).await.unwrap();
+        assert_eq!(done.routes_added, 2);
+        let again = apply_family(&nl, &want, None, false).await.unwrap();
+        assert!(again.is_noop(), "{again:?}: {}", node.ip(&["-6", "route"]));
+
+        nl.create_vxlan(&VxlanSpec {
+            name: "flannel-v6.1",
+            vni: 1,
+            port: 8472,
+            local: Some("2001:db8::1".parse().unwrap()),
+            uplink: Some(uplink),
+            mtu: None,
+            gbp: false,
+            mac: None,
+        })
+        .await
+        .unwrap();
+        let vtep = nl.link_by_name("flannel-v6.1").await.unwrap().unwrap().index;
+        nl.set_up(vtep).await.unwrap();
+        let want = desired(&Mode::Vxlan { vtep, uplink, direct_on: None }, &peers);
+        let done = apply_family(&nl, &want, Some(vtep), false).await.unwrap();
+        assert_eq!((done.routes_added, done.neighbours_set, done.fdb_set), (2, 2, 2));
+        let again = apply_family(&nl, &want, Some(vtep), false).await.unwrap();
+        assert!(again.is_noop(), "{again:?}: {}", node.ip(&["-6", "route"]));
     });
 }

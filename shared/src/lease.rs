@@ -22,8 +22,15 @@ pub struct LeaseAttrs {
     pub backend_type: String,
     #[serde(rename = "BackendData", default)]
     pub backend_data: Value,
-    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
+    /// Absent on IPv4-only leases; `null` (kept as `Some(Null)`, so a lease reads back
+    /// equal to what was written) for host-gw dual-stack ones.
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
     pub backend_v6_data: Option<Value>,
+}
+
+/// A field that is present, even as `null`, is `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// `BackendData` of the vxlan backend.
@@ -149,6 +156,17 @@ mod tests {
         let hostgw: LeaseAttrs =
             serde_json::from_str(r#"{"PublicIP":"192.0.2.2","BackendType":"host-gw","BackendData":null}"#).unwrap();
         assert_eq!(hostgw.backend_type, "host-gw");
+        // A host-gw dual-stack lease reads back equal to what was written (an agent
+        // comparing its own lease with the store's must not see a stranger's).
+        let dual = LeaseAttrs {
+            public_ipv6: Some("2001:db8::2".parse().unwrap()),
+            backend_v6_data: Some(Value::Null),
+            ..hostgw.clone()
+        };
+        let text = serde_json::to_string(&dual).unwrap();
+        assert!(text.ends_with(r#""BackendData":null,"BackendV6Data":null}"#), "{text}");
+        assert_eq!(serde_json::from_str::<LeaseAttrs>(&text).unwrap(), dual);
+        assert_eq!(serde_json::from_str::<LeaseAttrs>(&serde_json::to_string(&hostgw).unwrap()).unwrap(), hostgw);
     }
 
     #[test]
