@@ -204,7 +204,7 @@ impl Node {
     /// Waits until the agent stops running reconcile passes (none for `quiet`) and
     /// returns the count then; `Err` with the counts seen if it never goes quiet
     /// within `deadline` (a pass that keeps waking the next one).
-    pub fn settles(&self, quiet: Duration, deadline: Duration) -> Result<f64, String> {
+    fn settles(&self, quiet: Duration, deadline: Duration) -> Result<f64, String> {
         let runs = || self.metric("flannel_reconcile_runs_total");
         let start = std::time::Instant::now();
         let mut seen = Vec::new();
@@ -512,7 +512,17 @@ impl Cluster {
         node.agent = Some(child);
     }
 
-    /// Waits until node `i`'s agent reports ready (lease, subnet.env, rules).
+    /// Asserts that every running agent goes idle once converged: no reconcile pass
+    /// for 2 s, within 20 s (a pass must not keep waking the next one).
+    pub fn assert_idle(&self) {
+        for n in self.nodes.iter().filter(|n| n.agent.is_some()) {
+            if let Err(e) = n.settles(Duration::from_secs(2), Duration::from_secs(20)) {
+                panic!("{}: {e}", n.ns.name());
+            }
+        }
+    }
+
+    /// Waits until node `i`'s agent reports ready (lease, subnet.env, rules, first peers).
     pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> bool {
         let node = &self.nodes[i];
         wait_until(timeout, || node.http_get("/readyz").is_some_and(|(code, _)| code == 200))

@@ -74,9 +74,7 @@ fn vxlan_dual_stack() {
     assert!(wait_until(Duration::from_secs(10), || ping6(&c, 0, &b6.to_string()) == Some(62)), "{a6} -> {b6}");
     assert_eq!(c.pods[0].ns.ping(&c.pods[1].ip.to_string()), Some(62));
     // Nothing keeps waking passes (IPv6 devices come with kernel-made routes and addresses).
-    for n in &c.nodes {
-        n.settles(Duration::from_secs(2), Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
-    }
+    c.assert_idle();
 
     // The IPv6 VTEP comes back like the IPv4 one.
     let mac = c.nodes[0].ns.ip_json(&["link", "show", "flannel-v6.1"])[0]["address"].clone();
@@ -101,9 +99,7 @@ fn host_gw_dual_stack() {
     c.add_pod(1);
     let b6 = c.pods[1].ip6.expect("pod IPv6").to_string();
     assert!(wait_until(Duration::from_secs(10), || ping6(&c, 0, &b6) == Some(62)));
-    for n in &c.nodes {
-        n.settles(Duration::from_secs(2), Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
-    }
+    c.assert_idle();
     // IPv6 masquerade rules beside the IPv4 ones.
     let nat6 = e2e::cluster::run_in(&c.nodes[0].ns, "ip6tables-save", &["-t", "nat"]);
     assert!(nat6.contains("-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8"), "{nat6}");

@@ -76,15 +76,6 @@ fn converge(c: &Cluster, vxlan: bool) {
     }
 }
 
-/// Once converged, an agent does nothing: its own writes wake at most a pass or two, not a loop.
-fn goes_idle(c: &Cluster) {
-    for n in &c.nodes {
-        if let Err(e) = n.settles(Duration::from_secs(2), Duration::from_secs(20)) {
-            panic!("{}: {e}", n.ns.name());
-        }
-    }
-}
-
 #[test]
 fn three_vxlan_agents_get_distinct_subnets_and_program_each_other() {
     let mut c = cluster(3, VXLAN);
@@ -118,7 +109,7 @@ fn three_vxlan_agents_get_distinct_subnets_and_program_each_other() {
         assert_eq!(info["learning"], false);
     }
     converge(&c, true);
-    goes_idle(&c);
+    c.assert_idle();
 
     // Pods on two nodes reach each other through the overlay; two routers on the way.
     let a = c.add_pod(0).ip;
@@ -175,7 +166,7 @@ fn ping_during(
 fn host_gw_agents_route_via_peers_and_pods_talk() {
     let mut c = cluster(3, HOST_GW);
     converge(&c, false);
-    goes_idle(&c);
+    c.assert_idle();
     assert!(!c.nodes[0].ns.links().iter().any(|l| l.starts_with("flannel.")), "host-gw must not create a VTEP");
     let env = c.nodes[0].subnet_env().unwrap();
     assert!(env.contains("FLANNEL_MTU=1500\n"), "{env}");

@@ -290,9 +290,7 @@ fn two_kube_mode_agents_publish_annotations_and_route_to_each_other() {
     let b = c.add_pod(1).ip.to_string();
     assert_eq!(c.pods[0].ns.ping(&b), Some(62));
     // Patching our own Node comes back as a watch event; it must not start a loop.
-    for n in &c.nodes {
-        n.settles(Duration::from_secs(2), Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
-    }
+    c.assert_idle();
 
     // A node joining (annotated by its own agent elsewhere) and one leaving.
     api.put_node(
@@ -343,7 +341,5 @@ fn dual_stack_from_pod_cidrs() {
         String::from_utf8_lossy(&out.stdout).contains("ttl=62")
     };
     assert!(wait_until(Duration::from_secs(10), || ping6(&c)));
-    for n in &c.nodes {
-        n.settles(Duration::from_secs(2), Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
-    }
+    c.assert_idle();
 }
