@@ -83,10 +83,26 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec<'_>, mut warn: impl F
         }
     }
     if !link.up {
+        if spec.gateways.iter().any(|g| !g.is_ipv4()) {
+            skip_dad(spec.name, &mut warn);
+        }
         nl.set_up(link.index).await?;
         link.up = true;
     }
     Ok(link)
+}
+
+/// Turns off duplicate address detection on the bridge before it comes up.
+/// Neighbour solicitations for forwarded packets (a pod on another node
+/// reaching one here) go out from the bridge's link-local address, and the
+/// kernel sends none while that address is tentative: without this, the first
+/// IPv6 packets into a new node's pods wait 1-2 s. The addresses on the bridge
+/// come from our IPAM and the kernel, so there is nothing to detect.
+fn skip_dad(bridge: &str, warn: &mut impl FnMut(String)) {
+    let path = format!("/proc/sys/net/ipv6/conf/{bridge}/accept_dad");
+    if let Err(e) = std::fs::write(&path, "0") {
+        warn(format!("cannot turn off duplicate address detection on {bridge} ({path}: {e})"));
+    }
 }
 
 /// The host-side veth name: deterministic per attachment, so DEL and CHECK can

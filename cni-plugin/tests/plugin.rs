@@ -436,6 +436,11 @@ fn dual_stack_pods_get_both_families() {
     }
     let cni0 = node.ns.ip_json(&["-6", "addr", "show", "dev", "cni0"])[0].clone();
     assert!(cni0["addr_info"].as_array().unwrap().iter().any(|a| a["local"] == "fd00:10:244:d::1"), "{cni0}");
+    // The bridge's link-local address is usable at once (no duplicate address detection):
+    // solicitations for packets forwarded to the pods go out from it.
+    let ll = cni0["addr_info"].as_array().unwrap().iter().find(|a| a["scope"] == "link").cloned();
+    let ll = ll.unwrap_or_else(|| panic!("cni0 has no link-local address: {cni0}"));
+    assert!(ll.get("tentative").is_none() && ll.get("dadfailed").is_none(), "{ll}");
     // Pod to pod over IPv6 (no DAD delay: addresses are usable at once).
     let out = pods[0].run("ping", &["-6", "-c", "1", "-W", "3", &v6[1]]);
     assert!(out.status.success(), "ping6 failed: {}", String::from_utf8_lossy(&out.stdout));

@@ -498,8 +498,11 @@ impl Netlink {
     }
 
     /// Creates a bridge, up, with a fixed MAC (so it does not follow its ports).
+    /// Creates a bridge, down: the caller brings it up once what must precede
+    /// that is in place (addresses, sysctls such as `accept_dad`).
     pub async fn create_bridge(&self, name: &str, mac: [u8; 6], mtu: u32, promisc: bool) -> Result<()> {
-        let msg = LinkBridge::new(name).address(mac.to_vec()).mtu(mtu).promiscuous(promisc).build();
+        let msg =
+            LinkMessageBuilder::<LinkBridge>::new(name).address(mac.to_vec()).mtu(mtu).promiscuous(promisc).build();
         self.handle.link().add(msg).execute().await.map_err(map_err(format!("create bridge {name}")))
     }
 
