@@ -484,6 +484,7 @@ fn direct_routing_and_unreachable_host_gw_peers() {
     c.add_pod(0);
     let b = c.add_pod(1).ip.to_string();
     assert_eq!(c.pods[0].ns.ping(&b), Some(62));
+    c.assert_idle();
     drop(c);
 
     // host-gw: a peer whose public IP is not on our L2 network is reported, not silently dropped.
@@ -501,6 +502,7 @@ fn direct_routing_and_unreachable_host_gw_peers() {
         n0.log()
     );
     assert!(n0.flannel_routes().is_empty());
+    c.assert_idle();
 
     // A dual-stack lease written by upstream flannel: its IPv4 half is programmed here.
     c.etcdctl(&[

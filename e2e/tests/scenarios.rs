@@ -225,6 +225,7 @@ fn backend_switch_and_back_keeps_pod_ips() {
         assert_eq!(c.pods.iter().map(|p| p.ip).collect::<Vec<_>>(), ips);
         let b = c.pods[1].ip.to_string();
         assert!(wait_until(Duration::from_secs(5), || c.pods[0].ns.ping(&b) == Some(62)), "{backend}: no connectivity");
+        c.assert_idle();
     }
 }
 
