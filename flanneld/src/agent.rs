@@ -663,6 +663,11 @@ impl<M: SubnetManager> Agent<M> {
                 }
             }
         }
+        // Ready follows the data path; a failing NetworkUnavailable patch is retried
+        // (and logged) but does not hold readiness, so it cannot stall a rollout.
+        if ok && self.listed && !m.peers_synced.swap(true, Ordering::Relaxed) {
+            info!("ready: {} peers programmed", self.peers.len());
+        }
         if ok && !self.announced_up && self.opts.set_node_network_unavailable {
             match self.mgr.network_up().await {
                 Ok(()) => self.announced_up = true,
@@ -675,9 +680,6 @@ impl<M: SubnetManager> Agent<M> {
         if ok {
             self.retry_at = None;
             self.retry_backoff.reset();
-            if self.listed && !m.peers_synced.swap(true, Ordering::Relaxed) {
-                info!("ready: {} peers programmed", self.peers.len());
-            }
         } else {
             let d = self.retry_backoff.next();
             debug!("reconcile pass incomplete; next pass in {d:?}");
