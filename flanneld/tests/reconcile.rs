@@ -59,6 +59,25 @@ fn fdb(ns: &Netns) -> Vec<String> {
     v
 }
 
+/// A VXLAN device `name` (VNI 1, port 8472) on `uplink` from `local`, up; its index.
+async fn vtep(nl: &Netlink, name: &str, local: &str, uplink: u32) -> u32 {
+    nl.create_vxlan(&VxlanSpec {
+        name,
+        vni: 1,
+        port: 8472,
+        local: Some(local.parse().unwrap()),
+        uplink: Some(uplink),
+        mtu: None,
+        gbp: false,
+        mac: None,
+    })
+    .await
+    .unwrap();
+    let index = nl.link_by_name(name).await.unwrap().unwrap().index;
+    nl.set_up(index).await.unwrap();
+    index
+}
+
 #[test]
 fn vxlan_state_is_reconciled_not_appended() {
     let node = Netns::new("rc");
@@ -70,20 +89,7 @@ fn vxlan_state_is_reconciled_not_appended() {
     rt.block_on(async {
         let nl = Netlink::connect_in(&node.open()).unwrap();
         let uplink = nl.link_by_name("eth0").await.unwrap().unwrap().index;
-        nl.create_vxlan(&VxlanSpec {
-            name: "flannel.1",
-            vni: 1,
-            port: 8472,
-            local: Some("192.0.2.1".parse().unwrap()),
-            uplink: Some(uplink),
-            mtu: None,
-            gbp: false,
-            mac: None,
-        })
-        .await
-        .unwrap();
-        let vtep = nl.link_by_name("flannel.1").await.unwrap().unwrap().index;
-        nl.set_up(vtep).await.unwrap();
+        let vtep = vtep(&nl, "flannel.1", "192.0.2.1", uplink).await;
         // A route that belongs to someone else.
         node.ip(&["route", "add", "10.99.0.0/16", "via", "192.0.2.254"]);
 
@@ -172,20 +178,7 @@ fn ipv6_passes_settle() {
         let again = apply_family(&nl, &want, None, false).await.unwrap();
         assert!(again.is_noop(), "{again:?}: {}", node.ip(&["-6", "route"]));
 
-        nl.create_vxlan(&VxlanSpec {
-            name: "flannel-v6.1",
-            vni: 1,
-            port: 8472,
-            local: Some("2001:db8::1".parse().unwrap()),
-            uplink: Some(uplink),
-            mtu: None,
-            gbp: false,
-            mac: None,
-        })
-        .await
-        .unwrap();
-        let vtep = nl.link_by_name("flannel-v6.1").await.unwrap().unwrap().index;
-        nl.set_up(vtep).await.unwrap();
+        let vtep = vtep(&nl, "flannel-v6.1", "2001:db8::1", uplink).await;
         let want = desired(&Mode::Vxlan { vtep, uplink, direct_on: None }, &peers);
         let done = apply_family(&nl, &want, Some(vtep), false).await.unwrap();
         assert_eq!((done.routes_added, done.neighbours_set, done.fdb_set), (2, 2, 2));
