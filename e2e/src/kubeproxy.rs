@@ -47,6 +47,18 @@ fn hash16(s: &str) -> String {
 }
 
 impl Service {
+    /// The demo's and tests' Service: `default/web:http`, ClusterIP 10.96.0.10:80,
+    /// NodePort 30080, in front of `endpoints`.
+    pub fn web(endpoints: Vec<(Ipv4Addr, u16)>) -> Service {
+        Service {
+            name: "default/web:http".into(),
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            node_port: Some(30080),
+            endpoints,
+        }
+    }
+
     pub fn svc_chain(&self) -> String {
         format!("KUBE-SVC-{}", hash16(&format!("{}tcp", self.name)))
     }

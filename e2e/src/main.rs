@@ -136,13 +136,7 @@ fn demo(args: Args) {
     for p in c.pods.iter().filter(|p| p.node != 0) {
         p.serve(8080);
     }
-    let svc = Service {
-        name: "default/web:http".into(),
-        cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-        port: 80,
-        node_port: Some(30080),
-        endpoints,
-    };
+    let svc = Service::web(endpoints);
     for n in &c.nodes {
         kubeproxy::install(&n.ns, std::slice::from_ref(&svc), "10.244.0.0/16");
     }

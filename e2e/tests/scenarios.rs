@@ -108,13 +108,7 @@ fn services_reach_pods_on_other_nodes() {
     for p in &c.pods {
         p.serve(8080);
     }
-    let svc = Service {
-        name: "default/web:http".into(),
-        cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-        port: 80,
-        node_port: Some(30080),
-        endpoints: endpoints.clone(),
-    };
+    let svc = Service::web(endpoints.clone());
     // Hairpin: a Service whose only endpoint is the calling pod itself.
     let self_svc = Service {
         name: "default/self:http".into(),
