@@ -540,7 +540,12 @@ impl Cluster {
 
     /// Starts a pod on node `i` through the real `flannel` plugin.
     pub fn add_pod(&mut self, i: usize) -> &Pod {
-        let plugin = bin_path("flannel");
+        let conf = self.nodes[i].cni_conf();
+        self.add_pod_with(i, &bin_path("flannel"), &conf)
+    }
+
+    /// Starts a pod on node `i` by running `plugin` (CNI ADD) with `conf` on stdin.
+    pub fn add_pod_with(&mut self, i: usize, plugin: &Path, conf: &Value) -> &Pod {
         let ns = Netns::new(&format!("{}pd", self.ns_prefix));
         let cid = format!("pod-{}", ns.name());
         let node = &self.nodes[i];
@@ -558,7 +563,7 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run the flannel plugin");
-        child.stdin.take().expect("stdin").write_all(node.cni_conf().to_string().as_bytes()).expect("write conf");
+        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("write conf");
         let out = child.wait_with_output().expect("plugin output");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "CNI ADD on node {i} failed: {text} {}", String::from_utf8_lossy(&out.stderr));

@@ -3,8 +3,11 @@
 //! helpers to run commands and open sockets inside a namespace.
 
 pub mod cluster;
+pub mod daemonset;
 pub mod kubeproxy;
+pub mod manifest;
 pub mod ns;
+pub mod podman;
 pub mod tmp;
 
 pub use ns::Netns;

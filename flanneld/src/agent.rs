@@ -79,7 +79,15 @@ fn turn_on(proc: &Path, rel: &str) -> Result<bool, AgentError> {
     if cur.trim() == "1" {
         return Ok(false);
     }
-    std::fs::write(&p, "1").map_err(|e| AgentError::Preflight(format!("enable {}: {e}", p.display())))?;
+    std::fs::write(&p, "1").map_err(|e| {
+        // A container's /proc/sys is read-only unless it is privileged; the node must do it.
+        let key = rel.trim_start_matches("sys/").replace('/', ".");
+        AgentError::Preflight(format!(
+            "{key} is 0 and cannot be turned on here ({}: {e}); set it on the node \
+             (sysctl -w {key}=1, and in /etc/sysctl.d to survive reboots)",
+            p.display()
+        ))
+    })?;
     Ok(true)
 }
 
