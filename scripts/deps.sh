@@ -28,3 +28,21 @@ fi
 
 # flanneld refuses to start without br_netfilter (built in on some kernels).
 [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] || modprobe br_netfilter
+
+# Container engines (podman, containerd's runc) need the cgroup hierarchies
+# mounted. A machine has them; a bare chroot of one (the fresh-machine replay)
+# does not: mount the machine's own layout there, one v1 hierarchy per
+# controller the kernel has in use, name=systemd and the unified cgroup2, as
+# this kind of machine (cgroups v1, hybrid) has them.
+if ! grep -qE '^[^ ]+ /sys/fs/cgroup[/ ]' /proc/self/mounts; then
+  echo "== mounting cgroup hierarchies (none mounted here)"
+  mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup
+  while read -r name hier _ enabled; do
+    [ "$name" != "#subsys_name" ] && [ "$hier" != 0 ] && [ "$enabled" = 1 ] || continue
+    mkdir -p "/sys/fs/cgroup/$name"
+    mount -t cgroup -o "$name" cgroup "/sys/fs/cgroup/$name"
+  done </proc/cgroups
+  mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+  mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+fi

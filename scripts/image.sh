@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the image manifests/kube-flannel.yml names, offline (root, Debian 12):
 # release binaries, a minimal Debian root made by mmdebstrap from this machine's
-# own apt sources (the essential set plus manifests/image-packages), assembled by
-# buildah into one layer. Writes target/image/flannel-rs.tar, an archive that
+# own apt sources (the essential set plus manifests/image-packages, then cut down
+# to what runs by scripts/image-slim.sh), assembled by buildah into one layer. Writes target/image/flannel-rs.tar, an archive that
 # `podman load` and `ctr -n k8s.io images import` both take, tagged with the
 # manifest's image name; where podman is installed, also loads it under that name.
 #   --no-deps    skip scripts/deps.sh (packages already there)
@@ -59,7 +59,7 @@ mmdebstrap --quiet --variant=essential --hook-dir=/usr/share/mmdebstrap/hooks/me
   --dpkgopt='path-exclude=/usr/lib/x86_64-linux-gnu/gconv/*' \
   --customize-hook="copy-in $out/bin/flanneld /usr/local/bin" \
   --customize-hook="copy-in $out/bin/flannel /" \
-  --customize-hook='rm -rf "$1"/var/log/* "$1"/var/cache/ldconfig/aux-cache "$1"/var/lib/dpkg/*-old "$1"/var/cache/debconf/*-old' \
+  --customize-hook='bash scripts/image-slim.sh "$1"' \
   bookworm "$out/rootfs.tar" "${srcs[@]}"
 
 echo "== image $name"

@@ -173,6 +173,9 @@ fn both_image_builds_match_the_manifest() {
     let listed: Vec<&str> = packages.lines().filter_map(|l| l.split('#').next()?.split_whitespace().next()).collect();
     assert!(listed.contains(&"iptables"), "flanneld runs iptables-restore: {listed:?}");
     assert!(containerfile.contains("COPY manifests/image-packages"), "Containerfile must install the shared list");
+    for f in [&containerfile, &script] {
+        assert!(f.contains("scripts/image-slim.sh"), "both builds cut the root down the same way");
+    }
     assert!(script.contains("manifests/image-packages"), "image.sh must install the shared list");
 
     let agent = ds.agent.command.first().expect("agent command");
