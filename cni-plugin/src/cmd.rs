@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::conf::{Env, PluginConf, RouteSpec};
 use crate::dataplane::{self, BridgeSpec};
 use crate::error::{CniError, Result, code, io_err};
-use crate::ipam::{IpamError, Range, Store};
+use crate::ipam::{self, IpamError, Locked, Range, Store};
 use crate::log::Log;
 use crate::masq;
 use crate::result::{CniResult, Interface, IpConfig, RouteResult};
@@ -145,6 +145,34 @@ fn load_state(path: &Path) -> Option<SavedState> {
     })
 }
 
+/// After a reboot, frees what the earlier boot reserved (see
+/// [`Store::sweep_earlier_boot`]) and those attachments' saved state, and says so.
+/// A host whose boot id cannot be read keeps every reservation.
+fn sweep_earlier_boot(conf: &PluginConf, store: &Store, guard: &Locked<'_>, log: &mut Log) -> Result<()> {
+    let boot = match ipam::current_boot_id() {
+        Ok(b) => b,
+        Err(e) => {
+            log.warn(&format!("cannot tell which boot this is, so reservations of earlier boots stay: {e}"));
+            return Ok(());
+        }
+    };
+    let Some((old, freed)) = store.sweep_earlier_boot(guard, &boot).map_err(ipam_err)? else { return Ok(()) };
+    for a in &freed {
+        let p = state_path(conf, &a.container_id);
+        if load_state(&p).is_some_and(|s| s.name.as_deref().is_none_or(|n| n == conf.name)) {
+            let _ = fs::remove_file(p);
+        }
+    }
+    let list: Vec<String> = freed.iter().map(|a| format!("{} ({})", a.ip, a.container_id)).collect();
+    log.warn(&format!(
+        "host rebooted (boot {old} -> {boot}): freed {} address(es) reserved before the reboot{}{}",
+        freed.len(),
+        if list.is_empty() { "" } else { ": " },
+        list.join(", ")
+    ));
+    Ok(())
+}
+
 /// What a failed ADD must undo.
 #[derive(Default)]
 struct Undo {
@@ -271,6 +299,7 @@ async fn add_inner(
     {
         let store = Store::open(&conf.ipam_dir()).map_err(ipam_err)?;
         let guard = store.lock().map_err(ipam_err)?;
+        sweep_earlier_boot(conf, &store, &guard, log)?;
         for f in fams {
             let want = conf.requested_ips.iter().copied().find(|ip| ip.is_ipv4() == f.range.subnet.is_ipv4());
             let ip = store.allocate(&guard, &f.range, &env.container_id, &env.ifname, want, readd).map_err(ipam_err)?;
@@ -528,7 +557,7 @@ impl Reap {
     }
 }
 
-pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
+pub fn check(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
     if !conf.version_at_least("0.4.0") {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -551,6 +580,7 @@ pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
     if store_dir.is_dir() {
         let store = Store::open(&store_dir).map_err(ipam_err)?;
         let guard = store.lock().map_err(ipam_err)?;
+        sweep_earlier_boot(conf, &store, &guard, log)?;
         let held = store.find(&guard, &env.container_id, &env.ifname).map_err(ipam_err)?;
         for ip in &pod_ips {
             if !held.contains(&ip.address.addr()) {
@@ -664,7 +694,13 @@ pub fn check(env: &Env, conf: &PluginConf, _log: &mut Log) -> Result<()> {
     }
 }
 
-pub fn status(conf: &PluginConf) -> Result<()> {
+pub fn status(conf: &PluginConf, log: &mut Log) -> Result<()> {
+    let store_dir = conf.ipam_dir();
+    if store_dir.is_dir() {
+        let store = Store::open(&store_dir).map_err(ipam_err)?;
+        let guard = store.lock().map_err(ipam_err)?;
+        sweep_earlier_boot(conf, &store, &guard, log)?;
+    }
     SubnetEnv::read(&conf.subnet_file).map(|_| ()).map_err(|e: SubnetEnvError| {
         let msg = if e.is_missing() {
             format!(

@@ -16,6 +16,24 @@ use flannel_shared::IpNet;
 
 const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
 const LINE_BREAK: &str = "\r\n";
+/// The boot the store's reservations were made in. Not an address, so
+/// host-local (which only reads address files and `last_reserved_ip.*`) ignores it.
+pub const BOOT_RECORD: &str = "boot_id";
+/// Where the kernel says which boot this is.
+pub const KERNEL_BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+/// Test hook: read the boot id from this file instead of [`KERNEL_BOOT_ID`].
+pub const BOOT_ID_ENV: &str = "FLANNEL_CNI_BOOT_ID_FILE";
+
+/// The id of the boot this host is in (`$FLANNEL_CNI_BOOT_ID_FILE`, else the kernel's).
+pub fn current_boot_id() -> Result<String, IpamError> {
+    let path = std::env::var_os(BOOT_ID_ENV).map_or_else(|| PathBuf::from(KERNEL_BOOT_ID), PathBuf::from);
+    let id = fs::read_to_string(&path).map_err(io_at(&path))?;
+    let id = id.trim();
+    if id.is_empty() {
+        return Err(IpamError::Io { path, source: io::Error::new(io::ErrorKind::InvalidData, "empty boot id") });
+    }
+    Ok(id.to_string())
+}
 
 /// One allocatable range: the node subnet minus network, gateway and (IPv4) broadcast.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -251,6 +269,46 @@ impl Store {
         Err(IpamError::Exhausted(range.subnet, range.capacity()))
     }
 
+    /// After a reboot, frees every reservation made in the earlier boot: the pods
+    /// died with it, and a runtime whose own state went too never calls DEL.
+    /// `boot_id` is this boot's. A store without a record (new, or written by
+    /// host-local) is taken to be from this boot: nothing is freed, the record is
+    /// written. The round robin starts over, as on a fresh node. Returns what was
+    /// freed and the earlier boot's id. Runs under the lock, so exactly one caller
+    /// after a boot change frees anything.
+    pub fn sweep_earlier_boot(
+        &self,
+        guard: &Locked<'_>,
+        boot_id: &str,
+    ) -> Result<Option<(String, Vec<Allocation>)>, IpamError> {
+        let path = self.dir.join(BOOT_RECORD);
+        let recorded = match fs::read_to_string(&path) {
+            Ok(s) => Some(s.trim().to_string()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        if recorded.as_deref() == Some(boot_id) {
+            return Ok(None);
+        }
+        let mut freed = Vec::new();
+        if recorded.is_some() {
+            freed = self.allocations(guard)?;
+            for a in &freed {
+                self.release_ip(guard, a.ip)?;
+            }
+            for entry in fs::read_dir(&self.dir).map_err(io_at(&self.dir))?.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(LAST_RESERVED_PREFIX) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        // Written last and atomically: a crash before this point repeats the sweep, never half of it.
+        let tmp = self.dir.join(format!(".{BOOT_RECORD}.tmp"));
+        fs::write(&tmp, boot_id).map_err(io_at(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        Ok(recorded.map(|old| (old, freed)))
+    }
+
     /// Frees one address, whoever holds it.
     pub fn release_ip(&self, _guard: &Locked<'_>, ip: IpAddr) -> Result<(), IpamError> {
         let path = self.dir.join(ip.to_string());
@@ -333,6 +391,32 @@ mod tests {
         }
         assert!(matches!(store.allocate(&g, &r, "full", "eth0", None, false), Err(IpamError::Exhausted(..))));
         assert!(!t.0.join("n/10.9.0.7").exists() && !t.0.join("n/10.9.0.1").exists());
+    }
+
+    #[test]
+    fn sweep_frees_an_earlier_boots_reservations_once() {
+        let t = TempDir::new("boot");
+        let store = Store::open(&t.0.join("n")).unwrap();
+        let g = store.lock().unwrap();
+        let r = range("10.244.1.1/24");
+        // No record yet (new store, or host-local's): nothing freed, record written.
+        store.allocate(&g, &r, "old1", "eth0", None, false).unwrap();
+        assert_eq!(store.sweep_earlier_boot(&g, "boot-a").unwrap(), None);
+        assert_eq!(fs::read_to_string(t.0.join("n/boot_id")).unwrap(), "boot-a");
+        store.allocate(&g, &r, "old2", "eth0", None, false).unwrap();
+        assert_eq!(store.sweep_earlier_boot(&g, "boot-a").unwrap(), None);
+        assert_eq!(store.allocations(&g).unwrap().len(), 2);
+        // Another boot: both go, the round robin starts over, and only once.
+        let (old, freed) = store.sweep_earlier_boot(&g, "boot-b").unwrap().unwrap();
+        assert_eq!(old, "boot-a");
+        let mut ids: Vec<String> = freed.into_iter().map(|a| a.container_id).collect();
+        ids.sort();
+        assert_eq!(ids, ["old1", "old2"]);
+        assert!(store.allocations(&g).unwrap().is_empty());
+        assert!(!t.0.join("n/last_reserved_ip.0").exists());
+        assert_eq!(store.allocate(&g, &r, "new", "eth0", None, false).unwrap().to_string(), "10.244.1.2");
+        assert_eq!(store.sweep_earlier_boot(&g, "boot-b").unwrap(), None);
+        assert_eq!(store.allocations(&g).unwrap().len(), 1);
     }
 
     #[test]

@@ -54,7 +54,7 @@ fn run(stdin: &[u8], version: &mut String) -> Result<Option<String>, CniError> {
         Command::Add => cmd::add(&env, &conf, &mut log).map(|v| Some(v.to_string())),
         Command::Del => cmd::del(&env, &conf, &mut log).map(|_| None),
         Command::Check => cmd::check(&env, &conf, &mut log).map(|_| None),
-        Command::Status => cmd::status(&conf).map(|_| None),
+        Command::Status => cmd::status(&conf, &mut log).map(|_| None),
         Command::Gc => cmd::gc(&conf, &mut log).map(|_| None),
         Command::Version => unreachable!("handled above"),
     };

@@ -83,6 +83,12 @@ impl Node {
     pub fn cni_raw(&self, command: &str, env: &[(&str, &str)], stdin: &[u8]) -> CniOut {
         let mut cmd: Command = self.ns.command(BIN);
         cmd.env_remove("CNI_ARGS").env("CNI_COMMAND", command).env("CNI_PATH", "/usr/lib/cni");
+        // A node whose boot the test controls (see `set_boot`); else the kernel's.
+        if self.boot_file().exists() {
+            cmd.env("FLANNEL_CNI_BOOT_ID_FILE", self.boot_file());
+        } else {
+            cmd.env_remove("FLANNEL_CNI_BOOT_ID_FILE");
+        }
         for (k, v) in env {
             if !v.is_empty() {
                 cmd.env(k, v);
@@ -97,6 +103,15 @@ impl Node {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    fn boot_file(&self) -> PathBuf {
+        self.dir.join("boot_id")
+    }
+
+    /// From now on the plugin sees this boot id (the README's test hook).
+    pub fn set_boot(&self, id: &str) {
+        std::fs::write(self.boot_file(), format!("{id}\n")).unwrap();
     }
 
     pub fn add(&self, cid: &str, pod: &Netns) -> Value {
