@@ -250,16 +250,21 @@ impl Pod {
     /// Serves TCP on `port` inside the pod until the process exits: each
     /// connection gets one line, `<pod ip> saw <client ip>`.
     pub fn serve(&self, port: u16) {
-        let listener = self.ns.tcp_listen((Ipv4Addr::UNSPECIFIED, port).into()).expect("listen in pod");
-        let me = self.ip;
-        std::thread::spawn(move || {
-            for s in listener.incoming().flatten() {
-                let mut s = s;
-                let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-                let _ = writeln!(s, "{me} saw {peer}");
-            }
-        });
+        serve(&self.ns, self.ip, port);
     }
+}
+
+/// Serves TCP on `port` inside `ns` until the process exits: each connection
+/// gets one line, `<me> saw <client ip>`.
+pub fn serve(ns: &Netns, me: Ipv4Addr, port: u16) {
+    let listener = ns.tcp_listen((Ipv4Addr::UNSPECIFIED, port).into()).expect("listen in pod");
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let mut s = s;
+            let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+            let _ = writeln!(s, "{me} saw {peer}");
+        }
+    });
 }
 
 /// Connects from `ns` to `addr` and returns the server's line (see [`Pod::serve`]).

@@ -3,7 +3,10 @@
 //! helpers to run commands and open sockets inside a namespace.
 
 pub mod cluster;
+pub mod containerd;
+pub mod cri;
 pub mod daemonset;
+pub mod images;
 pub mod kubeproxy;
 pub mod manifest;
 pub mod ns;
@@ -35,4 +38,14 @@ pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool)
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Whether `dir` lies on overlayfs, which cannot hold another overlay's layers
+/// (the fresh-machine root is one): container stores fall back to copying there.
+pub fn fs_is_overlay(dir: &std::path::Path) -> bool {
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs(2) on a NUL-terminated path into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == OVERLAYFS_SUPER_MAGIC }
 }

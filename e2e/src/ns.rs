@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-/// A named network namespace (`/var/run/netns/<name>`), deleted on drop.
+/// A named network namespace (`/var/run/netns/<name>`), deleted on drop
+/// unless it belongs to someone else ([`Netns::existing`]).
 pub struct Netns {
     name: String,
+    owned: bool,
 }
 
 /// Runs a command and returns its output, panicking with everything it printed on failure.
@@ -30,9 +32,14 @@ impl Netns {
     pub fn new(prefix: &str) -> Netns {
         let name = crate::unique_name(prefix);
         sh("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A namespace someone else created (e.g. a container runtime's sandbox), left alone on drop.
+    pub fn existing(name: &str) -> Netns {
+        Netns { name: name.to_string(), owned: false }
     }
 
     pub fn name(&self) -> &str {
@@ -108,6 +115,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }

@@ -23,12 +23,7 @@ pub struct Podman {
 /// overlayfs cannot be the upper layer of another overlay (the fresh-machine
 /// root is one): there, fall back to vfs, which copies instead.
 fn storage_driver(dir: &Path) -> &'static str {
-    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return "vfs" };
-    // SAFETY: statfs(2) on a NUL-terminated path into a zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let on_overlay = unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == OVERLAYFS_SUPER_MAGIC;
-    if on_overlay { "vfs" } else { "overlay" }
+    if crate::fs_is_overlay(dir) { "vfs" } else { "overlay" }
 }
 
 impl Podman {
