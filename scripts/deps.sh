@@ -8,13 +8,14 @@
 #   the cluster: etcd-server, etcd-client (etcdctl); openssl for the TLS test's CA
 #   the image (scripts/image.sh): mmdebstrap, buildah; podman runs the DaemonSet's
 #     containers in the e2e test (crun, conmon come with it); containerd + runc
-#     (ctr) take the same archive
+#     (ctr) take the same archive and are the e2e nodes' CRI runtime; busybox-static
+#     is the root of podman's test containers
 set -euo pipefail
 
 packages=(iproute2 iptables iputils-ping tcpdump conntrack kmod procps
           containernetworking-plugins protobuf-compiler libprotobuf-dev
           etcd-server etcd-client openssl
-          mmdebstrap buildah podman uidmap ca-certificates containerd runc)
+          mmdebstrap buildah podman uidmap ca-certificates containerd runc busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,6 @@
 //! Images the tests need besides ours, built here from Debian packages (no
 //! registry): the sandbox ("pause") image containerd's CRI starts for every
-//! pod. Built once per target directory, under a file lock so parallel test
+//! pod, and a busybox root for podman's test containers. Built once per target directory, under a file lock so parallel test
 //! binaries share it.
 
 use std::path::{Path, PathBuf};
@@ -69,4 +69,18 @@ pub fn pause() -> PathBuf {
     let _ = std::fs::remove_dir_all(&store);
     std::fs::rename(&tmp, &archive).expect("pause.tar");
     archive
+}
+
+/// A root file system with Debian's static busybox (`sh`, `sleep`, `ping`, ...)
+/// under `dir`, for `podman import`.
+pub fn busybox_root(dir: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    assert!(busybox.is_file(), "/bin/busybox missing: `bash scripts/deps.sh` installs busybox-static");
+    let root = dir.join("busybox-root");
+    std::fs::create_dir_all(root.join("bin")).expect("busybox root");
+    std::fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
+    for tool in ["sh", "sleep", "ping", "ip", "cat", "nc"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).expect("busybox link");
+    }
+    root
 }

@@ -18,6 +18,8 @@ pub fn image_archive() -> PathBuf {
 pub struct Podman {
     dir: TempDir,
     driver: &'static str,
+    /// A node's network namespace every podman command runs in (CNI networking).
+    netns: Option<PathBuf>,
 }
 
 /// overlayfs cannot be the upper layer of another overlay (the fresh-machine
@@ -33,13 +35,38 @@ impl Podman {
         assert!(ok, "podman not found: `bash scripts/deps.sh` installs it (Debian's podman)");
         let dir = TempDir::new(tag);
         let driver = storage_driver(dir.path());
-        Podman { dir, driver }
+        Podman { dir, driver, netns: None }
+    }
+
+    /// Podman as a CNI runtime on a test-bed node: every command runs in the
+    /// node's network namespace (so the plugins it calls see the node), its
+    /// CNI backend reads networks from `conf_dir` and plugins from `bin_dir`.
+    pub fn on_node(tag: &str, netns: &Path, bin_dir: &Path, conf_dir: &Path) -> Podman {
+        let mut p = Podman::new(tag);
+        // No CAP_SYS_RESOURCE here: runc cannot raise the limits podman asks for by default.
+        let conf = format!(
+            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\
+             [network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\"]\nnetwork_config_dir = \"{}\"\n",
+            bin_dir.display(),
+            conf_dir.display()
+        );
+        std::fs::write(p.dir.join("containers.conf"), conf).expect("containers.conf");
+        p.netns = Some(netns.to_path_buf());
+        p
     }
 
     /// `podman` with this store's global flags: no systemd here (cgroupfs, file
     /// events), and runc: crun refuses these machines' hybrid cgroup layout.
     pub fn command(&self) -> Command {
-        let mut c = Command::new("podman");
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg("podman");
+                c.env("CONTAINERS_CONF", self.dir.join("containers.conf"));
+                c
+            }
+            None => Command::new("podman"),
+        };
         c.arg("--root")
             .arg(self.dir.join("root"))
             .arg("--runroot")
@@ -78,6 +105,21 @@ impl Podman {
             archive.display()
         );
         self.check(&["load", "--quiet", "-i", archive.to_str().expect("utf-8 path")])
+    }
+
+    /// Imports a root file system directory as image `name` (`podman import`).
+    pub fn import_dir(&self, root: &Path, name: &str) {
+        use std::process::Stdio;
+        let mut tar =
+            Command::new("tar").arg("-C").arg(root).args(["-c", "."]).stdout(Stdio::piped()).spawn().expect("tar");
+        let out = self
+            .command()
+            .args(["import", "-", name])
+            .stdin(tar.stdout.take().expect("tar stdout"))
+            .output()
+            .expect("podman import");
+        let _ = tar.wait();
+        assert!(out.status.success(), "podman import: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// A container's state (`running`, `exited`, ...), if it exists.

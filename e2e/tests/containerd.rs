@@ -14,6 +14,7 @@ use e2e::containerd::{Containerd, DEBIAN_CNI_DIR, Sandbox, run_sandbox};
 use e2e::cri::{PortMapping, sandbox_config};
 use e2e::kubeproxy::{self, Service};
 use e2e::manifest::DaemonSet;
+use e2e::podman::Podman;
 use e2e::{images, wait_until};
 use serde_json::Value;
 
@@ -39,15 +40,21 @@ fn node_conflist(node: &Node) -> Value {
     conflist
 }
 
-/// containerd for node `i`: our plugin, Debian's portmap and loopback, the conflist, the pause image.
-fn runtime_for(c: &Cluster, i: usize) -> Containerd {
+/// Node `i`'s CNI directories: our plugin, Debian's portmap and loopback, the conflist.
+fn cni_dirs_for(c: &Cluster, i: usize) -> Containerd {
     let node = &c.nodes[i];
-    let mut ctd = Containerd::new(node);
+    let ctd = Containerd::new(node);
     ctd.install_plugin(&bin_path("flannel"));
     for p in ["portmap", "loopback"] {
         ctd.install_plugin(&Path::new(DEBIAN_CNI_DIR).join(p));
     }
     ctd.write_conflist("10-flannel.conflist", &node_conflist(node));
+    ctd
+}
+
+/// containerd for node `i` with [`cni_dirs_for`] and the pause image.
+fn runtime_for(c: &Cluster, i: usize) -> Containerd {
+    let mut ctd = cni_dirs_for(c, i);
     ctd.spawn();
     ctd.import(&images::pause());
     ctd
@@ -275,4 +282,45 @@ fn sandbox_before_flanneld_fails_with_our_message_then_works() {
     let s = run_sandbox(&cri, 0, pod("default", "early")).unwrap_or_else(|e| panic!("retry: {e}"));
     assert!(in_subnet(s.ip, &c.nodes[0]));
     remove(&ctd, &c.nodes[0], &s);
+}
+
+/// podman (CNI backend) on a node, with the same conflist as a network: its
+/// container gets an address from the node's subnet and reaches a containerd
+/// sandbox on another node; `podman rm` frees the address.
+#[test]
+fn podman_container_on_our_network_reaches_a_containerd_pod() {
+    let c = cluster(2, "vxlan");
+    let ctd = runtime_for(&c, 0);
+    let target = run_sandbox(&ctd.cri(), 0, pod("default", "target")).expect("RunPodSandbox");
+    let dirs = cni_dirs_for(&c, 1);
+    let node = &c.nodes[1];
+    let podman = Podman::on_node("pm", &node.ns.path(), &dirs.cni_bin, &dirs.cni_conf);
+    podman.import_dir(&images::busybox_root(&node.dir), "localhost/e2e/busybox:1");
+    let network = podman.check(&["network", "ls", "--format", "{{.Name}}"]);
+    assert!(network.lines().any(|n| n == "cbr0"), "podman does not list the conflist's network: {network}");
+    podman.check(&[
+        "run",
+        "--detach",
+        "--name",
+        "p1",
+        "--network",
+        "cbr0",
+        "--cap-add",
+        "NET_RAW",
+        "localhost/e2e/busybox:1",
+        "sleep",
+        "600",
+    ]);
+    let ip = podman.check(&["inspect", "--format", "{{(index .NetworkSettings.Networks \"cbr0\").IPAddress}}", "p1"]);
+    let ip: Ipv4Addr = ip.parse().unwrap_or_else(|e| panic!("podman's IP {ip:?}: {e}"));
+    assert!(in_subnet(ip, node), "{ip} outside node2's {:?}", node.subnet());
+    assert_eq!(reserved(node), [ip.to_string()]);
+    let out = podman.run(&["exec", "p1", "ping", "-c", "1", "-W", "3", &target.ip.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("ttl=62"), "podman -> containerd pod: {text}");
+    assert_eq!(target.ns.ping(&ip.to_string()), Some(62), "containerd pod -> podman container");
+    podman.check(&["rm", "--force", "--time", "0", "p1"]);
+    assert_eq!(reserved(node), Vec::<String>::new(), "podman rm must free the address");
+    assert!(wait_until(Duration::from_secs(10), || veths(node).is_empty()), "veth left: {:?}", veths(node));
+    remove(&ctd, &c.nodes[0], &target);
 }
