@@ -324,3 +324,31 @@ fn podman_container_on_our_network_reaches_a_containerd_pod() {
     assert!(wait_until(Duration::from_secs(10), || veths(node).is_empty()), "veth left: {:?}", veths(node));
     remove(&ctd, &c.nodes[0], &target);
 }
+
+/// A full node subnet as containerd sees it: the sandbox past the last free
+/// address fails with our message, and nothing of it is left behind.
+#[test]
+fn exhausted_subnet_fails_the_sandbox_and_leaks_nothing() {
+    let mut c = Cluster::new("cr");
+    // /29 node subnets: .1 is the gateway, .2-.6 the five pod addresses.
+    c.put_config(r#"{"Network":"10.244.0.0/16","SubnetLen":29,"Backend":{"Type":"vxlan"}}"#);
+    c.add_node();
+    c.start_agent(0, &[]);
+    assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
+    let ctd = runtime_for(&c, 0);
+    let cri = ctd.cri();
+    let boxes: Vec<Sandbox> =
+        (0..5).map(|k| run_sandbox(&cri, 0, pod("full", &format!("f{k}"))).expect("fits")).collect();
+    let err = match run_sandbox(&cri, 0, pod("full", "f5")) {
+        Ok(s) => panic!("a sixth sandbox got {} in a /29", s.ip),
+        Err(e) => e,
+    };
+    assert!(err.message.contains("no IP addresses available"), "{err}");
+    let node = &c.nodes[0];
+    assert_eq!(reserved(node).len(), 5);
+    assert!(wait_until(Duration::from_secs(10), || veths(node).len() == 5), "veths: {:?}", veths(node));
+    for b in &boxes {
+        remove(&ctd, node, b);
+    }
+    assert_eq!(reserved(node), Vec::<String>::new());
+}
