@@ -267,6 +267,29 @@ pub fn serve(ns: &Netns, me: Ipv4Addr, port: u16) {
     });
 }
 
+/// Pings every host from every other: ttl 64 on one node, 62 across nodes (two
+/// routers: the sender's node and the receiver's). Hosts are (netns, IP, node
+/// index); the first wrong answer is the error.
+pub fn ping_mesh(hosts: &[(&Netns, Ipv4Addr, usize)]) -> Result<(), String> {
+    for (i, (ns, ip, node)) in hosts.iter().enumerate() {
+        for (j, (_, dst, dst_node)) in hosts.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let want = if node == dst_node { 64 } else { 62 };
+            let got = ns.ping(&dst.to_string());
+            if got != Some(want) {
+                return Err(format!(
+                    "{ip} (node{}) -> {dst} (node{}): ttl {got:?}, want {want}",
+                    node + 1,
+                    dst_node + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Connects from `ns` to `addr` and returns the server's line (see [`Pod::serve`]).
 pub fn request(ns: &Netns, addr: SocketAddr) -> std::io::Result<String> {
     let mut s = ns.tcp_connect(addr, Duration::from_secs(3))?;

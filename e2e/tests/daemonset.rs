@@ -38,17 +38,12 @@ fn agent_args(ds: &DaemonSet, endpoint: &str) -> Vec<String> {
 }
 
 fn ping_mesh(c: &Cluster, podman: &Podman, agents: &[String]) {
-    for a in &c.pods {
-        for b in c.pods.iter().filter(|b| b.cid != a.cid) {
-            let want = if a.node == b.node { 64 } else { 62 };
-            let got = a.ns.ping(&b.ip.to_string());
-            if got != Some(want) {
-                for n in agents {
-                    eprintln!("---- {n} ----\n{}", podman.logs(n));
-                }
-                panic!("{} (node{}) -> {} (node{}): ttl {got:?}, want {want}", a.ip, a.node + 1, b.ip, b.node + 1);
-            }
+    let hosts: Vec<_> = c.pods.iter().map(|p| (&p.ns, p.ip, p.node)).collect();
+    if let Err(e) = e2e::cluster::ping_mesh(&hosts) {
+        for n in agents {
+            eprintln!("---- {n} ----\n{}", podman.logs(n));
         }
+        panic!("{e}");
     }
 }
 

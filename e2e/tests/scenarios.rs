@@ -45,22 +45,9 @@ fn cluster(nodes: usize, pods: usize, backend: &str) -> Cluster {
 }
 
 fn mesh(c: &Cluster) {
-    for a in &c.pods {
-        for b in &c.pods {
-            if a.cid == b.cid {
-                continue;
-            }
-            let want = if a.node == b.node { 64 } else { 62 };
-            assert_eq!(
-                a.ns.ping(&b.ip.to_string()),
-                Some(want),
-                "{} (node{}) -> {} (node{})",
-                a.ip,
-                a.node + 1,
-                b.ip,
-                b.node + 1
-            );
-        }
+    let hosts: Vec<_> = c.pods.iter().map(|p| (&p.ns, p.ip, p.node)).collect();
+    if let Err(e) = e2e::cluster::ping_mesh(&hosts) {
+        panic!("{e}");
     }
 }
 
