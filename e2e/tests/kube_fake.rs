@@ -343,3 +343,32 @@ fn dual_stack_from_pod_cidrs() {
     assert!(wait_until(Duration::from_secs(10), || ping6(&c)));
     c.assert_idle();
 }
+
+/// A peer that was in the agents' first Node listing and later loses its
+/// flannel annotations (flannel removed there, or another CNI took over) is
+/// dropped: no route to it stays behind.
+#[test]
+fn a_node_from_the_first_listing_losing_its_annotations_is_dropped() {
+    let api = FakeApi::default();
+    api.put_node("n1", "10.244.1.0/24", json!({}));
+    api.put_node("n2", "10.244.2.0/24", json!({}));
+    let annotated = json!({
+        format!("{P}/backend-type"): "vxlan",
+        format!("{P}/backend-data"): r#"{"VNI":1,"VtepMAC":"0e:00:00:00:00:03"}"#,
+        format!("{P}/public-ip"): "192.0.2.3",
+    });
+    api.put_node("n3", "10.244.3.0/24", annotated);
+    let mut c = Cluster::new("ka");
+    start_agents(&mut c, &api, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#);
+    for i in 0..2 {
+        assert!(c.wait_ready(i, Duration::from_secs(30)), "{}", c.nodes[i].log());
+    }
+    let to_n3 = |n: &e2e::cluster::Node| n.flannel_routes().iter().any(|r| r["dst"] == "10.244.3.0/24");
+    for n in &c.nodes {
+        assert!(wait_until(Duration::from_secs(10), || to_n3(n)), "{}: {:?}", n.ns.name(), n.flannel_routes());
+    }
+    api.put_node("n3", "10.244.3.0/24", json!({}));
+    for n in &c.nodes {
+        assert!(wait_until(Duration::from_secs(10), || !to_n3(n)), "{}: {:?}", n.ns.name(), n.flannel_routes());
+    }
+}

@@ -193,9 +193,12 @@ impl KubeManager {
         let keys = self.keys.clone();
         tokio::spawn(async move {
             let mut stream = Box::pin(watcher::watcher(api, watcher::Config::default()));
-            let mut buffer: Vec<Lease> = Vec::new();
-            // podCIDR of every node we reported, so a node losing its annotations is removed.
+            // (node name, lease) of the listing in progress.
+            let mut buffer: Vec<(String, Lease)> = Vec::new();
+            // Subnet of every node we reported, by node name (in the first listing as in
+            // later events), so a node losing its annotations is removed.
             let mut known: std::collections::HashMap<String, IpNet> = std::collections::HashMap::new();
+            let name_of = |n: &Node| n.metadata.name.clone().unwrap_or_default();
             let mut backoff = Duration::from_millis(200);
             while let Some(ev) = stream.next().await {
                 let out = match ev {
@@ -205,27 +208,27 @@ impl KubeManager {
                     }
                     Ok(Event::InitApply(n)) => {
                         if let Some(l) = node_lease(&n, &keys) {
-                            buffer.push(l);
+                            buffer.push((name_of(&n), l));
                         }
                         continue;
                     }
                     Ok(Event::InitDone) => {
                         backoff = Duration::from_millis(200);
-                        known = buffer.iter().map(|l| (l.subnet.to_string(), l.subnet)).collect();
-                        LeaseEvent::Snapshot(std::mem::take(&mut buffer))
+                        known = buffer.iter().map(|(name, l)| (name.clone(), l.subnet)).collect();
+                        LeaseEvent::Snapshot(std::mem::take(&mut buffer).into_iter().map(|(_, l)| l).collect())
                     }
                     Ok(Event::Apply(n)) => match node_lease(&n, &keys) {
                         Some(l) => {
-                            known.insert(n.metadata.name.clone().unwrap_or_default(), l.subnet);
+                            known.insert(name_of(&n), l.subnet);
                             LeaseEvent::Added(l)
                         }
-                        None => match known.remove(&n.metadata.name.clone().unwrap_or_default()) {
+                        None => match known.remove(&name_of(&n)) {
                             Some(s) => LeaseEvent::Removed(s),
                             None => continue,
                         },
                     },
                     Ok(Event::Delete(n)) => {
-                        known.remove(&n.metadata.name.clone().unwrap_or_default());
+                        known.remove(&name_of(&n));
                         match pod_cidr(&n) {
                             Some(s) => LeaseEvent::Removed(s),
                             None => continue,
