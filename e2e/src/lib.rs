@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod cri;
 pub mod daemonset;
 pub mod images;
+pub mod kube_api;
 pub mod kubeproxy;
 pub mod manifest;
 pub mod ns;

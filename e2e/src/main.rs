@@ -244,7 +244,7 @@ fn main() {
         Some("cri-bench") => cri_bench::run(args),
         _ => {
             eprintln!(
-                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60]\n       e2e cri-bench [--sequential 50] [--concurrent 20]"
+                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube]\n       e2e cri-bench [--sequential 50] [--concurrent 20]"
             );
             std::process::exit(2);
         }

@@ -1,5 +1,7 @@
-//! `e2e scale`: how fast one agent programs many peers. Writes N simulated
-//! vxlan leases into a real etcd, starts one flanneld, and times until the
+//! `e2e scale [--kube]`: how fast one agent programs many peers. Writes N simulated
+//! vxlan leases into a real etcd (with `--kube`, also in the same run: N annotated
+//! Nodes with a realistic status served by the e2e stand-in API server), starts
+//! one flanneld, and times until the
 //! kernel holds every route, ARP and FDB entry; then reports peak RSS, CPU
 //! seconds, and idle CPU afterwards. The reference, measured in the same run,
 //! is `ip -batch` writing the same entries into a fresh namespace (the
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use e2e::Netns;
 use e2e::cluster::{Cluster, PREFIX};
+use e2e::kube_api::{self, FakeApi};
 
 fn peer(i: usize) -> (String, String, String) {
     let n = i + 1;
@@ -107,14 +110,51 @@ fn reference(n: usize) -> Duration {
     t.elapsed()
 }
 
-fn one(n: usize, idle: u64) {
-    println!("\n== {n} peers");
+const NETCONF: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
+
+/// `n` peer Nodes (annotated by their agents, realistic status) and our own, unannotated.
+fn fake_api(n: usize) -> FakeApi {
+    let api = FakeApi::default();
+    api.0.0.lock().expect("fake API state").status = Some(kube_api::realistic_status());
+    api.put_node("self", "10.255.0.0/24", serde_json::json!({}));
+    for i in 0..n {
+        let (subnet, public, mac) = peer(i);
+        api.put_node(&format!("peer-{i:05}"), &format!("{subnet}/24"), kube_api::vxlan_annotations(&public, &mac));
+    }
+    api
+}
+
+fn one(n: usize, idle: u64, kube: bool) {
+    println!("\n== {n} peers from {}", if kube { "the Kubernetes API (Nodes)" } else { "etcd (leases)" });
     let mut c = Cluster::with_prefix("demo-scale", crate::NS_PREFIX);
-    c.put_config(r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#);
-    write_leases(&c, n);
+    let api = kube.then(|| fake_api(n));
+    if !kube {
+        c.put_config(NETCONF);
+        write_leases(&c, n);
+    }
     c.add_node();
-    let started = Instant::now();
-    c.start_agent(0, &["--iptables-resync=5", "-v=0"]);
+    let started;
+    if let Some(api) = &api {
+        api.serve(c.nodes[0].ns.tcp_listen(kube_api::ADDR.parse().expect("addr")).expect("listen"));
+        let netconf = c.dir().join("net-conf.json");
+        std::fs::write(&netconf, NETCONF).expect("net-conf.json");
+        let kubeconfig = kube_api::kubeconfig(c.dir());
+        started = Instant::now();
+        c.start_agent_env(
+            0,
+            &[
+                "--iptables-resync=5",
+                "-v=0",
+                "--kube-subnet-mgr",
+                &format!("--kubeconfig-file={}", kubeconfig.display()),
+                &format!("--net-config-path={}", netconf.display()),
+            ],
+            &[("NODE_NAME", "self")],
+        );
+    } else {
+        started = Instant::now();
+        c.start_agent(0, &["--iptables-resync=5", "-v=0"]);
+    }
     let node = &c.nodes[0];
     let fdb_count = |ns: &Netns| {
         e2e::cluster::run_in(ns, "bridge", &["fdb", "show", "dev", "flannel.1"])
@@ -173,6 +213,7 @@ fn one(n: usize, idle: u64) {
 pub fn run(args: impl Iterator<Item = String>) {
     let mut peers = vec![1000, 5000];
     let mut idle = 60;
+    let mut kube = false;
     let mut it = args.peekable();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -180,13 +221,18 @@ pub fn run(args: impl Iterator<Item = String>) {
                 peers = it.next().unwrap_or_default().split(',').filter_map(|p| p.parse().ok()).collect();
             }
             "--idle" => idle = it.next().and_then(|v| v.parse().ok()).unwrap_or(60),
+            "--kube" => kube = true,
             other => {
-                eprintln!("e2e scale: unknown argument {other} (use --peers 1000,5000 --idle 60)");
+                eprintln!("e2e scale: unknown argument {other} (use --peers 1000,5000 --idle 60 [--kube])");
                 std::process::exit(2);
             }
         }
     }
     for n in peers {
-        one(n, idle);
+        one(n, idle, false);
+        // With --kube the same peers also come as Nodes, in the same run.
+        if kube {
+            one(n, idle, true);
+        }
     }
 }

@@ -5,229 +5,23 @@
 //! annotations each agent publishes, `NetworkUnavailable=False`, the routes
 //! to each other, and pods on the two nodes pinging each other.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use e2e::cluster::Cluster;
+use e2e::kube_api::FakeApi;
 use e2e::wait_until;
 use serde_json::{Value, json};
 
 const P: &str = "flannel.alpha.coreos.com";
 
-#[derive(Default)]
-struct State {
-    rv: u64,
-    nodes: BTreeMap<String, Value>,
-    /// (resourceVersion, watch event) in order.
-    events: Vec<(u64, Value)>,
-    /// Content types seen on PATCH requests.
-    patch_types: Vec<String>,
-}
-
-#[derive(Clone, Default)]
-struct FakeApi(Arc<(Mutex<State>, Condvar)>);
-
-fn merge(dst: &mut Value, src: &Value) {
-    match (dst, src) {
-        (Value::Object(d), Value::Object(s)) => {
-            for (k, v) in s {
-                merge(d.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-        (d, s) => *d = s.clone(),
-    }
-}
-
-impl FakeApi {
-    fn put_node(&self, name: &str, cidr: &str, annotations: Value) {
-        self.put_node_cidrs(name, &[cidr], annotations);
-    }
-
-    /// A node with one podCIDR per family (dual-stack: IPv4 first, as Kubernetes orders them).
-    fn put_node_cidrs(&self, name: &str, cidrs: &[&str], annotations: Value) {
-        let cidr = cidrs[0];
-        let (m, cv) = &*self.0;
-        let mut st = m.lock().unwrap();
-        st.rv += 1;
-        let rv = st.rv;
-        let node = json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "resourceVersion": rv.to_string(), "annotations": annotations},
-            "spec": {"podCIDR": cidr, "podCIDRs": cidrs},
-            "status": {"conditions": []},
-        });
-        let kind = if st.nodes.contains_key(name) { "MODIFIED" } else { "ADDED" };
-        st.nodes.insert(name.to_string(), node.clone());
-        st.events.push((rv, json!({"type": kind, "object": node})));
-        cv.notify_all();
-    }
-
-    fn delete_node(&self, name: &str) {
-        let (m, cv) = &*self.0;
-        let mut st = m.lock().unwrap();
-        if let Some(mut node) = st.nodes.remove(name) {
-            st.rv += 1;
-            let rv = st.rv;
-            node["metadata"]["resourceVersion"] = json!(rv.to_string());
-            st.events.push((rv, json!({"type": "DELETED", "object": node})));
-            cv.notify_all();
-        }
-    }
-
-    fn node(&self, name: &str) -> Value {
-        self.0.0.lock().unwrap().nodes.get(name).cloned().unwrap_or(Value::Null)
-    }
-
-    /// Serves HTTP/1.1 on a listener (one per node namespace, shared state).
-    fn serve(&self, listener: TcpListener) {
-        let api = self.clone();
-        std::thread::spawn(move || {
-            for s in listener.incoming().flatten() {
-                let api = api.clone();
-                std::thread::spawn(move || api.connection(s));
-            }
-        });
-    }
-
-    fn connection(&self, s: TcpStream) {
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut w = s;
-        loop {
-            let mut line = String::new();
-            if r.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let mut parts = line.split_whitespace();
-            let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-            let mut headers = BTreeMap::new();
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
-                }
-                if let Some((k, v)) = h.split_once(':') {
-                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-                }
-            }
-            let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let mut body = vec![0u8; len];
-            if r.read_exact(&mut body).is_err() {
-                return;
-            }
-            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-            if method == "GET" && path == "/api/v1/nodes" && query.contains("watch=true") {
-                let from: u64 = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("resourceVersion="))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                self.watch(w, from);
-                return;
-            }
-            let (code, out) = self.handle(&method, path, headers.get("content-type"), &body);
-            let text = out.to_string();
-            let head = format!(
-                "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                text.len()
-            );
-            if w.write_all(head.as_bytes()).and_then(|_| w.write_all(text.as_bytes())).is_err() {
-                return;
-            }
-        }
-    }
-
-    fn handle(&self, method: &str, path: &str, ctype: Option<&String>, body: &[u8]) -> (u16, Value) {
-        let (m, cv) = &*self.0;
-        let mut st = m.lock().unwrap();
-        if method == "GET" && path == "/api/v1/nodes" {
-            let items: Vec<Value> = st.nodes.values().cloned().collect();
-            return (
-                200,
-                json!({"apiVersion":"v1","kind":"NodeList","metadata":{"resourceVersion": st.rv.to_string()},"items": items}),
-            );
-        }
-        let rest = path.strip_prefix("/api/v1/nodes/").unwrap_or("");
-        let (name, status) = match rest.strip_suffix("/status") {
-            Some(n) => (n.to_string(), true),
-            None => (rest.to_string(), false),
-        };
-        let not_found = json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404});
-        match method {
-            "GET" => match st.nodes.get(&name) {
-                Some(n) => (200, n.clone()),
-                None => (404, not_found),
-            },
-            "PATCH" => {
-                st.patch_types.push(ctype.cloned().unwrap_or_default());
-                let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-                st.rv += 1;
-                let rv = st.rv;
-                let Some(node) = st.nodes.get_mut(&name) else { return (404, not_found) };
-                if status {
-                    // Strategic merge keys conditions by type.
-                    let conds = node["status"]["conditions"].as_array_mut().expect("conditions");
-                    for c in patch["status"]["conditions"].as_array().into_iter().flatten() {
-                        conds.retain(|old| old["type"] != c["type"]);
-                        conds.push(c.clone());
-                    }
-                } else {
-                    merge(&mut node["metadata"], &patch["metadata"]);
-                }
-                node["metadata"]["resourceVersion"] = json!(rv.to_string());
-                let node = node.clone();
-                st.events.push((rv, json!({"type": "MODIFIED", "object": node.clone()})));
-                cv.notify_all();
-                (200, node)
-            }
-            _ => (405, json!({"kind":"Status","code":405})),
-        }
-    }
-
-    /// A chunked stream of every event after `from`, held open.
-    fn watch(&self, mut w: TcpStream, mut from: u64) {
-        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
-        if w.write_all(head.as_bytes()).is_err() {
-            return;
-        }
-        let (m, cv) = &*self.0;
-        loop {
-            let batch: Vec<(u64, Value)> = {
-                let mut st = m.lock().unwrap();
-                while !st.events.iter().any(|(rv, _)| *rv > from) {
-                    st = cv.wait_timeout(st, Duration::from_secs(1)).unwrap().0;
-                }
-                st.events.iter().filter(|(rv, _)| *rv > from).cloned().collect()
-            };
-            for (rv, ev) in batch {
-                let line = format!("{ev}\n");
-                let chunk = format!("{:x}\r\n{line}\r\n", line.len());
-                if w.write_all(chunk.as_bytes()).is_err() {
-                    return;
-                }
-                from = rv;
-            }
-        }
-    }
-}
-
 /// Two namespace nodes (n1, n2) running flanneld in Kubernetes mode against `api`.
 fn start_agents(c: &mut Cluster, api: &FakeApi, netconf_json: &str) {
     let netconf = c.dir().join("net-conf.json");
     std::fs::write(&netconf, netconf_json).unwrap();
-    let kubeconfig = c.dir().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:6443\n\
-         users:\n- name: u\n  user: {}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\n\
-         current-context: c\n",
-    )
-    .unwrap();
+    let kubeconfig = e2e::kube_api::kubeconfig(c.dir());
     for (i, name) in ["n1", "n2"].iter().enumerate() {
         c.add_node();
-        api.serve(c.nodes[i].ns.tcp_listen("127.0.0.1:6443".parse().unwrap()).unwrap());
+        api.serve(c.nodes[i].ns.tcp_listen(e2e::kube_api::ADDR.parse().unwrap()).unwrap());
         c.start_agent_env(
             i,
             &[
