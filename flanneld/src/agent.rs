@@ -797,26 +797,28 @@ impl<M: SubnetManager> Agent<M> {
     }
 }
 
+/// The whole agent with any subnet manager: claim, then follow its peer watch.
+pub async fn run<M: SubnetManager>(opts: Opts, mgr: M, metrics: Arc<Metrics>) -> Result<(), AgentError> {
+    let (tx, rx) = mpsc::channel(1024);
+    let agent = Agent::start(opts, mgr, metrics.clone()).await?;
+    let _watch = agent.mgr.spawn_watch(tx, metrics);
+    agent.run(rx).await
+}
+
 /// The whole agent in Kubernetes mode.
 pub async fn run_kube(opts: Opts, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let client = crate::subnet::kube::connect(&opts).await?;
     let node = crate::subnet::kube::node_name(&client).await?;
     info!("Kubernetes subnet manager for node {node}");
     let mgr = crate::subnet::kube::KubeManager::new(client, node, &opts);
-    let (tx, rx) = mpsc::channel(1024);
-    let agent = Agent::start(opts, mgr, metrics.clone()).await?;
-    let _watcher = agent.mgr.spawn_watcher(tx, metrics);
-    agent.run(rx).await
+    run(opts, mgr, metrics).await
 }
 
 /// The whole agent in etcd mode.
 pub async fn run_etcd(opts: Opts, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let client = etcd::connect(&opts).await?;
     let mgr = EtcdManager::new(client, &opts.etcd_prefix, opts.subnet_lease_ttl);
-    let (tx, rx) = mpsc::channel(1024);
-    let agent = Agent::start(opts, mgr, metrics.clone()).await?;
-    let _watcher = agent.mgr.spawn_watcher(tx, metrics);
-    agent.run(rx).await
+    run(opts, mgr, metrics).await
 }
 
 #[cfg(test)]

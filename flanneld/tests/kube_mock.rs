@@ -140,7 +140,7 @@ fn peers_from_the_node_watch_including_errors() {
         let (m, mut h) = setup();
         let metrics = Arc::new(Metrics::default());
         let (tx, mut rx) = mpsc::channel(16);
-        let _w = m.spawn_watcher(tx, metrics.clone());
+        let _w = m.spawn_watch(tx, metrics.clone());
         let list = |rv: u32, items: Vec<Value>| {
             json!({"apiVersion":"v1","kind":"NodeList","metadata":{"resourceVersion": rv.to_string()},"items": items})
         };

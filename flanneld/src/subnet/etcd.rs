@@ -136,32 +136,6 @@ impl EtcdManager {
         let expiration = SystemTime::now() + Duration::from_secs(grant.ttl().max(0) as u64);
         Ok(Some(OwnLease { subnet, subnet6, attrs: attrs.clone(), expiration, id }))
     }
-
-    /// Starts the task that lists, then watches, the subnets prefix and sends
-    /// what it sees to `tx`; a broken watch is re-listed (a `Snapshot`) after a backoff.
-    pub fn spawn_watcher(&self, tx: mpsc::Sender<LeaseEvent>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
-        let mut client = self.client.clone();
-        let prefix = self.subnets_prefix();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                let mut listed = false;
-                match watch_once(&mut client, &prefix, &tx, &mut listed).await {
-                    Ok(()) => return, // the agent hung up
-                    Err(e) => {
-                        if listed {
-                            // The store was there for this cycle: start the backoff over.
-                            backoff = Duration::from_millis(200);
-                        }
-                        metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
-                        warn!("watching {prefix}: {e}; re-listing in {backoff:?}");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-        })
-    }
 }
 
 /// One list + watch cycle. Returns Ok only when the receiver is gone.
@@ -209,6 +183,32 @@ async fn watch_once(
 }
 
 impl SubnetManager for EtcdManager {
+    /// Starts the task that lists, then watches, the subnets prefix and sends
+    /// what it sees to `tx`; a broken watch is re-listed (a `Snapshot`) after a backoff.
+    fn spawn_watch(&self, tx: mpsc::Sender<LeaseEvent>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+        let mut client = self.client.clone();
+        let prefix = self.subnets_prefix();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let mut listed = false;
+                match watch_once(&mut client, &prefix, &tx, &mut listed).await {
+                    Ok(()) => return, // the agent hung up
+                    Err(e) => {
+                        if listed {
+                            // The store was there for this cycle: start the backoff over.
+                            backoff = Duration::from_millis(200);
+                        }
+                        metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
+                        warn!("watching {prefix}: {e}; re-listing in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        })
+    }
+
     async fn network_config(&mut self) -> Result<String, SubnetError> {
         let key = format!("{}/config", self.prefix);
         let resp = timed("read network config", self.client.get(key.as_str(), None)).await?;

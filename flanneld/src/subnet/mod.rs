@@ -6,12 +6,16 @@ pub mod etcd;
 pub mod kube;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use std::time::SystemTime;
 
 use flannel_shared::IpNet;
 use flannel_shared::lease::{Lease, LeaseAttrs};
 use flannel_shared::netconf::Family;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
 
 /// A change in the set of leases. `Snapshot` replaces everything known (the
 /// first listing and every re-list after a broken watch).
@@ -83,6 +87,10 @@ pub trait SubnetManager {
     /// The VtepMAC this node advertised before (for the IPv6 VTEP when `v6`),
     /// so a rebuilt VXLAN device keeps it.
     async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr, v6: bool) -> Option<String>;
+    /// Starts the peer watch: the first listing as a `Snapshot`, then `Added` and
+    /// `Removed` as leases change; a broken watch is listed again (another
+    /// `Snapshot`) after a backoff. Runs until `tx` is closed.
+    fn spawn_watch(&self, tx: mpsc::Sender<LeaseEvent>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()>;
     /// Called once the data path is programmed (Kubernetes: clear `NetworkUnavailable`).
     async fn network_up(&mut self) -> Result<(), SubnetError> {
         Ok(())

@@ -161,8 +161,17 @@ impl KubeManager {
         Api::all(self.client.clone())
     }
 
+    fn rfc3339_now() -> String {
+        serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()))
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+}
+
+impl SubnetManager for KubeManager {
     /// Starts the Node watcher; it resumes on its own (with backoff) after errors.
-    pub fn spawn_watcher(&self, tx: mpsc::Sender<LeaseEvent>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+    fn spawn_watch(&self, tx: mpsc::Sender<LeaseEvent>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
         // Peers are read as `PeerNode`s: name, annotations and pod CIDRs only.
         let api: Api<PeerNode> = Api::all(self.client.clone());
         let keys = self.keys.clone();
@@ -225,15 +234,6 @@ impl KubeManager {
         })
     }
 
-    fn rfc3339_now() -> String {
-        serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()))
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default()
-    }
-}
-
-impl SubnetManager for KubeManager {
     async fn network_config(&mut self) -> Result<String, SubnetError> {
         std::fs::read_to_string(&self.net_config_path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
