@@ -43,8 +43,8 @@ pub fn bin_path(name: &str) -> PathBuf {
     })
 }
 
-/// Runs a command, panicking with its output when it fails.
-fn check(mut c: Command, what: &str) -> String {
+/// Runs a command, panicking with its output when it fails; returns stdout.
+pub(crate) fn check(mut c: Command, what: &str) -> String {
     let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),

@@ -17,16 +17,6 @@ int main(void) {
 }
 "#;
 
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn cache_dir() -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-images");
     std::fs::create_dir_all(&d).expect("image cache dir");
@@ -47,7 +37,9 @@ pub fn pause() -> PathBuf {
     let _ = std::fs::remove_file(&archive);
     std::fs::write(&src, PAUSE_C).expect("pause.c");
     let bin = dir.join("pause");
-    run(Command::new("gcc").args(["-static", "-Os", "-s", "-o"]).arg(&bin).arg(&src), "gcc -static (pause)");
+    let mut gcc = Command::new("gcc");
+    gcc.args(["-static", "-Os", "-s", "-o"]).arg(&bin).arg(&src);
+    crate::cluster::check(gcc, "gcc -static (pause)");
     let store = dir.join(".store");
     let _ = std::fs::remove_dir_all(&store);
     let buildah = |args: &[&str]| {
