@@ -184,7 +184,12 @@ impl Node {
 
     /// A GET against the agent's health server from inside the node; (status, body).
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        let addr: SocketAddr = (Ipv4Addr::LOCALHOST, HEALTHZ_PORT).into();
+        self.http_get_port(HEALTHZ_PORT, path)
+    }
+
+    /// A GET against `port` on the node's loopback (e.g. a manifest's probe); (status, body).
+    pub fn http_get_port(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        let addr: SocketAddr = (Ipv4Addr::LOCALHOST, port).into();
         let mut s = self.ns.tcp_connect(addr, Duration::from_secs(2)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).ok()?;

@@ -43,6 +43,30 @@ pub struct Container {
     pub cap_add: Vec<String>,
     pub privileged: bool,
     pub mounts: Vec<Mount>,
+    /// `httpGet` probes as (path, port).
+    pub readiness: Option<(String, u16)>,
+    pub liveness: Option<(String, u16)>,
+}
+
+/// An `httpGet` probe's path and numeric port (a named port is resolved against `ports`).
+fn http_probe(c: &Value, which: &str) -> Result<Option<(String, u16)>, String> {
+    let g = &c[which]["httpGet"];
+    if g.is_null() {
+        return Ok(None);
+    }
+    let path = g["path"].as_str().unwrap_or("/").to_string();
+    let port = match &g["port"] {
+        Value::Number(n) => n.as_u64(),
+        Value::String(name) => c["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name.as_str())
+            .and_then(|p| p["containerPort"].as_u64()),
+        _ => None,
+    };
+    let port = port.and_then(|p| u16::try_from(p).ok()).ok_or_else(|| format!("{which}: bad httpGet port"))?;
+    Ok(Some((path, port)))
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +125,8 @@ fn container(c: &Value) -> Result<Container, String> {
         cap_add: strings(&sc["capabilities"]["add"]),
         privileged: sc["privileged"].as_bool().unwrap_or(false),
         mounts,
+        readiness: http_probe(c, "readinessProbe")?,
+        liveness: http_probe(c, "livenessProbe")?,
         name,
     })
 }
@@ -176,6 +202,8 @@ mod tests {
         assert_eq!(ds.init.len(), 2);
         assert_eq!(ds.agent.command, ["/usr/local/bin/flanneld"]);
         assert!(ds.agent.env.contains(&("NODE_NAME".into(), "field:spec.nodeName".into())));
+        assert_eq!(ds.agent.readiness, Some(("/readyz".into(), 8471)));
+        assert_eq!(ds.agent.liveness, Some(("/healthz".into(), 8471)));
         assert!(ds.config_file("cni-conf.json").is_some_and(|c| c.contains("flannel")));
         assert!(ds.config_file("net-conf.json").is_some_and(|c| c.contains("Network")));
         assert_eq!(

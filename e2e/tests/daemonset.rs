@@ -37,6 +37,16 @@ fn agent_args(ds: &DaemonSet, endpoint: &str) -> Vec<String> {
     a
 }
 
+/// What the kubelet's probes would see: the manifest's readiness probe answers 200
+/// (and its liveness probe does too once ready).
+fn probes_pass(ds: &DaemonSet, node: &e2e::cluster::Node, timeout: Duration) -> bool {
+    let get = |probe: &Option<(String, u16)>| {
+        let (path, port) = probe.as_ref().expect("the agent container has an httpGet probe");
+        node.http_get_port(*port, path).is_some_and(|(code, _)| code == 200)
+    };
+    wait_until(timeout, || get(&ds.agent.readiness)) && get(&ds.agent.liveness)
+}
+
 fn ping_mesh(c: &Cluster, podman: &Podman, agents: &[String]) {
     let hosts: Vec<_> = c.pods.iter().map(|p| (&p.ns, p.ip, p.node)).collect();
     if let Err(e) = e2e::cluster::ping_mesh(&hosts) {
@@ -97,7 +107,8 @@ fn daemonset_on(backend: &str) {
         agents.push(kubelet.start_agent(node, &args));
     }
     for (i, name) in agents.iter().enumerate() {
-        assert!(c.wait_ready(i, READY), "{name} not ready ({:?}):\n{}", podman.state(name), podman.logs(name));
+        let ready = probes_pass(&ds, &c.nodes[i], READY);
+        assert!(ready, "{name} not ready by the manifest's probes ({:?}):\n{}", podman.state(name), podman.logs(name));
         let caps = podman.check(&["inspect", "--format", "{{.EffectiveCaps}} {{.HostConfig.Privileged}}", name]);
         assert_eq!(caps, "[CAP_NET_ADMIN CAP_NET_RAW] false", "{name} must run with the manifest's capabilities only");
     }
@@ -128,7 +139,7 @@ fn daemonset_on(backend: &str) {
     assert_eq!(node.flannel_routes(), routes, "stopping the agent must leave its routes");
     ping_mesh(&c, &podman, &agents);
     podman.check(&["start", &agents[0]]);
-    assert!(c.wait_ready(0, READY), "restarted agent not ready:\n{}", podman.logs(&agents[0]));
+    assert!(probes_pass(&ds, &c.nodes[0], READY), "restarted agent not ready:\n{}", podman.logs(&agents[0]));
     assert_eq!(c.nodes[0].subnet().as_deref(), Some(subnet.as_str()), "a restarted agent keeps its subnet");
     let leases = c.leases();
     assert_eq!(leases.len(), 3, "{leases:?}");
