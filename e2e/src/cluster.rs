@@ -177,6 +177,30 @@ impl Node {
         flannel_conf("0.3.1", &self.subnet_file(), &self.dir.join("cni-state"), &self.dir.join("ipam"))
     }
 
+    /// Whether `ip` lies in this node's subnet (from subnet.env).
+    pub fn in_subnet(&self, ip: Ipv4Addr) -> bool {
+        self.subnet().and_then(|s| s.parse::<flannel_shared::IpNet>().ok()).is_some_and(|n| n.contains(ip.into()))
+    }
+
+    /// Addresses in the IP store of [`Node::cni_conf`] (file names that parse as IPs), sorted.
+    pub fn reserved(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.join("ipam/cbr0"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.parse::<IpAddr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Host-side veths of pods on this node.
+    pub fn veths(&self) -> Vec<String> {
+        self.ns.links().into_iter().filter(|l| l.starts_with("veth")).collect()
+    }
+
     /// Routes flanneld owns (`proto 76`) as `ip -j route` objects.
     pub fn flannel_routes(&self) -> Vec<Value> {
         self.ns.ip_json(&["route", "show", "proto", "76"]).as_array().cloned().unwrap_or_default()
@@ -270,6 +294,11 @@ pub fn serve(ns: &Netns, me: Ipv4Addr, port: u16) {
             let _ = writeln!(s, "{me} saw {peer}");
         }
     });
+}
+
+/// net-conf.json for the test-bed's pod network with `backend`.
+pub fn netconf(backend: &str) -> String {
+    format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#)
 }
 
 /// Pings every host from every other: ttl 64 on one node, 62 across nodes (two
@@ -509,12 +538,31 @@ impl Cluster {
         i
     }
 
-    /// Starts flanneld in node `i` with the test-bed's settings plus `extra` flags.
+    /// `n` nodes running flanneld on `netconf`, every agent ready and every
+    /// peer's route programmed (each node has `n - 1`).
+    pub fn with_ready_agents(tag: &str, n: usize, netconf: &str) -> Cluster {
+        let mut c = Cluster::new(tag);
+        c.put_config(netconf);
+        for i in 0..n {
+            c.add_node();
+            c.start_agent(i, &[]);
+        }
+        for i in 0..n {
+            assert!(c.wait_ready(i, Duration::from_secs(30)), "node{} not ready:\n{}", i + 1, c.nodes[i].log());
+        }
+        for (i, node) in c.nodes.iter().enumerate() {
+            let routed = wait_until(Duration::from_secs(10), || node.flannel_routes().len() == n - 1);
+            assert!(routed, "node{} routes: {:?}", i + 1, node.flannel_routes());
+        }
+        c
+    }
+
     /// Leaves everything running (the `--keep` of the demo): no cleanup on drop.
     pub fn leak(self) {
         std::mem::forget(self);
     }
 
+    /// Starts flanneld in node `i` with the test-bed's settings plus `extra` flags.
     pub fn start_agent(&mut self, i: usize, extra: &[&str]) {
         self.start_agent_env(i, extra, &[]);
     }

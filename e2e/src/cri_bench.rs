@@ -148,7 +148,7 @@ pub fn run(argv: impl Iterator<Item = String>) {
         std::process::exit(2);
     });
     let mut c = Cluster::with_prefix("crib", crate::NS_PREFIX);
-    c.put_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#);
+    c.put_config(&e2e::cluster::netconf("vxlan"));
     c.add_node();
     c.start_agent(0, &[]);
     assert!(c.wait_ready(0, Duration::from_secs(30)), "flanneld not ready:\n{}", c.nodes[0].log());

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use e2e::cluster::{Cluster, Node, bin_path, ping_mesh, request, serve};
+use e2e::cluster::{Cluster, Node, bin_path, netconf, ping_mesh, request, serve};
 use e2e::containerd::{Containerd, DEBIAN_CNI_DIR, Sandbox, run_sandbox};
 use e2e::cri::{PortMapping, sandbox_config};
 use e2e::kubeproxy::{self, Service};
@@ -19,10 +19,6 @@ use e2e::{images, wait_until};
 use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(30);
-
-fn netconf(backend: &str) -> String {
-    format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#)
-}
 
 /// The manifest's conflist with the flannel entry's files pointed at `node`'s
 /// (the keys the shared filesystem of a real node does not need).
@@ -62,43 +58,7 @@ fn runtime_for(c: &Cluster, i: usize) -> Containerd {
 
 /// `n` nodes with ready agents; their runtimes are started by the caller.
 fn cluster(n: usize, backend: &str) -> Cluster {
-    let mut c = Cluster::new("cr");
-    c.put_config(&netconf(backend));
-    for i in 0..n {
-        c.add_node();
-        c.start_agent(i, &[]);
-    }
-    for i in 0..n {
-        assert!(c.wait_ready(i, READY), "node{} not ready:\n{}", i + 1, c.nodes[i].log());
-        let node = &c.nodes[i];
-        assert!(wait_until(Duration::from_secs(10), || node.flannel_routes().len() == n - 1));
-    }
-    c
-}
-
-/// Addresses in node `i`'s IP store.
-fn reserved(node: &Node) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(node.dir.join("ipam/cbr0"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn veths(node: &Node) -> Vec<String> {
-    node.ns.links().into_iter().filter(|l| l.starts_with("veth")).collect()
-}
-
-fn in_subnet(ip: Ipv4Addr, node: &Node) -> bool {
-    let subnet = node.subnet().expect("subnet.env");
-    let (net, _) = subnet.split_once('/').expect("cidr");
-    let net: Ipv4Addr = net.parse().expect("net");
-    ip.octets()[..3] == net.octets()[..3]
+    Cluster::with_ready_agents("cr", n, &netconf(backend))
 }
 
 fn pod(ns: &str, name: &str) -> e2e::cri::PodSandboxConfig {
@@ -110,7 +70,7 @@ fn remove(ctd: &Containerd, node: &Node, s: &Sandbox) {
     let cri = ctd.cri();
     cri.stop_pod_sandbox(&s.id).unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", ctd.log()));
     cri.remove_pod_sandbox(&s.id).unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", ctd.log()));
-    assert!(!reserved(node).contains(&s.ip.to_string()), "{} still reserved", s.ip);
+    assert!(!node.reserved().contains(&s.ip.to_string()), "{} still reserved", s.ip);
 }
 
 fn sandboxes_reach_pods_and_a_service(backend: &str) {
@@ -122,8 +82,8 @@ fn sandboxes_reach_pods_and_a_service(backend: &str) {
         for k in 0..2 {
             let s = run_sandbox(&cri, i, pod("default", &format!("web-{i}-{k}")))
                 .unwrap_or_else(|e| panic!("RunPodSandbox on node{}: {e}\n{}", i + 1, ctd.log()));
-            assert!(in_subnet(s.ip, &c.nodes[i]), "{} outside node{}'s {:?}", s.ip, i + 1, c.nodes[i].subnet());
-            assert!(reserved(&c.nodes[i]).contains(&s.ip.to_string()), "PodSandboxStatus IP not in the store");
+            assert!(c.nodes[i].in_subnet(s.ip), "{} outside node{}'s {:?}", s.ip, i + 1, c.nodes[i].subnet());
+            assert!(c.nodes[i].reserved().contains(&s.ip.to_string()), "PodSandboxStatus IP not in the store");
             boxes.push(s);
         }
     }
@@ -152,9 +112,9 @@ fn sandboxes_reach_pods_and_a_service(backend: &str) {
         for s in boxes.iter().filter(|s| s.node == i) {
             remove(ctd, &c.nodes[i], s);
         }
-        assert_eq!(reserved(&c.nodes[i]), Vec::<String>::new());
+        assert_eq!(c.nodes[i].reserved(), Vec::<String>::new());
         let node = &c.nodes[i];
-        assert!(wait_until(Duration::from_secs(10), || veths(node).is_empty()), "veths left: {:?}", veths(node));
+        assert!(wait_until(Duration::from_secs(10), || node.veths().is_empty()), "veths left: {:?}", node.veths());
     }
 }
 
@@ -177,8 +137,8 @@ fn sandbox_whose_netns_vanished_still_tears_down() {
     e2e::ns::sh("ip", &["netns", "del", s.ns.name()]);
     remove(&ctd, &c.nodes[0], &s);
     let node = &c.nodes[0];
-    assert!(wait_until(Duration::from_secs(10), || veths(node).is_empty()), "veth left: {:?}", veths(node));
-    assert_eq!(reserved(node), Vec::<String>::new());
+    assert!(wait_until(Duration::from_secs(10), || node.veths().is_empty()), "veth left: {:?}", node.veths());
+    assert_eq!(node.reserved(), Vec::<String>::new());
 }
 
 #[test]
@@ -201,16 +161,16 @@ fn twenty_concurrent_sandboxes_get_distinct_addresses() {
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 20, "{ips:?}");
-    assert_eq!(reserved(&c.nodes[0]).len(), 20);
+    assert_eq!(c.nodes[0].reserved().len(), 20);
     std::thread::scope(|sc| {
         for b in &boxes {
             let (ctd, node) = (&ctd, &c.nodes[0]);
             sc.spawn(move || remove(ctd, node, b));
         }
     });
-    assert_eq!(reserved(&c.nodes[0]), Vec::<String>::new());
+    assert_eq!(c.nodes[0].reserved(), Vec::<String>::new());
     let node = &c.nodes[0];
-    assert!(wait_until(Duration::from_secs(20), || veths(node).is_empty()), "veths left: {:?}", veths(node));
+    assert!(wait_until(Duration::from_secs(20), || node.veths().is_empty()), "veths left: {:?}", node.veths());
 }
 
 #[test]
@@ -227,10 +187,10 @@ fn containerd_restart_keeps_sandboxes_and_their_addresses() {
     assert_eq!(st.state, e2e::cri::SANDBOX_READY);
     assert_eq!(st.network.expect("network").ip, a.ip.to_string(), "the sandbox keeps its IP across a restart");
     assert_eq!(a.ns.ping(&b.ip.to_string()), Some(62));
-    assert_eq!(reserved(&c.nodes[0]), [a.ip.to_string()]);
+    assert_eq!(c.nodes[0].reserved(), [a.ip.to_string()]);
     remove(&a_rt, &c.nodes[0], &a);
     remove(&b_rt, &c.nodes[1], &b);
-    assert_eq!(reserved(&c.nodes[0]), Vec::<String>::new());
+    assert_eq!(c.nodes[0].reserved(), Vec::<String>::new());
 }
 
 #[test]
@@ -263,14 +223,14 @@ fn sandbox_before_flanneld_fails_with_our_message_then_works() {
     };
     assert!(err.message.contains("subnet.env") && err.message.contains("flannel"), "{err}");
     let node = &c.nodes[0];
-    assert_eq!(reserved(node), Vec::<String>::new(), "a failed sandbox must not hold an address");
-    assert!(veths(node).is_empty(), "a failed sandbox must not leave a veth: {:?}", veths(node));
+    assert_eq!(node.reserved(), Vec::<String>::new(), "a failed sandbox must not hold an address");
+    assert!(node.veths().is_empty(), "a failed sandbox must not leave a veth: {:?}", node.veths());
     let left: Vec<_> = cri.list_pod_sandbox().expect("list").into_iter().filter(|s| s.state == 0).collect();
     assert!(left.is_empty(), "no ready sandbox after the failure: {left:?}");
     c.start_agent(0, &[]);
     assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
     let s = run_sandbox(&cri, 0, pod("default", "early")).unwrap_or_else(|e| panic!("retry: {e}"));
-    assert!(in_subnet(s.ip, &c.nodes[0]));
+    assert!(c.nodes[0].in_subnet(s.ip));
     remove(&ctd, &c.nodes[0], &s);
 }
 
@@ -303,15 +263,15 @@ fn podman_container_on_our_network_reaches_a_containerd_pod() {
     ]);
     let ip = podman.check(&["inspect", "--format", "{{(index .NetworkSettings.Networks \"cbr0\").IPAddress}}", "p1"]);
     let ip: Ipv4Addr = ip.parse().unwrap_or_else(|e| panic!("podman's IP {ip:?}: {e}"));
-    assert!(in_subnet(ip, node), "{ip} outside node2's {:?}", node.subnet());
-    assert_eq!(reserved(node), [ip.to_string()]);
+    assert!(node.in_subnet(ip), "{ip} outside node2's {:?}", node.subnet());
+    assert_eq!(node.reserved(), [ip.to_string()]);
     let out = podman.run(&["exec", "p1", "ping", "-c", "1", "-W", "3", &target.ip.to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("ttl=62"), "podman -> containerd pod: {text}");
     assert_eq!(target.ns.ping(&ip.to_string()), Some(62), "containerd pod -> podman container");
     podman.check(&["rm", "--force", "--time", "0", "p1"]);
-    assert_eq!(reserved(node), Vec::<String>::new(), "podman rm must free the address");
-    assert!(wait_until(Duration::from_secs(10), || veths(node).is_empty()), "veth left: {:?}", veths(node));
+    assert_eq!(node.reserved(), Vec::<String>::new(), "podman rm must free the address");
+    assert!(wait_until(Duration::from_secs(10), || node.veths().is_empty()), "veth left: {:?}", node.veths());
     remove(&ctd, &c.nodes[0], &target);
 }
 
@@ -335,10 +295,10 @@ fn exhausted_subnet_fails_the_sandbox_and_leaks_nothing() {
     };
     assert!(err.message.contains("no IP addresses available"), "{err}");
     let node = &c.nodes[0];
-    assert_eq!(reserved(node).len(), 5);
-    assert!(wait_until(Duration::from_secs(10), || veths(node).len() == 5), "veths: {:?}", veths(node));
+    assert_eq!(node.reserved().len(), 5);
+    assert!(wait_until(Duration::from_secs(10), || node.veths().len() == 5), "veths: {:?}", node.veths());
     for b in &boxes {
         remove(&ctd, node, b);
     }
-    assert_eq!(reserved(node), Vec::<String>::new());
+    assert_eq!(node.reserved(), Vec::<String>::new());
 }

@@ -126,8 +126,8 @@ fn daemonset_on(backend: &str) {
         }
     }
     for p in &c.pods {
-        let subnet = c.nodes[p.node].subnet().expect("subnet.env");
-        assert!(in_subnet(p.ip, &subnet), "pod {} outside node{}'s {subnet}", p.ip, p.node + 1);
+        let node = &c.nodes[p.node];
+        assert!(node.in_subnet(p.ip), "pod {} outside node{}'s {:?}", p.ip, p.node + 1, node.subnet());
     }
     ping_mesh(&c, &podman, &agents);
 
@@ -147,13 +147,6 @@ fn daemonset_on(backend: &str) {
     assert_eq!(own.1["PublicIP"], c.nodes[0].ip.to_string());
     ping_mesh(&c, &podman, &agents);
     c.assert_idle();
-}
-
-fn in_subnet(ip: std::net::Ipv4Addr, cidr: &str) -> bool {
-    let (net, len) = cidr.split_once('/').expect("cidr");
-    let (net, len): (std::net::Ipv4Addr, u32) = (net.parse().expect("net"), len.parse().expect("len"));
-    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-    u32::from(ip) & mask == u32::from(net) & mask
 }
 
 #[test]

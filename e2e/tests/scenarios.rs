@@ -6,36 +6,15 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use e2e::cluster::{Cluster, ETCD_IP, PREFIX, capture, request};
+use e2e::cluster::{Cluster, ETCD_IP, PREFIX, capture, netconf, request};
 use e2e::kubeproxy::{self, Service};
 use e2e::{Netns, wait_until};
 
 const READY: Duration = Duration::from_secs(30);
 
-fn netconf(backend: &str) -> String {
-    format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#)
-}
-
 /// `nodes` nodes with `pods` pods each, every agent ready and every peer programmed.
 fn cluster(nodes: usize, pods: usize, backend: &str) -> Cluster {
-    let mut c = Cluster::new("sc");
-    c.put_config(&netconf(backend));
-    for i in 0..nodes {
-        c.add_node();
-        c.start_agent(i, &[]);
-    }
-    for i in 0..nodes {
-        assert!(c.wait_ready(i, READY), "node{} not ready:\n{}", i + 1, c.nodes[i].log());
-    }
-    for i in 0..nodes {
-        let n = &c.nodes[i];
-        assert!(
-            wait_until(Duration::from_secs(10), || n.flannel_routes().len() == nodes - 1),
-            "node{} routes: {:?}",
-            i + 1,
-            n.flannel_routes()
-        );
-    }
+    let mut c = Cluster::with_ready_agents("sc", nodes, &netconf(backend));
     for i in 0..nodes {
         for _ in 0..pods {
             c.add_pod(i);
