@@ -1,34 +1,37 @@
 //! The agent: claim a subnet, publish it in subnet.env, keep the kernel in
-//! step with the peers' leases, keep the iptables rules in place, renew the
-//! lease. Everything runs on one thread; the lease watch feeds it events
-//! through a channel.
+//! step with the peers' leases, keep the firewall rules in place, renew the
+//! lease. Orchestration only: leases come from a [`SubnetManager`], the node
+//! side from a [`Backend`], kernel state through [`Kernel`] and the
+//! reconciler, rules through a [`Firewall`]. Everything runs on one thread;
+//! the lease watch feeds it events through a channel.
 //!
 //! Restart and SIGTERM leave kernel state and the lease alone, so traffic
 //! keeps flowing while the agent is away.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use flannel_shared::IpNet;
-use flannel_shared::lease::{Lease, LeaseAttrs, VxlanData};
-use flannel_shared::netconf::{BackendType, Family, NetConfig};
-use flannel_shared::netlink::{Netlink, Route, format_mac, parse_mac};
+use flannel_shared::lease::LeaseAttrs;
+use flannel_shared::netconf::{BackendType, NetConfig};
+use flannel_shared::netlink::{Netlink, Route};
 use flannel_shared::subnet_env::SubnetEnv;
 
-use crate::backend::{self, Uplink, VXLAN_OVERHEAD, VXLAN6_OVERHEAD, VtepSpec};
+use crate::backend::{self, Backend, FamilyNet, Uplink};
+use crate::backoff::Backoff;
 use crate::config::Opts;
-use crate::iptables;
-use crate::kernel_watch::{Interest, KernelWatch};
+use crate::firewall::{Firewall, Iptables, RuleSet};
+use crate::kernel::Kernel;
+use crate::kernel::watch::{Interest, KernelWatch};
 use crate::metrics::Metrics;
-use crate::reconcile::{self, Mode, Peer, RTPROT_FLANNEL};
+use crate::peers::PeerTable;
+use crate::preflight::{self, PreflightError};
+use crate::reconcile::{self, Mode, RTPROT_FLANNEL};
 use crate::subnet::etcd::{self, EtcdManager};
 use crate::subnet::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
 
@@ -44,7 +47,7 @@ pub enum AgentError {
     #[error("{0}")]
     Config(String),
     #[error("{0}")]
-    Preflight(String),
+    Preflight(#[from] PreflightError),
     #[error("{0}")]
     Subnet(#[from] SubnetError),
     #[error("{0}")]
@@ -53,100 +56,40 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
-/// `br_netfilter` makes bridged pod traffic traverse iptables; without it a
-/// Service reply between two pods on one node skips kube-proxy's reverse NAT
-/// and the connection silently hangs. `proc` is normally `/proc`.
-pub fn check_br_netfilter(proc: &Path) -> Result<(), AgentError> {
-    let p = proc.join("sys/net/bridge/bridge-nf-call-iptables");
-    match std::fs::read_to_string(&p) {
-        Ok(v) if v.trim() == "1" => Ok(()),
-        Ok(_) => Err(AgentError::Preflight(format!(
-            "{} is 0: Services between pods on one node would break; set net.bridge.bridge-nf-call-iptables=1",
-            p.display()
-        ))),
-        Err(_) => Err(AgentError::Preflight(format!(
-            "{} is missing: the br_netfilter module is not loaded (run `modprobe br_netfilter`); \
-             without it Services between pods on one node silently break",
-            p.display()
-        ))),
-    }
-}
-
-/// Sets a `0/1` sysctl under `proc` (normally `/proc`) to 1; returns whether it had to.
-fn turn_on(proc: &Path, rel: &str) -> Result<bool, AgentError> {
-    let p = proc.join(rel);
-    let cur = std::fs::read_to_string(&p).map_err(|e| AgentError::Preflight(format!("{}: {e}", p.display())))?;
-    if cur.trim() == "1" {
-        return Ok(false);
-    }
-    std::fs::write(&p, "1").map_err(|e| {
-        // A container's /proc/sys is read-only unless it is privileged; the node must do it.
-        let key = rel.trim_start_matches("sys/").replace('/', ".");
-        AgentError::Preflight(format!(
-            "{key} is 0 and cannot be turned on here ({}: {e}); set it on the node \
-             (sysctl -w {key}=1, and in /etc/sysctl.d to survive reboots)",
-            p.display()
-        ))
-    })?;
-    Ok(true)
-}
-
-/// Turns on IPv4 forwarding; returns whether it had to.
-pub fn enable_ip_forward(proc: &Path) -> Result<bool, AgentError> {
-    turn_on(proc, "sys/net/ipv4/ip_forward")
-}
-
-/// Turns on IPv6 forwarding (dual-stack); returns whether it had to.
-pub fn enable_ipv6_forward(proc: &Path) -> Result<bool, AgentError> {
-    turn_on(proc, "sys/net/ipv6/conf/all/forwarding")
-}
-
 fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Exponential backoff between `min` and `max`.
-struct Backoff {
-    cur: Duration,
-    min: Duration,
-    max: Duration,
+/// What ends the agent's loop.
+pub enum Stop {
+    /// SIGTERM or SIGINT (the name is logged).
+    Signal(&'static str),
 }
 
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { cur: min, min, max }
-    }
-    fn next(&mut self) -> Duration {
-        let d = self.cur;
-        self.cur = (self.cur * 2).min(self.max);
-        d
-    }
-    fn reset(&mut self) {
-        self.cur = self.min;
-    }
+/// What an agent is made of: where leases live, the kernel, the backend, the firewall driver.
+pub struct Parts<M, K, B, F> {
+    pub mgr: M,
+    pub kernel: K,
+    pub backend: B,
+    pub firewall: F,
 }
 
-pub struct Agent<M: SubnetManager> {
+pub struct Agent<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> {
     opts: Opts,
     mgr: M,
-    nl: Netlink,
+    k: K,
+    backend: B,
+    fw: F,
     metrics: Arc<Metrics>,
-    cfg: NetConfig,
-    family: Family,
-    /// Set when the network is dual-stack.
-    family6: Option<Family>,
+    /// The pod network's families: IPv4 first, then IPv6 when dual-stack.
+    fams: Vec<FamilyNet>,
     uplink: Uplink,
-    vtep: Option<VtepSpec>,
-    vtep_index: Option<u32>,
-    vtep6: Option<VtepSpec>,
-    vtep6_index: Option<u32>,
     attrs: LeaseAttrs,
     own: Option<OwnLease>,
-    peers: BTreeMap<IpNet, Lease>,
+    peers: PeerTable,
     last_skipped: Vec<(IpNet, String)>,
     renew_backoff: Backoff,
     next_renew: Instant,
-    iptables: iptables::Flavour,
     /// Whether the manager has been told the data path is up.
     announced_up: bool,
     /// Whether rule sets turned off by the flags have been removed.
@@ -156,18 +99,16 @@ pub struct Agent<M: SubnetManager> {
     /// Set while the last pass failed: when to try again (sooner than the periodic pass).
     retry_at: Option<Instant>,
     retry_backoff: Backoff,
-    /// Whether a full listing of the leases has arrived (readiness waits for it to be programmed).
-    listed: bool,
 }
 
 /// Reads and validates the network config, retrying while the store is away.
-async fn load_config<M: SubnetManager>(mgr: &mut M) -> Result<NetConfig, AgentError> {
+pub async fn load_config<M: SubnetManager>(mgr: &mut M) -> Result<NetConfig, AgentError> {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     let text = loop {
         match mgr.network_config().await {
             Ok(t) => break t,
             Err(e) if e.is_transient() => {
-                let d = backoff.next();
+                let d = backoff.delay();
                 warn!("reading the network config: {e}; retrying in {d:?}");
                 tokio::time::sleep(d).await;
             }
@@ -184,15 +125,40 @@ async fn load_config<M: SubnetManager>(mgr: &mut M) -> Result<NetConfig, AgentEr
     Ok(cfg)
 }
 
-impl<M: SubnetManager> Agent<M> {
-    /// Everything up to the first lease: config, uplink, VTEP, claim, subnet.env, rules.
-    pub async fn start(opts: Opts, mut mgr: M, metrics: Arc<Metrics>) -> Result<Agent<M>, AgentError> {
-        let cfg = load_config(&mut mgr).await?;
-        let family = cfg.ipv4.clone().ok_or_else(|| AgentError::Config("network config: Network: missing".into()))?;
-        let nl = Netlink::connect()?;
+/// The pod network's families on this uplink; turns on IPv6 forwarding when dual-stack.
+fn families(cfg: &NetConfig, uplink: &Uplink, proc: &Path) -> Result<Vec<FamilyNet>, AgentError> {
+    let v4 = cfg.ipv4.clone().ok_or_else(|| AgentError::Config("network config: Network: missing".into()))?;
+    let mut fams = vec![FamilyNet::v4(v4, uplink)];
+    if let Some(f6) = &cfg.ipv6 {
+        let fam = FamilyNet::v6(f6.clone(), uplink).ok_or_else(|| {
+            AgentError::Config(format!(
+                "network config: EnableIPv6: {} has no global IPv6 address; give --public-ipv6 or another --iface",
+                uplink.name
+            ))
+        })?;
+        if preflight::enable_ipv6_forward(proc)? {
+            info!("enabled net.ipv6.conf.all.forwarding (dual-stack pods are routed through this host)");
+        }
+        info!("dual-stack: IPv6 network {}, public IPv6 {:?}", f6.network, uplink.public_ipv6);
+        fams.push(fam);
+    }
+    Ok(fams)
+}
+
+impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
+    /// Everything up to the first lease: uplink, backend devices, claim, subnet.env, rules.
+    /// `proc` is normally `/proc`.
+    pub async fn start(
+        opts: Opts,
+        parts: Parts<M, K, B, F>,
+        cfg: &NetConfig,
+        metrics: Arc<Metrics>,
+        proc: &Path,
+    ) -> Result<Self, AgentError> {
+        let Parts { mut mgr, kernel: k, mut backend, firewall: fw } = parts;
         // Subscribed before the first write, so nothing done to our state from here on goes unseen.
-        let kernel = KernelWatch::start(metrics.clone());
-        let uplink = backend::find_uplink(&nl, &opts).await?;
+        let kernel = k.watch(metrics.clone());
+        let uplink = backend::find_uplink(&k, &opts).await?;
         info!(
             "uplink {} ({}), public IP {}, MTU {}, backend {}",
             uplink.name,
@@ -201,147 +167,53 @@ impl<M: SubnetManager> Agent<M> {
             uplink.mtu,
             cfg.backend.kind.as_str()
         );
-
-        let family6 = cfg.ipv6.clone();
-        if family6.is_some() {
-            if uplink.public_ipv6.is_none() {
-                return Err(AgentError::Config(format!(
-                    "network config: EnableIPv6: {} has no global IPv6 address; give --public-ipv6 or another --iface",
-                    uplink.name
-                )));
-            }
-            if enable_ipv6_forward(Path::new("/proc"))? {
-                info!("enabled net.ipv6.conf.all.forwarding (dual-stack pods are routed through this host)");
-            }
-            info!(
-                "dual-stack: IPv6 network {}, public IPv6 {:?}",
-                cfg.ipv6.as_ref().map(|f| f.network).unwrap_or(family.network),
-                uplink.public_ipv6
-            );
+        let fams = families(cfg, &uplink, proc)?;
+        backend::teardown_others(&k, &cfg.backend).await?;
+        let mut data = Vec::with_capacity(fams.len());
+        for fam in &fams {
+            data.push(backend.setup(&k, &mut mgr, fam, &uplink).await?);
         }
-
-        let (mut vtep, mut vtep_index, mut backend_data) = (None, None, serde_json::Value::Null);
-        let (mut vtep6, mut vtep6_index, mut backend_v6_data) = (None, None, None);
-        match cfg.backend.kind {
-            BackendType::Vxlan => {
-                let mut specs = vec![(
-                    false,
-                    VtepSpec {
-                        name: format!("flannel.{}", cfg.backend.vni),
-                        local: IpAddr::V4(uplink.ip),
-                        vni: cfg.backend.vni,
-                        port: cfg.backend.port,
-                        gbp: cfg.backend.gbp,
-                        mtu: cfg.backend.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN_OVERHEAD)),
-                    },
-                )];
-                if let (Some(_), Some(ip6)) = (&family6, uplink.ip6) {
-                    specs.push((
-                        true,
-                        VtepSpec {
-                            name: format!("flannel-v6.{}", cfg.backend.vni),
-                            local: IpAddr::V6(ip6),
-                            vni: cfg.backend.vni,
-                            port: cfg.backend.port,
-                            gbp: cfg.backend.gbp,
-                            mtu: cfg.backend.mtu.unwrap_or(uplink.mtu.saturating_sub(VXLAN6_OVERHEAD)),
-                        },
-                    ));
-                } else if family6.is_some() {
-                    return Err(AgentError::Config(format!(
-                        "network config: EnableIPv6: the IPv6 VXLAN device needs an IPv6 address on {}",
-                        uplink.name
-                    )));
-                }
-                for (v6, spec) in specs {
-                    // A device that is gone (node rebuilt) comes back with the MAC peers already know.
-                    let mac = if nl.link_by_name(&spec.name).await.map_err(backend::BackendError::from)?.is_none() {
-                        mgr.previous_vtep_mac(uplink.public_ip, v6).await.and_then(|m| parse_mac(&m))
-                    } else {
-                        None
-                    };
-                    if let Some(m) = mac {
-                        info!("recreating {} with its previous VtepMAC {}", spec.name, format_mac(&m));
-                    }
-                    let (link, _) = backend::ensure_vtep(&nl, &spec, &uplink, mac, None).await?;
-                    let mac =
-                        link.mac.ok_or_else(|| AgentError::Config(format!("{} has no MAC address", spec.name)))?;
-                    let data = serde_json::to_value(VxlanData { vni: spec.vni, vtep_mac: format_mac(&mac) })
-                        .map_err(|e| AgentError::Config(e.to_string()))?;
-                    if v6 {
-                        (vtep6, vtep6_index, backend_v6_data) = (Some(spec), Some(link.index), Some(data));
-                    } else {
-                        (vtep, vtep_index, backend_data) = (Some(spec), Some(link.index), data);
-                    }
-                }
-            }
-            BackendType::HostGw => {
-                // Switched from vxlan: the old VTEPs and every route/ARP/FDB entry on them go.
-                for name in [format!("flannel.{}", cfg.backend.vni), format!("flannel-v6.{}", cfg.backend.vni)] {
-                    if let Some(l) = nl.link_by_name(&name).await.map_err(backend::BackendError::from)?
-                        && l.vxlan.is_some()
-                    {
-                        nl.del_link(l.index).await.map_err(backend::BackendError::from)?;
-                        info!("backend is host-gw: removed the VXLAN device {name} left from an earlier vxlan run");
-                    }
-                }
-            }
-        }
+        let mut data = data.into_iter();
         let attrs = LeaseAttrs {
             public_ip: uplink.public_ip,
-            public_ipv6: family6.as_ref().and(uplink.public_ipv6),
-            backend_type: cfg.backend.kind.as_str().to_string(),
-            backend_data,
-            backend_v6_data: if family6.is_some() && cfg.backend.kind == BackendType::HostGw {
-                Some(serde_json::Value::Null)
-            } else {
-                backend_v6_data
-            },
+            public_ipv6: fams.get(1).and(uplink.public_ipv6),
+            backend_type: backend.kind().as_str().to_string(),
+            backend_data: data.next().unwrap_or_default(),
+            backend_v6_data: data.next(),
         };
 
         let mut agent = Agent {
             opts,
             mgr,
-            nl,
+            k,
+            backend,
+            fw,
             metrics,
-            cfg,
-            family,
-            family6,
+            fams,
             uplink,
-            vtep,
-            vtep_index,
-            vtep6,
-            vtep6_index,
             attrs,
             own: None,
-            peers: BTreeMap::new(),
+            peers: PeerTable::default(),
             last_skipped: Vec::new(),
             renew_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             next_renew: Instant::now(),
-            iptables: iptables::Flavour::default(),
             announced_up: false,
             rules_cleaned: false,
             kernel,
             retry_at: None,
             retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
-            listed: false,
         };
         agent.update_interest();
-        {
-            let (flavour, why) = iptables::Flavour::detect();
-            info!("iptables: writing with {} ({why})", flavour.restore);
-            agent.iptables = flavour;
-        }
         // Our previous subnets, if subnet.env still names them in this network.
         let env = SubnetEnv::read(&agent.opts.subnet_file).ok();
         let prefer = env
             .as_ref()
-            .filter(|e| e.network == Some(agent.family.network))
+            .filter(|e| e.network == Some(agent.fams[0].config.network))
             .and_then(|e| e.subnet)
             .map(|s| s.network());
         let prefer6 = env
             .as_ref()
-            .filter(|e| e.ipv6_network.is_some() && e.ipv6_network == agent.family6.as_ref().map(|f| f.network))
+            .filter(|e| e.ipv6_network.is_some() && e.ipv6_network == agent.fams.get(1).map(|f| f.config.network))
             .and_then(|e| e.ipv6_subnet)
             .map(|s| s.network());
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -350,7 +222,7 @@ impl<M: SubnetManager> Agent<M> {
                 if !e.is_transient() {
                     return Err(e.into());
                 }
-                let d = backoff.next();
+                let d = backoff.delay();
                 error!("claiming a subnet: {e}; retrying in {d:?}");
                 tokio::time::sleep(d).await;
             }
@@ -363,15 +235,25 @@ impl<M: SubnetManager> Agent<M> {
         self.own.as_ref().map(|l| l.subnet)
     }
 
-    /// The pods' MTU: what fits through every tunnel in use (the IPv6 VTEP has 20 bytes more overhead).
-    fn mtu(&self) -> u32 {
-        let v4 = self.vtep.as_ref().map_or(self.uplink.mtu, |v| v.mtu);
-        self.vtep6.as_ref().map_or(v4, |v| v4.min(v.mtu))
+    /// The subnet manager (tests look at what it was told).
+    pub fn manager(&self) -> &M {
+        &self.mgr
     }
 
-    /// Claims (or re-claims) a subnet, then points the VTEP and subnet.env at it.
+    /// The pods' MTU: what fits through the backend in every family (an IPv6 tunnel has 20 bytes more overhead).
+    fn mtu(&self) -> u32 {
+        self.fams.iter().map(|f| self.backend.mtu(f, &self.uplink)).min().unwrap_or(self.uplink.mtu)
+    }
+
+    /// Claims (or re-claims) a subnet, then points the backend and subnet.env at it.
     async fn acquire(&mut self, prefer: Option<IpNet>, prefer6: Option<IpNet>) -> Result<(), SubnetError> {
-        let claim = Claim { family: &self.family, family6: self.family6.as_ref(), attrs: &self.attrs, prefer, prefer6 };
+        let claim = Claim {
+            family: &self.fams[0].config,
+            family6: self.fams.get(1).map(|f| &f.config),
+            attrs: &self.attrs,
+            prefer,
+            prefer6,
+        };
         let lease = self.mgr.acquire(&claim).await?;
         let subnet = lease.subnet;
         // The manager may have overridden the public IP (Kubernetes annotations).
@@ -384,9 +266,9 @@ impl<M: SubnetManager> Agent<M> {
         {
             warn!("our subnet changed from {} to {subnet}; pods started earlier keep old addresses", old.subnet);
         }
-        self.peers.remove(&subnet);
-        if let Err(e) = self.ensure_vtep().await {
-            warn!("configuring the VXLAN device: {e}");
+        self.peers.forget(&subnet);
+        if let Err(e) = self.ensure_backend().await {
+            warn!("configuring the {} backend: {e}", self.backend.kind().as_str());
         }
         self.write_subnet_env();
         Ok(())
@@ -405,9 +287,9 @@ impl<M: SubnetManager> Agent<M> {
         let Some(own) = &self.own else { return };
         let gw = |s: &IpNet| s.nth(1).and_then(|ip| IpNet::new(ip, s.prefix()).ok());
         let env = SubnetEnv {
-            network: Some(self.family.network),
+            network: Some(self.fams[0].config.network),
             subnet: gw(&own.subnet),
-            ipv6_network: self.family6.as_ref().map(|f| f.network),
+            ipv6_network: self.fams.get(1).map(|f| f.config.network),
             ipv6_subnet: own.subnet6.as_ref().and_then(gw),
             mtu: self.mtu(),
             ipmasq: self.opts.ip_masq,
@@ -428,82 +310,75 @@ impl<M: SubnetManager> Agent<M> {
         }
     }
 
-    /// (Re)creates the VTEPs if missing or wrong, with our advertised MACs, and
-    /// gives them `<subnet>.0/32` (and `<IPv6 subnet>::/128`).
-    async fn ensure_vtep(&mut self) -> Result<(), backend::BackendError> {
-        for v6 in [false, true] {
-            let spec = if v6 { &self.vtep6 } else { &self.vtep };
-            let Some(spec) = spec else { continue };
-            let subnet = self.own.as_ref().and_then(|l| if v6 { l.subnet6 } else { Some(l.subnet) });
-            let addr = subnet.and_then(|s| IpNet::new(s.network_addr(), if v6 { 128 } else { 32 }).ok());
-            let data = if v6 { self.attrs.backend_v6_data.as_ref() } else { Some(&self.attrs.backend_data) };
-            let mac = data.and_then(|d| d.get("VtepMAC")).and_then(|v| v.as_str()).and_then(parse_mac);
-            let (link, created) = backend::ensure_vtep(&self.nl, spec, &self.uplink, mac, addr).await?;
-            if created {
+    /// Puts back what the backend set up (a VTEP rebuilt with our advertised MAC and our subnet's address).
+    async fn ensure_backend(&mut self) -> Result<(), backend::BackendError> {
+        for fam in &self.fams {
+            let subnet = self.own.as_ref().and_then(|l| fam.subnet_of(l));
+            let data = if fam.v6 { self.attrs.backend_v6_data.as_ref() } else { Some(&self.attrs.backend_data) };
+            if self.backend.ensure(&self.k, fam, &self.uplink, subnet, data).await? {
                 self.metrics.vtep_recreations.fetch_add(1, Ordering::Relaxed);
-                warn!("{} was missing or wrong and has been rebuilt; replaying every peer into it", spec.name);
-            }
-            if v6 {
-                self.vtep6_index = Some(link.index);
-            } else {
-                self.vtep_index = Some(link.index);
             }
         }
         self.update_interest();
         Ok(())
     }
 
-    /// Tells the kernel watch what we own now (VTEP indices change when a device is rebuilt).
+    /// Tells the kernel watch what we own now (device indices change when one is rebuilt).
     fn update_interest(&self) {
-        let names = [&self.vtep, &self.vtep6].into_iter().flatten().map(|v| v.name.clone()).collect();
-        let links = [self.vtep_index, self.vtep6_index].into_iter().flatten().collect();
-        let nets = std::iter::once(self.family.network).chain(self.family6.as_ref().map(|f| f.network)).collect();
+        let (names, links) = self.backend.devices();
+        let nets = self.fams.iter().map(|f| f.config.network).collect();
         self.kernel.set_interest(Interest { names, links, nets });
+    }
+
+    /// The rule sets the flags ask for, and those they turn off.
+    fn rule_sets(&self, own: &OwnLease) -> (Vec<RuleSet>, Vec<RuleSet>) {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for fam in &self.fams {
+            let Some(subnet) = fam.subnet_of(own) else { continue };
+            let network = fam.config.network;
+            let random_fully = !self.opts.ip_masq_fully_random_disable;
+            let masq = RuleSet::Masq { network, subnet, random_fully };
+            if self.opts.ip_masq {
+                on.push(masq)
+            } else {
+                off.push(masq)
+            }
+            let fwd = RuleSet::Forward { network };
+            if self.opts.iptables_forward_rules { on.push(fwd) } else { off.push(fwd) }
+        }
+        (on, off)
     }
 
     fn ensure_rules(&mut self) {
         let Some(own) = &self.own else { return };
-        let mut tables = Vec::new();
-        let mut off = Vec::new();
-        let v6 = self.family6.as_ref().zip(own.subnet6).map(|(f, s)| (f.network, s));
-        for (network, subnet, flavour) in std::iter::once((self.family.network, own.subnet, self.iptables.clone()))
-            .chain(v6.map(|(n, s)| (n, s, self.iptables.v6())))
-        {
-            let masq = iptables::masq_rules(&network, &subnet, !self.opts.ip_masq_fully_random_disable);
-            if self.opts.ip_masq {
-                tables.push((masq, flavour.clone()))
-            } else {
-                off.push((masq, flavour.clone()))
-            }
-            let fwd = iptables::forward_rules(&network);
-            if self.opts.iptables_forward_rules { tables.push((fwd, flavour)) } else { off.push((fwd, flavour)) }
-        }
+        let (on, off) = self.rule_sets(own);
+        let name = self.fw.name();
         let mut ok = true;
         // Rules a previous run wrote but this one is told not to: removed once, at start.
         if !self.rules_cleaned {
-            for (t, flavour) in &off {
-                match iptables::remove_with(flavour, t) {
-                    Ok(true) => info!("iptables: removed {} (turned off by the flags)", t.chain),
+            for set in &off {
+                match self.fw.remove(set) {
+                    Ok(true) => info!("{name}: removed {} (turned off by the flags)", self.fw.describe(set)),
                     Ok(false) => {}
                     Err(e) => {
                         ok = false;
-                        error!("iptables: removing {}: {e}", t.chain);
+                        error!("{name}: removing {}: {e}", self.fw.describe(set));
                     }
                 }
             }
             self.rules_cleaned = ok;
         }
-        for (t, flavour) in &tables {
-            match iptables::ensure_with(flavour, t) {
+        for set in &on {
+            match self.fw.ensure(set) {
                 Ok(true) => {
                     self.metrics.iptables_restores.fetch_add(1, Ordering::Relaxed);
-                    info!("iptables: wrote {} in table {}", t.chain, t.table);
+                    info!("{name}: wrote {}", self.fw.describe(set));
                 }
                 Ok(false) => {}
                 Err(e) => {
                     ok = false;
                     self.metrics.iptables_errors.fetch_add(1, Ordering::Relaxed);
-                    error!("iptables: {e}");
+                    error!("{name}: {e}");
                 }
             }
         }
@@ -511,127 +386,38 @@ impl<M: SubnetManager> Agent<M> {
     }
 
     /// Applies one lease event; returns whether our own lease needs claiming again.
-    fn on_event(&mut self, ev: LeaseEvent) -> bool {
-        let own = self.own.as_ref().map(|l| (l.subnet, l.attrs.clone()));
-        let is_ours = |l: &Lease| own.as_ref().is_some_and(|(s, a)| *s == l.subnet && *a == l.attrs);
-        match ev {
-            LeaseEvent::Snapshot(all) => {
-                let lost = own.as_ref().is_some_and(|(s, _)| !all.iter().any(|l| l.subnet == *s && is_ours(l)));
-                self.peers = all
-                    .into_iter()
-                    .filter(|l| Some(l.subnet) != own.as_ref().map(|o| o.0))
-                    .map(|l| (l.subnet, l))
-                    .collect();
-                debug!("lease snapshot: {} peers", self.peers.len());
-                self.listed = true;
-                lost
-            }
-            LeaseEvent::Added(l) => {
-                if own.as_ref().is_some_and(|(s, _)| *s == l.subnet) {
-                    if is_ours(&l) {
-                        return false;
-                    }
-                    warn!("our subnet {} was taken over by {}", l.subnet, l.attrs.public_ip);
-                    debug!("theirs: {:?}; ours: {:?}", l.attrs, own.as_ref().map(|o| &o.1));
-                    return true;
-                }
-                info!("peer lease {} -> {} ({})", l.subnet, l.attrs.public_ip, l.attrs.backend_type);
-                self.peers.insert(l.subnet, l);
-                false
-            }
-            LeaseEvent::Removed(s) => {
-                if own.as_ref().is_some_and(|(o, _)| *o == s) {
-                    warn!("our lease on {s} disappeared from the store");
-                    return true;
-                }
-                if self.peers.remove(&s).is_some() {
-                    info!("peer lease {s} removed");
-                }
-                false
-            }
-        }
+    pub fn on_event(&mut self, ev: LeaseEvent) -> bool {
+        let own = self.own.as_ref().map(|l| (l.subnet, &l.attrs));
+        self.peers.apply(ev, own)
     }
 
-    fn mode(&self, v6: bool) -> Option<Mode> {
-        let nets = if v6 { &self.uplink.nets6 } else { &self.uplink.nets };
-        match self.cfg.backend.kind {
-            BackendType::Vxlan => Some(Mode::Vxlan {
-                vtep: if v6 { self.vtep6_index? } else { self.vtep_index? },
-                uplink: self.uplink.index,
-                direct_on: if self.cfg.backend.direct_routing { nets.first().copied() } else { None },
-            }),
-            BackendType::HostGw => Some(Mode::HostGw { uplink: self.uplink.index }),
-        }
-    }
-
-    /// What one family's peers call for, and the peers that cannot be programmed.
-    fn family_want(&self, mode: &Mode, v6: bool) -> (reconcile::Desired, Vec<(IpNet, String)>) {
-        let want_type = self.cfg.backend.kind.as_str();
-        let nets = if v6 { &self.uplink.nets6 } else { &self.uplink.nets };
-        let mut skipped = Vec::new();
-        let mut peers = Vec::with_capacity(self.peers.len());
-        for l in self.peers.values() {
-            if l.attrs.backend_type != want_type {
-                if !v6 {
-                    skipped.push((l.subnet, format!("backend {} (this node runs {want_type})", l.attrs.backend_type)));
-                }
-                continue;
-            }
-            let (subnet, public_ip, data) = if v6 {
-                match (l.subnet6, l.attrs.public_ipv6) {
-                    (Some(s), Some(ip)) => (s, IpAddr::V6(ip), l.vxlan_v6_data()),
-                    _ => {
-                        skipped.push((l.subnet, "no IPv6 half in its lease (an IPv4-only node)".to_string()));
-                        continue;
-                    }
-                }
-            } else {
-                (l.subnet, IpAddr::V4(l.attrs.public_ip), l.vxlan_data())
-            };
-            if matches!(mode, Mode::HostGw { .. }) && !nets.iter().any(|n| n.contains(public_ip)) {
-                skipped.push((
-                    subnet,
-                    format!(
-                        "{public_ip} is not on-link via {} ({nets:?}): host-gw needs every node on one L2 network",
-                        self.uplink.name
-                    ),
-                ));
-                continue;
-            }
-            let vtep_mac = data.and_then(|d| parse_mac(&d.vtep_mac));
-            peers.push(Peer { subnet, public_ip, vtep_mac });
-        }
-        let mut want = reconcile::desired(mode, &peers);
-        skipped.append(&mut want.skipped);
-        (want, skipped)
-    }
-
-    /// One full pass: VTEP present, then routes/ARP/FDB from the peers.
+    /// One full pass: the backend's devices present, then routes/ARP/FDB from the peers.
     pub async fn reconcile(&mut self) {
         let started = Instant::now();
         // Changes signalled so far are covered by this pass: it reads the kernel afresh.
         self.kernel.clear();
         let m = self.metrics.clone();
         m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.ensure_vtep().await {
+        if let Err(e) = self.ensure_backend().await {
             m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-            let d = self.retry_backoff.next();
-            error!("reconcile: VXLAN device: {e}; retrying in {d:?}");
+            let d = self.retry_backoff.delay();
+            error!("reconcile: {} backend: {e}; retrying in {d:?}", self.backend.kind().as_str());
             self.retry_at = Some(Instant::now() + d);
             return;
         }
         let mut skipped = Vec::new();
         let (mut routes, mut neighbours, mut fdb) = (0, 0, 0);
         let mut ok = true;
-        for v6 in [false, true] {
-            if v6 && self.family6.is_none() {
-                continue;
-            }
-            let Some(mode) = self.mode(v6) else { continue };
-            let (mut want, mut skip) = self.family_want(&mode, v6);
+        let backend_type = self.backend.kind().as_str();
+        for fam in &self.fams {
+            let Some(mode) = self.backend.mode(fam, &self.uplink) else { continue };
+            let (peers, mut skip) =
+                self.peers.for_family(fam, backend_type, |ip| self.backend.refuse(fam, &self.uplink, ip));
+            let mut want = reconcile::desired(&mode, &peers);
             skipped.append(&mut skip);
+            skipped.append(&mut want.skipped);
             if self.opts.ip_blackhole_route
-                && let Some(own) = self.own.as_ref().and_then(|l| if v6 { l.subnet6 } else { Some(l.subnet) })
+                && let Some(own) = self.own.as_ref().and_then(|l| fam.subnet_of(l))
             {
                 want.routes.push(Route::new(own).blackhole().metric(BLACKHOLE_METRIC).protocol(RTPROT_FLANNEL));
             }
@@ -642,7 +428,7 @@ impl<M: SubnetManager> Agent<M> {
                 Mode::Vxlan { vtep, .. } => Some(vtep),
                 Mode::HostGw { .. } => None,
             };
-            match reconcile::apply_family(&self.nl, &want, vtep, !v6).await {
+            match reconcile::apply_family(&self.k, &want, vtep, !fam.v6).await {
                 Ok(done) => {
                     let changes = done.routes_added
                         + done.routes_removed
@@ -654,7 +440,7 @@ impl<M: SubnetManager> Agent<M> {
                     if !done.is_noop() {
                         info!(
                             "reconcile{}: routes +{} -{}, neighbours +{} -{}, fdb +{} -{}",
-                            if v6 { " (IPv6)" } else { "" },
+                            fam.label(),
                             done.routes_added,
                             done.routes_removed,
                             done.neighbours_set,
@@ -667,13 +453,13 @@ impl<M: SubnetManager> Agent<M> {
                 Err(e) => {
                     ok = false;
                     m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-                    error!("reconcile{}: {e}", if v6 { " (IPv6)" } else { "" });
+                    error!("reconcile{}: {e}", fam.label());
                 }
             }
         }
         // Ready follows the data path; a failing NetworkUnavailable patch is retried
         // (and logged) but does not hold readiness, so it cannot stall a rollout.
-        if ok && self.listed && !m.peers_synced.swap(true, Ordering::Relaxed) {
+        if ok && self.peers.listed() && !m.peers_synced.swap(true, Ordering::Relaxed) {
             info!("ready: {} peers programmed", self.peers.len());
         }
         if ok && !self.announced_up && self.opts.set_node_network_unavailable {
@@ -689,7 +475,7 @@ impl<M: SubnetManager> Agent<M> {
             self.retry_at = None;
             self.retry_backoff.reset();
         } else {
-            let d = self.retry_backoff.next();
+            let d = self.retry_backoff.delay();
             debug!("reconcile pass incomplete; next pass in {d:?}");
             self.retry_at = Some(Instant::now() + d);
         }
@@ -728,7 +514,7 @@ impl<M: SubnetManager> Agent<M> {
                 self.reclaim().await;
             }
             Err(e) => {
-                let d = self.renew_backoff.next();
+                let d = self.renew_backoff.delay();
                 warn!("renewing lease on {}: {e}; retrying in {d:?}", own.subnet);
                 self.next_renew = Instant::now() + d;
             }
@@ -741,7 +527,7 @@ impl<M: SubnetManager> Agent<M> {
         let prefer6 = self.own.as_ref().and_then(|l| l.subnet6);
         if let Err(e) = self.acquire(prefer, prefer6).await {
             self.metrics.lease_held.store(false, Ordering::Relaxed);
-            let d = self.renew_backoff.next();
+            let d = self.renew_backoff.delay();
             error!("claiming a subnet again: {e}; retrying in {d:?}");
             self.next_renew = Instant::now() + d;
             // Marks the lease as needing a claim rather than a renewal.
@@ -752,31 +538,45 @@ impl<M: SubnetManager> Agent<M> {
         }
     }
 
-    /// The event loop; returns on SIGTERM or SIGINT, leaving kernel state and the lease in place.
-    pub async fn run(mut self, mut events: mpsc::Receiver<LeaseEvent>) -> Result<(), AgentError> {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+    /// Renews the lease, or claims it again when it was lost.
+    async fn renew_or_reclaim(&mut self) {
+        if self.own.as_ref().is_some_and(|l| l.id == 0) { self.reclaim().await } else { self.renew().await }
+    }
+
+    /// A batch of lease events (drained so a burst costs one pass), then a pass.
+    async fn on_events(&mut self, first: LeaseEvent, events: &mut mpsc::Receiver<LeaseEvent>) {
+        let mut lost = self.on_event(first);
+        while let Ok(ev) = events.try_recv() {
+            lost |= self.on_event(ev);
+        }
+        if lost {
+            self.reclaim().await;
+        }
+        self.reconcile().await;
+    }
+
+    /// The event loop; returns when `stop` fires, leaving kernel state and the lease in place.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<LeaseEvent>,
+        stop: impl std::future::Future<Output = Stop>,
+    ) -> Result<(), AgentError> {
         let mut reconcile_tick = tokio::time::interval(Duration::from_secs(self.opts.reconcile_interval.max(1)));
         reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rules_tick = tokio::time::interval(Duration::from_secs(self.opts.iptables_resync.max(1)));
         rules_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = std::pin::pin!(stop);
         loop {
             let renew_at = tokio::time::Instant::from_std(self.next_renew);
             let retry_at = self.retry_at.map(tokio::time::Instant::from_std);
             tokio::select! {
-                _ = term.recv() => { info!("SIGTERM: exiting, leaving routes and lease in place"); return Ok(()) }
-                _ = int.recv() => { info!("SIGINT: exiting, leaving routes and lease in place"); return Ok(()) }
+                Stop::Signal(name) = &mut stop => {
+                    info!("{name}: exiting, leaving routes and lease in place");
+                    return Ok(());
+                }
                 ev = events.recv() => {
                     let Some(ev) = ev else { return Err(AgentError::Config("lease watch stopped".into())) };
-                    let mut lost = self.on_event(ev);
-                    // Drain what queued up so a burst costs one reconcile pass.
-                    while let Ok(ev) = events.try_recv() {
-                        lost |= self.on_event(ev);
-                    }
-                    if lost {
-                        self.reclaim().await;
-                    }
-                    self.reconcile().await;
+                    self.on_events(ev, &mut events).await;
                 }
                 _ = reconcile_tick.tick() => self.reconcile().await,
                 _ = self.kernel.changed() => {
@@ -789,20 +589,51 @@ impl<M: SubnetManager> Agent<M> {
                     self.reconcile().await
                 }
                 _ = rules_tick.tick() => self.ensure_rules(),
-                _ = tokio::time::sleep_until(renew_at) => {
-                    if self.own.as_ref().is_some_and(|l| l.id == 0) { self.reclaim().await } else { self.renew().await }
-                }
+                _ = tokio::time::sleep_until(renew_at) => self.renew_or_reclaim().await,
             }
         }
     }
 }
 
-/// The whole agent with any subnet manager: claim, then follow its peer watch.
-pub async fn run<M: SubnetManager>(opts: Opts, mgr: M, metrics: Arc<Metrics>) -> Result<(), AgentError> {
+/// SIGTERM or SIGINT, whichever comes first.
+async fn signals() -> Result<impl std::future::Future<Output = Stop>, AgentError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => Stop::Signal("SIGTERM"),
+            _ = int.recv() => Stop::Signal("SIGINT"),
+        }
+    })
+}
+
+/// Starts an agent with `backend` and follows the manager's peer watch until a signal.
+async fn run_with<M: SubnetManager, B: Backend>(
+    opts: Opts,
+    mgr: M,
+    backend: B,
+    cfg: &NetConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(), AgentError> {
+    let (firewall, why) = Iptables::detect();
+    info!("iptables: writing with {} ({why})", firewall.restore_command());
+    let kernel = Netlink::connect()?;
+    let parts = Parts { mgr, kernel, backend, firewall };
+    let agent = Agent::start(opts, parts, cfg, metrics.clone(), Path::new("/proc")).await?;
+    let stop = signals().await?;
     let (tx, rx) = mpsc::channel(1024);
-    let agent = Agent::start(opts, mgr, metrics.clone()).await?;
     let _watch = agent.mgr.spawn_watch(tx, metrics);
-    agent.run(rx).await
+    agent.run(rx, stop).await
+}
+
+/// The whole agent with any subnet manager: read the config, pick the backend, run.
+pub async fn run<M: SubnetManager>(opts: Opts, mut mgr: M, metrics: Arc<Metrics>) -> Result<(), AgentError> {
+    let cfg = load_config(&mut mgr).await?;
+    match cfg.backend.kind {
+        BackendType::Vxlan => run_with(opts, mgr, backend::vxlan::Vxlan::new(&cfg.backend), &cfg, metrics).await,
+        BackendType::HostGw => run_with(opts, mgr, backend::hostgw::HostGw, &cfg, metrics).await,
+    }
 }
 
 /// The whole agent in Kubernetes mode.
@@ -819,49 +650,4 @@ pub async fn run_etcd(opts: Opts, metrics: Arc<Metrics>) -> Result<(), AgentErro
     let client = etcd::connect(&opts).await?;
     let mgr = EtcdManager::new(client, &opts.etcd_prefix, opts.subnet_lease_ttl);
     run(opts, mgr, metrics).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fake_proc(bridge: Option<&str>, forward: &str) -> std::path::PathBuf {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let root = std::env::temp_dir().join(format!("flanneld-proc-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(root.join("sys/net/ipv4")).unwrap();
-        std::fs::write(root.join("sys/net/ipv4/ip_forward"), forward).unwrap();
-        if let Some(v) = bridge {
-            std::fs::create_dir_all(root.join("sys/net/bridge")).unwrap();
-            std::fs::write(root.join("sys/net/bridge/bridge-nf-call-iptables"), v).unwrap();
-        }
-        root
-    }
-
-    #[test]
-    fn preflight_refuses_without_br_netfilter_and_turns_on_forwarding() {
-        let p = fake_proc(None, "0\n");
-        let e = check_br_netfilter(&p).unwrap_err().to_string();
-        assert!(e.contains("br_netfilter") && e.contains("modprobe"), "{e}");
-        assert!(enable_ip_forward(&p).unwrap());
-        assert_eq!(std::fs::read_to_string(p.join("sys/net/ipv4/ip_forward")).unwrap(), "1");
-        assert!(!enable_ip_forward(&p).unwrap());
-        std::fs::remove_dir_all(&p).unwrap();
-
-        let p = fake_proc(Some("0\n"), "1\n");
-        assert!(check_br_netfilter(&p).unwrap_err().to_string().contains("bridge-nf-call-iptables=1"));
-        std::fs::remove_dir_all(&p).unwrap();
-        let p = fake_proc(Some("1\n"), "1\n");
-        assert!(check_br_netfilter(&p).is_ok());
-        std::fs::remove_dir_all(&p).unwrap();
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
-        let seq: Vec<u64> = (0..5).map(|_| b.next().as_secs()).collect();
-        assert_eq!(seq, [1, 2, 4, 5, 5]);
-        b.reset();
-        assert_eq!(b.next().as_secs(), 1);
-    }
 }

@@ -4,10 +4,14 @@
 
 pub mod agent;
 pub mod backend;
+pub mod backoff;
 pub mod config;
+pub mod firewall;
 pub mod health;
 pub mod iptables;
-pub mod kernel_watch;
+pub mod kernel;
 pub mod metrics;
+pub mod peers;
+pub mod preflight;
 pub mod reconcile;
 pub mod subnet;

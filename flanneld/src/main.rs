@@ -14,19 +14,20 @@ use flanneld::agent::{self, AgentError};
 use flanneld::config::Opts;
 use flanneld::health;
 use flanneld::metrics::Metrics;
+use flanneld::preflight;
 
 async fn run(opts: Opts) -> Result<(), AgentError> {
     let proc = Path::new("/proc");
-    agent::check_br_netfilter(proc)?;
-    if agent::enable_ip_forward(proc)? {
+    preflight::check_br_netfilter(proc)?;
+    if preflight::enable_ip_forward(proc)? {
         info!("enabled net.ipv4.ip_forward (pods' traffic is routed through this host)");
     }
     let metrics = Arc::new(Metrics::default());
     if opts.healthz_port != 0 {
         let addr = std::net::SocketAddr::new(opts.healthz_ip, opts.healthz_port);
-        let bound = health::start(addr, metrics.clone())
-            .await
-            .map_err(|e| AgentError::Preflight(format!("--healthz-port: cannot listen on {addr}: {e}")))?;
+        let bound = health::start(addr, metrics.clone()).await.map_err(|e| {
+            AgentError::Preflight(preflight::PreflightError(format!("--healthz-port: cannot listen on {addr}: {e}")))
+        })?;
         info!("health and metrics on http://{bound}/ (healthz, readyz, metrics)");
     }
     if opts.kube_subnet_mgr { agent::run_kube(opts, metrics).await } else { agent::run_etcd(opts, metrics).await }

@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{Idempotent, Netlink, NetlinkError, RT_TABLE_MAIN, Route};
+use flannel_shared::netlink::{Idempotent, NetlinkError, RT_TABLE_MAIN, Route};
+
+use crate::kernel::Kernel;
 
 /// `rtm_protocol` of the routes flanneld installs (`ip route show proto 76`).
 pub const RTPROT_FLANNEL: u8 = 76;
@@ -127,14 +129,19 @@ where
 /// Order matters for traffic: ARP and FDB entries go in before the routes
 /// that use them, and stale routes go before the entries they used, so a
 /// packet never follows a route to a half-programmed peer.
-pub async fn apply(nl: &Netlink, want: &Desired, vtep: Option<u32>) -> Result<Applied, NetlinkError> {
+pub async fn apply<K: Kernel>(nl: &K, want: &Desired, vtep: Option<u32>) -> Result<Applied, NetlinkError> {
     apply_family(nl, want, vtep, true).await
 }
 
 /// [`apply`] for one address family: only routes of that family are read,
 /// added or removed (a dual-stack agent runs one pass per family, each with
 /// its own VTEP).
-pub async fn apply_family(nl: &Netlink, want: &Desired, vtep: Option<u32>, v4: bool) -> Result<Applied, NetlinkError> {
+pub async fn apply_family<K: Kernel>(
+    nl: &K,
+    want: &Desired,
+    vtep: Option<u32>,
+    v4: bool,
+) -> Result<Applied, NetlinkError> {
     let mut done = Applied::default();
 
     // One dump per kind, taken up front.

@@ -68,6 +68,17 @@ impl KernelWatch {
         KernelWatch { interest, rx, task }
     }
 
+    /// A watch that never fires (a kernel without notifications, as in the agent's unit tests).
+    pub fn inert() -> KernelWatch {
+        let (_, rx) = mpsc::channel(1);
+        KernelWatch { interest: Arc::new(Mutex::new(Interest::default())), rx, task: None }
+    }
+
+    /// What the agent owns, as last set.
+    pub fn interest(&self) -> Interest {
+        self.interest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn set_interest(&self, interest: Interest) {
         *self.interest.lock().unwrap_or_else(|p| p.into_inner()) = interest;
     }

@@ -1,29 +1,16 @@
-//! The host side of the backends: which interface carries inter-node traffic
-//! (the uplink) and, for vxlan, the `flannel.<VNI>` device. Per-peer state is
-//! in [`crate::reconcile`].
+//! Which interface carries inter-node traffic (the uplink), and the address
+//! this node is known by.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use regex_lite::Regex;
-use tracing::{info, warn};
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{Address, Link, Netlink, NetlinkError, RT_TABLE_MAIN, VxlanSpec};
+use flannel_shared::netlink::{Address, Link, RT_TABLE_MAIN};
 
+use super::BackendError;
 use crate::config::Opts;
-
-/// VXLAN header + UDP + outer IPv4 + inner Ethernet.
-pub const VXLAN_OVERHEAD: u32 = 50;
-/// The same with an outer IPv6 header.
-pub const VXLAN6_OVERHEAD: u32 = 70;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    #[error("{0}")]
-    Netlink(#[from] NetlinkError),
-    #[error("uplink: {0}")]
-    Uplink(String),
-}
+use crate::kernel::Kernel;
 
 /// The interface used for inter-node traffic and the address this node is known by.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +32,7 @@ pub struct Uplink {
     pub public_ipv6: Option<Ipv6Addr>,
 }
 
-fn usable_v6(a: &Address) -> Option<Ipv6Addr> {
+pub(super) fn usable_v6(a: &Address) -> Option<Ipv6Addr> {
     match a.net.addr() {
         // Not loopback, not link-local (fe80::/10).
         IpAddr::V6(v6) if !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80 => Some(v6),
@@ -63,7 +50,7 @@ fn usable_v4(a: &Address) -> Option<Ipv4Addr> {
 /// Picks the uplink as upstream does: `--iface` (names or IPs, first found
 /// wins), else `--iface-regex`, else the interface of the route to
 /// `--iface-can-reach`, else the interface of the default route.
-pub async fn find_uplink(nl: &Netlink, opts: &Opts) -> Result<Uplink, BackendError> {
+pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts) -> Result<Uplink, BackendError> {
     let links = nl.links().await?;
     let addrs = nl.addresses(None).await?;
     let v4_of = |index: u32| addrs.iter().filter(move |a| a.index == index).filter_map(usable_v4);
@@ -145,113 +132,4 @@ pub async fn find_uplink(nl: &Netlink, opts: &Opts) -> Result<Uplink, BackendErr
         nets6: v6.iter().map(|a| a.net.network()).collect(),
         public_ipv6: opts.public_ipv6.or(ip6),
     })
-}
-
-/// The VXLAN device as the backend wants it.
-#[derive(Clone, Debug)]
-pub struct VtepSpec {
-    pub name: String,
-    /// The tunnel's source address: the uplink's IPv4 address, or its IPv6 one for the IPv6 VTEP.
-    pub local: IpAddr,
-    pub vni: u32,
-    pub port: u16,
-    pub gbp: bool,
-    pub mtu: u32,
-}
-
-impl VtepSpec {
-    /// Whether an existing device can be reused as is (keeping its MAC, so
-    /// peers' FDB entries stay valid across restarts).
-    fn matches(&self, link: &Link, uplink: &Uplink) -> Result<(), String> {
-        let Some(v) = &link.vxlan else { return Err(format!("is a {:?} device, not vxlan", link.kind)) };
-        let mut diffs = Vec::new();
-        if v.vni != self.vni {
-            diffs.push(format!("VNI {} (want {})", v.vni, self.vni));
-        }
-        if v.port != self.port {
-            diffs.push(format!("port {} (want {})", v.port, self.port));
-        }
-        if v.local != Some(self.local) {
-            diffs.push(format!("local {:?} (want {})", v.local, self.local));
-        }
-        if v.uplink.is_some_and(|i| i != uplink.index) {
-            diffs.push(format!("dev #{:?} (want {})", v.uplink, uplink.name));
-        }
-        if v.learning {
-            diffs.push("learning on".into());
-        }
-        if v.gbp != self.gbp {
-            diffs.push(format!("gbp {}", v.gbp));
-        }
-        if diffs.is_empty() { Ok(()) } else { Err(diffs.join(", ")) }
-    }
-}
-
-/// Makes sure the VTEP exists with `spec`, is up and has exactly `addr`
-/// (`<subnet>.0/32`, when known). A device with other settings is replaced;
-/// a recreated one gets `mac` (our advertised VtepMAC) when given.
-/// Returns the device and whether it had to be (re)created.
-pub async fn ensure_vtep(
-    nl: &Netlink,
-    spec: &VtepSpec,
-    uplink: &Uplink,
-    mac: Option<[u8; 6]>,
-    addr: Option<IpNet>,
-) -> Result<(Link, bool), BackendError> {
-    let mut created = false;
-    let link = match nl.link_by_name(&spec.name).await? {
-        Some(l) => match spec.matches(&l, uplink) {
-            Ok(()) => Some(l),
-            Err(why) => {
-                warn!("{} exists but {why}; recreating it", spec.name);
-                nl.del_link(l.index).await?;
-                None
-            }
-        },
-        None => None,
-    };
-    let link = match link {
-        Some(l) => l,
-        None => {
-            nl.create_vxlan(&VxlanSpec {
-                name: &spec.name,
-                vni: spec.vni,
-                port: spec.port,
-                local: Some(spec.local),
-                uplink: Some(uplink.index),
-                mtu: Some(spec.mtu),
-                gbp: spec.gbp,
-                mac,
-            })
-            .await?;
-            created = true;
-            info!(
-                "created {} (VNI {}, port {}, local {}, dev {})",
-                spec.name, spec.vni, spec.port, spec.local, uplink.name
-            );
-            nl.link_by_name(&spec.name)
-                .await?
-                .ok_or_else(|| BackendError::Uplink(format!("{} vanished right after creation", spec.name)))?
-        }
-    };
-    if link.mtu != spec.mtu {
-        nl.set_mtu(link.index, spec.mtu).await?;
-    }
-    if let Some(want) = addr {
-        let have = nl.addresses(Some(link.index)).await?;
-        // Only global addresses of the same family are ours to replace (the kernel adds an fe80:: one).
-        let stale = |a: &&Address| {
-            a.net.is_ipv4() == want.is_ipv4() && a.net != want && usable_v6(a).is_some() != want.is_ipv4()
-        };
-        for a in have.iter().filter(stale) {
-            nl.del_address(link.index, a.net).await?;
-        }
-        if !have.iter().any(|a| a.net == want) {
-            nl.add_address(link.index, want).await?;
-        }
-    }
-    if !link.up {
-        nl.set_up(link.index).await?;
-    }
-    Ok((link, created))
 }

@@ -1,0 +1,257 @@
+//! The vxlan backend: one `flannel.<VNI>` device per family (`flannel-v6.<VNI>`
+//! for IPv6), learning off, addressed `<subnet>.0/32`; peers are reached
+//! through it with an onlink route, a permanent ARP/NDP entry and an FDB
+//! entry each (see [`crate::reconcile`]). With `DirectRouting`, peers on the
+//! uplink's own network get a plain route instead.
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+use tracing::{info, warn};
+
+use flannel_shared::IpNet;
+use flannel_shared::lease::VxlanData;
+use flannel_shared::netconf::{Backend as BackendConfig, BackendType};
+use flannel_shared::netlink::{Address, Link, VxlanSpec, format_mac, parse_mac};
+
+use super::uplink::usable_v6;
+use super::{Backend, BackendError, FamilyNet, Uplink};
+use crate::kernel::Kernel;
+use crate::reconcile::Mode;
+use crate::subnet::SubnetManager;
+
+/// VXLAN header + UDP + outer IPv4 + inner Ethernet.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The same with an outer IPv6 header.
+pub const VXLAN6_OVERHEAD: u32 = 70;
+
+/// The device's name for a family.
+pub fn device_name(vni: u32, v6: bool) -> String {
+    if v6 { format!("flannel-v6.{vni}") } else { format!("flannel.{vni}") }
+}
+
+/// A VTEP as set up: what it should be and its current link index.
+#[derive(Clone, Debug)]
+struct Vtep {
+    spec: VtepSpec,
+    index: u32,
+}
+
+pub struct Vxlan {
+    cfg: BackendConfig,
+    /// By family: `[IPv4, IPv6]`.
+    vteps: [Option<Vtep>; 2],
+}
+
+impl Vxlan {
+    pub fn new(cfg: &BackendConfig) -> Vxlan {
+        Vxlan { cfg: cfg.clone(), vteps: [None, None] }
+    }
+
+    fn spec(&self, fam: &FamilyNet, uplink: &Uplink) -> Result<VtepSpec, BackendError> {
+        let local = fam.local.ok_or_else(|| {
+            BackendError::Config(format!(
+                "network config: EnableIPv6: the IPv6 VXLAN device needs an IPv6 address on {}",
+                uplink.name
+            ))
+        })?;
+        let overhead = if fam.v6 { VXLAN6_OVERHEAD } else { VXLAN_OVERHEAD };
+        Ok(VtepSpec {
+            name: device_name(self.cfg.vni, fam.v6),
+            local,
+            vni: self.cfg.vni,
+            port: self.cfg.port,
+            gbp: self.cfg.gbp,
+            mtu: self.cfg.mtu.unwrap_or(uplink.mtu.saturating_sub(overhead)),
+        })
+    }
+}
+
+impl Backend for Vxlan {
+    fn kind(&self) -> BackendType {
+        BackendType::Vxlan
+    }
+
+    async fn setup<K: Kernel, M: SubnetManager>(
+        &mut self,
+        k: &K,
+        mgr: &mut M,
+        fam: &FamilyNet,
+        uplink: &Uplink,
+    ) -> Result<Value, BackendError> {
+        let spec = self.spec(fam, uplink)?;
+        // A device that is gone (node rebuilt) comes back with the MAC peers already know.
+        let mac = if k.link_by_name(&spec.name).await?.is_none() {
+            mgr.previous_vtep_mac(uplink.public_ip, fam.v6).await.and_then(|m| parse_mac(&m))
+        } else {
+            None
+        };
+        if let Some(m) = mac {
+            info!("recreating {} with its previous VtepMAC {}", spec.name, format_mac(&m));
+        }
+        let (link, _) = ensure_vtep(k, &spec, uplink, mac, None).await?;
+        let mac = link.mac.ok_or_else(|| BackendError::Config(format!("{} has no MAC address", spec.name)))?;
+        let data = serde_json::to_value(VxlanData { vni: spec.vni, vtep_mac: format_mac(&mac) })
+            .map_err(|e| BackendError::Config(e.to_string()))?;
+        self.vteps[fam.v6 as usize] = Some(Vtep { spec, index: link.index });
+        Ok(data)
+    }
+
+    async fn ensure<K: Kernel>(
+        &mut self,
+        k: &K,
+        fam: &FamilyNet,
+        uplink: &Uplink,
+        subnet: Option<IpNet>,
+        advertised: Option<&Value>,
+    ) -> Result<bool, BackendError> {
+        let Some(vtep) = &mut self.vteps[fam.v6 as usize] else { return Ok(false) };
+        let addr = subnet.and_then(|s| IpNet::new(s.network_addr(), if fam.v6 { 128 } else { 32 }).ok());
+        let mac = advertised.and_then(|d| d.get("VtepMAC")).and_then(|v| v.as_str()).and_then(parse_mac);
+        let (link, created) = ensure_vtep(k, &vtep.spec, uplink, mac, addr).await?;
+        if created {
+            warn!("{} was missing or wrong and has been rebuilt; replaying every peer into it", vtep.spec.name);
+        }
+        vtep.index = link.index;
+        Ok(created)
+    }
+
+    fn mtu(&self, fam: &FamilyNet, uplink: &Uplink) -> u32 {
+        self.vteps[fam.v6 as usize].as_ref().map_or(uplink.mtu, |v| v.spec.mtu)
+    }
+
+    fn mode(&self, fam: &FamilyNet, uplink: &Uplink) -> Option<Mode> {
+        Some(Mode::Vxlan {
+            vtep: self.vteps[fam.v6 as usize].as_ref()?.index,
+            uplink: uplink.index,
+            direct_on: if self.cfg.direct_routing { fam.nets.first().copied() } else { None },
+        })
+    }
+
+    fn devices(&self) -> (Vec<String>, Vec<u32>) {
+        let vteps = self.vteps.iter().flatten();
+        (vteps.clone().map(|v| v.spec.name.clone()).collect(), vteps.map(|v| v.index).collect())
+    }
+}
+
+/// Removes the VTEPs of an earlier vxlan run (and with them every route, ARP and FDB entry on them).
+pub async fn teardown<K: Kernel>(k: &K, cfg: &BackendConfig) -> Result<(), BackendError> {
+    for name in [device_name(cfg.vni, false), device_name(cfg.vni, true)] {
+        if let Some(l) = k.link_by_name(&name).await?
+            && l.vxlan.is_some()
+        {
+            k.del_link(l.index).await?;
+            info!("backend is {}: removed the VXLAN device {name} left from an earlier vxlan run", cfg.kind.as_str());
+        }
+    }
+    Ok(())
+}
+
+/// The VXLAN device as the backend wants it.
+#[derive(Clone, Debug)]
+pub struct VtepSpec {
+    pub name: String,
+    /// The tunnel's source address: the uplink's IPv4 address, or its IPv6 one for the IPv6 VTEP.
+    pub local: IpAddr,
+    pub vni: u32,
+    pub port: u16,
+    pub gbp: bool,
+    pub mtu: u32,
+}
+
+impl VtepSpec {
+    /// Whether an existing device can be reused as is (keeping its MAC, so
+    /// peers' FDB entries stay valid across restarts).
+    fn matches(&self, link: &Link, uplink: &Uplink) -> Result<(), String> {
+        let Some(v) = &link.vxlan else { return Err(format!("is a {:?} device, not vxlan", link.kind)) };
+        let mut diffs = Vec::new();
+        if v.vni != self.vni {
+            diffs.push(format!("VNI {} (want {})", v.vni, self.vni));
+        }
+        if v.port != self.port {
+            diffs.push(format!("port {} (want {})", v.port, self.port));
+        }
+        if v.local != Some(self.local) {
+            diffs.push(format!("local {:?} (want {})", v.local, self.local));
+        }
+        if v.uplink.is_some_and(|i| i != uplink.index) {
+            diffs.push(format!("dev #{:?} (want {})", v.uplink, uplink.name));
+        }
+        if v.learning {
+            diffs.push("learning on".into());
+        }
+        if v.gbp != self.gbp {
+            diffs.push(format!("gbp {}", v.gbp));
+        }
+        if diffs.is_empty() { Ok(()) } else { Err(diffs.join(", ")) }
+    }
+}
+
+/// Makes sure the VTEP exists with `spec`, is up and has exactly `addr`
+/// (`<subnet>.0/32`, when known). A device with other settings is replaced;
+/// a recreated one gets `mac` (our advertised VtepMAC) when given.
+/// Returns the device and whether it had to be (re)created.
+pub async fn ensure_vtep<K: Kernel>(
+    nl: &K,
+    spec: &VtepSpec,
+    uplink: &Uplink,
+    mac: Option<[u8; 6]>,
+    addr: Option<IpNet>,
+) -> Result<(Link, bool), BackendError> {
+    let mut created = false;
+    let link = match nl.link_by_name(&spec.name).await? {
+        Some(l) => match spec.matches(&l, uplink) {
+            Ok(()) => Some(l),
+            Err(why) => {
+                warn!("{} exists but {why}; recreating it", spec.name);
+                nl.del_link(l.index).await?;
+                None
+            }
+        },
+        None => None,
+    };
+    let link = match link {
+        Some(l) => l,
+        None => {
+            nl.create_vxlan(&VxlanSpec {
+                name: &spec.name,
+                vni: spec.vni,
+                port: spec.port,
+                local: Some(spec.local),
+                uplink: Some(uplink.index),
+                mtu: Some(spec.mtu),
+                gbp: spec.gbp,
+                mac,
+            })
+            .await?;
+            created = true;
+            info!(
+                "created {} (VNI {}, port {}, local {}, dev {})",
+                spec.name, spec.vni, spec.port, spec.local, uplink.name
+            );
+            nl.link_by_name(&spec.name)
+                .await?
+                .ok_or_else(|| BackendError::Uplink(format!("{} vanished right after creation", spec.name)))?
+        }
+    };
+    if link.mtu != spec.mtu {
+        nl.set_mtu(link.index, spec.mtu).await?;
+    }
+    if let Some(want) = addr {
+        let have = nl.addresses(Some(link.index)).await?;
+        // Only global addresses of the same family are ours to replace (the kernel adds an fe80:: one).
+        let stale = |a: &&Address| {
+            a.net.is_ipv4() == want.is_ipv4() && a.net != want && usable_v6(a).is_some() != want.is_ipv4()
+        };
+        for a in have.iter().filter(stale) {
+            nl.del_address(link.index, a.net).await?;
+        }
+        if !have.iter().any(|a| a.net == want) {
+            nl.add_address(link.index, want).await?;
+        }
+    }
+    if !link.up {
+        nl.set_up(link.index).await?;
+    }
+    Ok((link, created))
+}
