@@ -651,3 +651,6 @@ pub async fn run_etcd(opts: Opts, metrics: Arc<Metrics>) -> Result<(), AgentErro
     let mgr = EtcdManager::new(client, &opts.etcd_prefix, opts.subnet_lease_ttl);
     run(opts, mgr, metrics).await
 }
+
+#[cfg(test)]
+mod tests;

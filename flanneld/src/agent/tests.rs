@@ -1,0 +1,542 @@
+//! The agent's orchestration against a fake subnet manager, the in-memory
+//! kernel and a recording firewall: no root, no netlink, no processes.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use clap::Parser;
+
+use flannel_shared::lease::{Lease, VxlanData};
+use flannel_shared::netlink::format_mac;
+
+use super::*;
+use crate::backend::hostgw::HostGw;
+use crate::backend::vxlan::Vxlan;
+use crate::firewall::FirewallError;
+use crate::kernel::fake::FakeKernel;
+
+const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOST_GW_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+
+/// What the fake manager was asked and will answer.
+#[derive(Default)]
+struct Store {
+    /// Subnets handed out by successive claims (the last one repeats).
+    grants: VecDeque<IpNet>,
+    claims: Vec<(Option<IpNet>, LeaseAttrs)>,
+    renewals: usize,
+    /// Answers for the next renewals; `Ok` when empty.
+    renew_errors: VecDeque<SubnetError>,
+    /// Answers for the next claims; a grant when empty.
+    claim_errors: VecDeque<SubnetError>,
+    network_up: usize,
+    previous_mac: Option<String>,
+}
+
+#[derive(Clone, Default)]
+struct FakeManager {
+    store: Rc<RefCell<Store>>,
+}
+
+impl FakeManager {
+    fn granting(subnets: &[&str]) -> FakeManager {
+        let m = FakeManager::default();
+        m.store.borrow_mut().grants = subnets.iter().map(|s| s.parse().unwrap()).collect();
+        m
+    }
+}
+
+fn lease_for(subnet: IpNet, attrs: &LeaseAttrs, ttl: Duration) -> OwnLease {
+    OwnLease { subnet, subnet6: None, attrs: attrs.clone(), expiration: SystemTime::now() + ttl, id: 1 }
+}
+
+impl SubnetManager for FakeManager {
+    async fn network_config(&mut self) -> Result<String, SubnetError> {
+        Ok(NET_CONF.into())
+    }
+    async fn acquire(&mut self, claim: &Claim<'_>) -> Result<OwnLease, SubnetError> {
+        let mut s = self.store.borrow_mut();
+        s.claims.push((claim.prefer, claim.attrs.clone()));
+        if let Some(e) = s.claim_errors.pop_front() {
+            return Err(e);
+        }
+        let subnet = if s.grants.len() > 1 { s.grants.pop_front() } else { s.grants.front().copied() };
+        Ok(lease_for(subnet.expect("a subnet to grant"), claim.attrs, Duration::from_secs(24 * 3600)))
+    }
+    async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError> {
+        let mut s = self.store.borrow_mut();
+        s.renewals += 1;
+        match s.renew_errors.pop_front() {
+            Some(e) => Err(e),
+            None => Ok(lease_for(lease.subnet, &lease.attrs, Duration::from_secs(48 * 3600))),
+        }
+    }
+    async fn previous_vtep_mac(&mut self, _public_ip: std::net::Ipv4Addr, _v6: bool) -> Option<String> {
+        self.store.borrow().previous_mac.clone()
+    }
+    fn spawn_watch(&self, _tx: mpsc::Sender<LeaseEvent>, _metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async {})
+    }
+    async fn network_up(&mut self) -> Result<(), SubnetError> {
+        self.store.borrow_mut().network_up += 1;
+        Ok(())
+    }
+}
+
+/// Records what it was asked to keep in place or remove.
+#[derive(Clone, Default)]
+struct FakeFirewall {
+    log: Rc<RefCell<Vec<String>>>,
+    /// Sets currently "in the kernel".
+    present: Rc<RefCell<Vec<RuleSet>>>,
+    failing: Rc<RefCell<bool>>,
+}
+
+impl Firewall for FakeFirewall {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn describe(&self, set: &RuleSet) -> String {
+        format!("{set:?}")
+    }
+    fn ensure(&mut self, set: &RuleSet) -> Result<bool, FirewallError> {
+        if *self.failing.borrow() {
+            return Err(FirewallError::Iptables(crate::iptables::IptablesError::Command {
+                cmd: "fake".into(),
+                msg: "refused".into(),
+            }));
+        }
+        let mut p = self.present.borrow_mut();
+        if p.contains(set) {
+            return Ok(false);
+        }
+        self.log.borrow_mut().push(format!("ensure {set:?}"));
+        p.push(set.clone());
+        Ok(true)
+    }
+    fn remove(&mut self, set: &RuleSet) -> Result<bool, FirewallError> {
+        self.log.borrow_mut().push(format!("remove {set:?}"));
+        let mut p = self.present.borrow_mut();
+        let before = p.len();
+        p.retain(|s| s != set);
+        Ok(p.len() != before)
+    }
+}
+
+struct Bed {
+    dir: std::path::PathBuf,
+    kernel: FakeKernel,
+    fw: FakeFirewall,
+    metrics: Arc<Metrics>,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("flanneld-agent-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(dir.join("proc/sys/net/ipv6/conf/all")).unwrap();
+        std::fs::write(dir.join("proc/sys/net/ipv6/conf/all/forwarding"), "1").unwrap();
+        Bed {
+            dir,
+            kernel: FakeKernel::node("192.0.2.1/24"),
+            fw: FakeFirewall::default(),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    fn opts(&self, extra: &[&str]) -> Opts {
+        let file = self.dir.join("subnet.env");
+        let mut args = vec!["flanneld", "--subnet-file", file.to_str().unwrap(), "--ip-masq"];
+        args.extend_from_slice(extra);
+        Opts::try_parse_from(args).unwrap()
+    }
+
+    fn subnet_env(&self) -> String {
+        std::fs::read_to_string(self.dir.join("subnet.env")).unwrap_or_default()
+    }
+
+    async fn agent<B: Backend>(
+        &self,
+        mgr: &FakeManager,
+        backend: B,
+        conf: &str,
+        extra: &[&str],
+    ) -> Agent<FakeManager, FakeKernel, B, FakeFirewall> {
+        let cfg = NetConfig::parse(conf, |_| {}).unwrap();
+        let parts = Parts { mgr: mgr.clone(), kernel: self.kernel.clone(), backend, firewall: self.fw.clone() };
+        Agent::start(self.opts(extra), parts, &cfg, self.metrics.clone(), &self.dir.join("proc")).await.unwrap()
+    }
+
+    async fn vxlan(&self, mgr: &FakeManager) -> Agent<FakeManager, FakeKernel, Vxlan, FakeFirewall> {
+        let cfg = NetConfig::parse(NET_CONF, |_| {}).unwrap();
+        self.agent(mgr, Vxlan::new(&cfg.backend), NET_CONF, &[]).await
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn peer(subnet: &str, ip: &str, mac: u8) -> Lease {
+    Lease {
+        subnet: subnet.parse().unwrap(),
+        subnet6: None,
+        attrs: LeaseAttrs {
+            public_ip: ip.parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: serde_json::to_value(VxlanData { vni: 1, vtep_mac: format_mac(&[0x0e, 9, 9, 9, 9, mac]) })
+                .unwrap(),
+            backend_v6_data: None,
+        },
+    }
+}
+
+fn host_gw_peer(subnet: &str, ip: &str) -> Lease {
+    let mut l = peer(subnet, ip, 0);
+    l.attrs.backend_type = "host-gw".into();
+    l.attrs.backend_data = serde_json::Value::Null;
+    l
+}
+
+/// Our own lease as the store lists it.
+fn echo<B: Backend>(a: &Agent<FakeManager, FakeKernel, B, FakeFirewall>) -> Lease {
+    let own = a.own.as_ref().expect("a lease");
+    Lease { subnet: own.subnet, subnet6: own.subnet6, attrs: own.attrs.clone() }
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn start_sets_up_the_vtep_lease_and_subnet_env_and_readiness_waits_for_the_listing() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.7.0/24"]);
+        let mut a = bed.vxlan(&mgr).await;
+        let vtep = bed.kernel.link("flannel.1").expect("flannel.1 created");
+        assert!(vtep.up);
+        assert_eq!(vtep.mtu, 1450);
+        let vx = vtep.vxlan.clone().unwrap();
+        assert_eq!((vx.vni, vx.port, vx.local, vx.uplink), (1, 8472, Some("192.0.2.1".parse().unwrap()), Some(2)));
+        assert!(
+            bed.kernel.with(|s| s.addresses.iter().any(|x| x.index == vtep.index && x.net == net("10.244.7.0/32")))
+        );
+        // What the lease advertises is the device's own MAC.
+        let claimed = mgr.store.borrow().claims[0].1.clone();
+        assert_eq!(claimed.backend_type, "vxlan");
+        assert_eq!(claimed.backend_data["VtepMAC"], format_mac(&vtep.mac.unwrap()));
+        let env = bed.subnet_env();
+        assert!(env.contains("FLANNEL_SUBNET=10.244.7.1/24") && env.contains("FLANNEL_MTU=1450"), "{env}");
+        assert!(env.contains("FLANNEL_IPMASQ=true"), "{env}");
+        // Rules are written for the lease at start.
+        let masq = RuleSet::Masq { network: net("10.244.0.0/16"), subnet: net("10.244.7.0/24"), random_fully: true };
+        assert_eq!(*bed.fw.present.borrow(), [masq, RuleSet::Forward { network: net("10.244.0.0/16") }]);
+
+        // A pass before the first listing programs nothing and is not ready.
+        a.reconcile().await;
+        assert_eq!(bed.metrics.readiness(), Err("peers from the first lease listing not programmed yet"));
+        assert!(!a.on_event(LeaseEvent::Snapshot(vec![
+            echo(&a),
+            peer("10.244.2.0/24", "192.0.2.2", 2),
+            peer("10.244.3.0/24", "192.0.2.3", 3),
+        ])));
+        a.reconcile().await;
+        assert_eq!(bed.metrics.readiness(), Ok(()));
+        assert_eq!(mgr.store.borrow().network_up, 1);
+        let dev = vtep.index;
+        assert_eq!(
+            bed.kernel.routes_by(RTPROT_FLANNEL),
+            [
+                format!("10.244.2.0/24 via 10.244.2.0 dev {dev} onlink"),
+                format!("10.244.3.0/24 via 10.244.3.0 dev {dev} onlink")
+            ]
+        );
+        bed.kernel.with(|s| {
+            assert_eq!(s.neighbours.len(), 2);
+            assert!(
+                s.fdb
+                    .iter()
+                    .any(|f| f.mac == Some([0x0e, 9, 9, 9, 9, 3]) && f.ip == Some("192.0.2.3".parse().unwrap()))
+            );
+        });
+        // A second pass with nothing changed writes nothing.
+        let writes = bed.kernel.with(|s| s.writes);
+        a.reconcile().await;
+        assert_eq!(bed.kernel.with(|s| s.writes), writes);
+    });
+}
+
+#[test]
+fn added_and_removed_leases_follow_into_the_kernel() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        let mut a = bed.vxlan(&mgr).await;
+        a.on_event(LeaseEvent::Snapshot(vec![peer("10.244.2.0/24", "192.0.2.2", 2)]));
+        a.reconcile().await;
+        assert!(!a.on_event(LeaseEvent::Added(peer("10.244.5.0/24", "192.0.2.5", 5))));
+        // A lease of another backend is left out and counted.
+        assert!(!a.on_event(LeaseEvent::Added(host_gw_peer("10.244.6.0/24", "192.0.2.6"))));
+        a.reconcile().await;
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL).len(), 2);
+        assert_eq!(bed.metrics.skipped_peers.load(Ordering::Relaxed), 1);
+        assert_eq!(bed.metrics.peers.load(Ordering::Relaxed), 3);
+
+        assert!(!a.on_event(LeaseEvent::Removed(net("10.244.2.0/24"))));
+        // Removing what is not known changes nothing.
+        assert!(!a.on_event(LeaseEvent::Removed(net("10.244.99.0/24"))));
+        a.reconcile().await;
+        let routes = bed.kernel.routes_by(RTPROT_FLANNEL);
+        assert_eq!(routes.len(), 1);
+        assert!(routes[0].starts_with("10.244.5.0/24 via 10.244.5.0"), "{routes:?}");
+        bed.kernel.with(|s| {
+            assert_eq!(s.neighbours.iter().map(|n| n.ip.unwrap().to_string()).collect::<Vec<_>>(), ["10.244.5.0"]);
+            assert_eq!(s.fdb.len(), 1);
+        });
+        // A snapshot replaces everything known.
+        a.on_event(LeaseEvent::Snapshot(vec![peer("10.244.8.0/24", "192.0.2.8", 8)]));
+        a.reconcile().await;
+        let routes = bed.kernel.routes_by(RTPROT_FLANNEL);
+        assert!(routes.len() == 1 && routes[0].starts_with("10.244.8.0/24"), "{routes:?}");
+        // Routes not ours (other protocols) are never touched.
+        assert_eq!(bed.kernel.with(|s| s.routes.iter().filter(|r| r.protocol != RTPROT_FLANNEL).count()), 2);
+    });
+}
+
+#[test]
+fn our_lease_taken_over_or_gone_is_claimed_again() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24", "10.244.9.0/24"]);
+        let mut a = bed.vxlan(&mgr).await;
+        // Our own lease echoed back is not a peer and not a loss.
+        assert!(!a.on_event(LeaseEvent::Added(echo(&a))));
+        assert!(!a.on_event(LeaseEvent::Snapshot(vec![echo(&a), peer("10.244.2.0/24", "192.0.2.2", 2)])));
+        assert_eq!(a.peers.len(), 1);
+
+        // Someone else's attributes on our subnet: a takeover.
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.send(LeaseEvent::Added(peer("10.244.1.0/24", "192.0.2.77", 7))).await.unwrap();
+        let first = rx.recv().await.unwrap();
+        a.on_events(first, &mut rx).await;
+        {
+            let s = mgr.store.borrow();
+            assert_eq!(s.claims.len(), 2);
+            assert_eq!(s.claims[1].0, Some(net("10.244.1.0/24")), "the claim prefers our old subnet");
+        }
+        assert_eq!(a.own_subnet(), Some(net("10.244.9.0/24")));
+        assert!(bed.subnet_env().contains("FLANNEL_SUBNET=10.244.9.1/24"));
+        let vtep = bed.kernel.link("flannel.1").unwrap();
+        bed.kernel.with(|s| {
+            let addrs: Vec<_> = s.addresses.iter().filter(|x| x.index == vtep.index).map(|x| x.net).collect();
+            assert_eq!(addrs, [net("10.244.9.0/32")], "the VTEP follows the new subnet");
+        });
+
+        // A snapshot without our lease is a loss as well.
+        assert!(a.on_event(LeaseEvent::Snapshot(vec![peer("10.244.2.0/24", "192.0.2.2", 2)])));
+        assert!(a.on_event(LeaseEvent::Removed(net("10.244.9.0/24"))));
+    });
+}
+
+#[test]
+fn renewal_extends_the_lease_and_a_lost_one_is_claimed_again_with_backoff_on_failure() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        let mut a = bed.vxlan(&mgr).await;
+        let before = a.own.as_ref().unwrap().expiration;
+        a.renew_or_reclaim().await;
+        assert_eq!(mgr.store.borrow().renewals, 1);
+        assert!(a.own.as_ref().unwrap().expiration > before);
+        // The next renewal is scheduled a margin (60 min) before the new expiry.
+        let wait = a.next_renew.saturating_duration_since(Instant::now());
+        assert!(wait > Duration::from_secs(46 * 3600) && wait < Duration::from_secs(47 * 3600), "{wait:?}");
+
+        // The store is away: retried soon, the lease kept.
+        mgr.store.borrow_mut().renew_errors.push_back(SubnetError::Store("connection refused".into()));
+        a.renew_or_reclaim().await;
+        assert!(a.next_renew.saturating_duration_since(Instant::now()) <= Duration::from_secs(1));
+        assert!(bed.metrics.lease_held.load(Ordering::Relaxed));
+
+        // The lease is gone: claimed again; that fails once, so the lease is marked for a claim.
+        {
+            let mut s = mgr.store.borrow_mut();
+            s.renew_errors.push_back(SubnetError::LeaseLost(net("10.244.1.0/24")));
+            s.claim_errors.push_back(SubnetError::Store("connection refused".into()));
+        }
+        a.renew_or_reclaim().await;
+        assert!(!bed.metrics.lease_held.load(Ordering::Relaxed));
+        assert_eq!(bed.metrics.readiness(), Err("no subnet lease held"));
+        assert_eq!(a.own.as_ref().unwrap().id, 0);
+        // The next turn claims rather than renews.
+        let renewals = mgr.store.borrow().renewals;
+        a.renew_or_reclaim().await;
+        assert_eq!(mgr.store.borrow().renewals, renewals);
+        assert_eq!(mgr.store.borrow().claims.len(), 3);
+        assert!(bed.metrics.lease_held.load(Ordering::Relaxed));
+        assert_eq!(a.own.as_ref().unwrap().id, 1);
+    });
+}
+
+#[test]
+fn a_deleted_vtep_is_rebuilt_with_the_advertised_mac_and_every_peer_replayed() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        let mut a = bed.vxlan(&mgr).await;
+        a.on_event(LeaseEvent::Snapshot(vec![peer("10.244.2.0/24", "192.0.2.2", 2)]));
+        a.reconcile().await;
+        let old = bed.kernel.link("flannel.1").unwrap();
+        bed.kernel.remove_link("flannel.1");
+        assert!(bed.kernel.routes_by(RTPROT_FLANNEL).is_empty());
+        a.reconcile().await;
+        let new = bed.kernel.link("flannel.1").expect("rebuilt");
+        assert_ne!(new.index, old.index);
+        assert_eq!(new.mac, old.mac, "peers' FDB entries keep pointing at us");
+        assert_eq!(bed.metrics.vtep_recreations.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            bed.kernel.routes_by(RTPROT_FLANNEL),
+            [format!("10.244.2.0/24 via 10.244.2.0 dev {} onlink", new.index)]
+        );
+        assert!(a.kernel.interest().links.contains(&new.index), "the kernel watch follows the new index");
+        // A hand-deleted route comes back too.
+        bed.kernel.tamper(|s| s.routes.retain(|r| r.protocol != RTPROT_FLANNEL));
+        a.reconcile().await;
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL).len(), 1);
+    });
+}
+
+#[test]
+fn a_rebuilt_node_recreates_its_vtep_with_the_mac_it_advertised_before() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        mgr.store.borrow_mut().previous_mac = Some("0e:aa:bb:cc:dd:ee".into());
+        let _a = bed.vxlan(&mgr).await;
+        assert_eq!(bed.kernel.link("flannel.1").unwrap().mac, Some([0x0e, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]));
+        assert_eq!(mgr.store.borrow().claims[0].1.backend_data["VtepMAC"], "0e:aa:bb:cc:dd:ee");
+    });
+}
+
+#[test]
+fn switching_backends_leaves_nothing_of_the_other_behind() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        let peers = || vec![peer("10.244.2.0/24", "192.0.2.2", 2), host_gw_peer("10.244.3.0/24", "192.0.2.3")];
+        let mut a = bed.vxlan(&mgr).await;
+        a.on_event(LeaseEvent::Snapshot(peers()));
+        a.reconcile().await;
+        drop(a);
+
+        let mut h = bed.agent(&mgr, HostGw, HOST_GW_CONF, &[]).await;
+        assert!(bed.kernel.link("flannel.1").is_none(), "the VTEP goes with a switch to host-gw");
+        let claimed = mgr.store.borrow().claims.last().unwrap().1.clone();
+        assert_eq!((claimed.backend_type.as_str(), &claimed.backend_data), ("host-gw", &serde_json::Value::Null));
+        assert!(bed.subnet_env().contains("FLANNEL_MTU=1500"), "{}", bed.subnet_env());
+        h.on_event(LeaseEvent::Snapshot(peers()));
+        h.reconcile().await;
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL), ["10.244.3.0/24 via 192.0.2.3 dev 2"]);
+        bed.kernel.with(|s| assert!(s.neighbours.is_empty() && s.fdb.is_empty()));
+        // The vxlan peer is not programmed, and says why.
+        assert_eq!(h.last_skipped[0].1, "backend vxlan (this node runs host-gw)");
+        drop(h);
+
+        let mut a = bed.vxlan(&mgr).await;
+        a.on_event(LeaseEvent::Snapshot(peers()));
+        a.reconcile().await;
+        let dev = bed.kernel.link("flannel.1").expect("back").index;
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL), [format!("10.244.2.0/24 via 10.244.2.0 dev {dev} onlink")]);
+    });
+}
+
+#[test]
+fn host_gw_refuses_peers_off_the_uplink_network() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        let mut h = bed.agent(&mgr, HostGw, HOST_GW_CONF, &[]).await;
+        h.on_event(LeaseEvent::Snapshot(vec![
+            host_gw_peer("10.244.2.0/24", "192.0.2.2"),
+            host_gw_peer("10.244.3.0/24", "203.0.113.3"),
+        ]));
+        h.reconcile().await;
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL), ["10.244.2.0/24 via 192.0.2.2 dev 2"]);
+        assert_eq!(h.last_skipped.len(), 1);
+        assert!(h.last_skipped[0].1.starts_with("203.0.113.3 is not on-link via eth0"), "{:?}", h.last_skipped);
+        // Refused peers do not hold readiness.
+        assert_eq!(bed.metrics.readiness(), Ok(()));
+    });
+}
+
+#[test]
+fn rules_follow_the_flags_and_a_failing_firewall_holds_readiness() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        bed.fw.present.borrow_mut().push(RuleSet::Masq {
+            network: net("10.244.0.0/16"),
+            subnet: net("10.244.1.0/24"),
+            random_fully: true,
+        });
+        let cfg = NetConfig::parse(NET_CONF, |_| {}).unwrap();
+        let mut a = bed.agent(&mgr, Vxlan::new(&cfg.backend), NET_CONF, &["--ip-masq=false"]).await;
+        assert!(bed.fw.present.borrow().iter().all(|s| matches!(s, RuleSet::Forward { .. })), "masq turned off");
+        assert!(bed.subnet_env().contains("FLANNEL_IPMASQ=false"));
+        a.on_event(LeaseEvent::Snapshot(vec![]));
+        a.reconcile().await;
+        assert_eq!(bed.metrics.readiness(), Ok(()));
+
+        // Someone flushes our rules: the resync puts them back.
+        bed.fw.present.borrow_mut().clear();
+        a.ensure_rules();
+        assert_eq!(*bed.fw.present.borrow(), [RuleSet::Forward { network: net("10.244.0.0/16") }]);
+        // A firewall that refuses makes the node unready until it works again.
+        *bed.fw.failing.borrow_mut() = true;
+        bed.fw.present.borrow_mut().clear();
+        a.ensure_rules();
+        assert_eq!(bed.metrics.readiness(), Err("iptables rules not in place"));
+        assert_eq!(bed.metrics.iptables_errors.load(Ordering::Relaxed), 1);
+        *bed.fw.failing.borrow_mut() = false;
+        a.ensure_rules();
+        assert_eq!(bed.metrics.readiness(), Ok(()));
+    });
+}
+
+#[test]
+fn the_loop_applies_events_and_stops_on_request() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        let a = bed.vxlan(&mgr).await;
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(LeaseEvent::Snapshot(vec![peer("10.244.2.0/24", "192.0.2.2", 2)])).await.unwrap();
+        tx.send(LeaseEvent::Added(peer("10.244.3.0/24", "192.0.2.3", 3))).await.unwrap();
+        let kernel = bed.kernel.clone();
+        let stop = async move {
+            // Until both events are in the kernel.
+            while kernel.routes_by(RTPROT_FLANNEL).len() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Stop::Signal("test")
+        };
+        tokio::time::timeout(Duration::from_secs(30), a.run(rx, stop)).await.expect("stopped").unwrap();
+        assert_eq!(bed.metrics.readiness(), Ok(()));
+        // A closed watch is an error, not a silent stall.
+        let a = bed.vxlan(&mgr).await;
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        let e = a.run(rx, std::future::pending()).await.unwrap_err();
+        assert_eq!(e.to_string(), "lease watch stopped");
+    });
+}
