@@ -1,63 +1,44 @@
 //! `/healthz` (the process answers), `/readyz` (lease held, subnet.env
-//! written, rules in place) and `/metrics` on `--healthz-ip:--healthz-port`.
-//! Three GET routes do not justify an HTTP framework; this answers HTTP/1.x
-//! GETs and closes the connection after each response.
+//! written, rules in place) and `/metrics` on `--healthz-ip:--healthz-port`,
+//! served by hyper's HTTP/1 server (already in the tree through kube and tonic).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::metrics::Metrics;
 
-fn respond(path: &str, m: &Metrics) -> (u16, &'static str, String) {
+fn respond(path: &str, m: &Metrics) -> (StatusCode, &'static str, String) {
     match path {
-        "/healthz" => (200, "text/plain", "ok\n".into()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match m.readiness() {
-            Ok(()) => (200, "text/plain", "ok\n".into()),
-            Err(why) => (503, "text/plain", format!("not ready: {why}\n")),
+            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".into()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
         },
-        "/metrics" => (200, "text/plain; version=0.0.4", m.render()),
-        _ => (404, "text/plain", "not found\n".into()),
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", m.render()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }
 
-async fn serve_one(mut s: TcpStream, m: &Metrics) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
-    let path = target.split('?').next().unwrap_or("/");
-    let (code, ctype, body) = if method == "GET" || method == "HEAD" {
-        respond(path, m)
-    } else {
-        (405, "text/plain", "method not allowed\n".to_string())
+fn handle(req: &Request<Incoming>, m: &Metrics) -> Response<Full<Bytes>> {
+    let (code, ctype, body) = match *req.method() {
+        Method::GET | Method::HEAD => respond(req.uri().path(), m),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".to_string()),
     };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        out.push_str(&body);
-    }
-    s.write_all(out.as_bytes()).await?;
-    s.shutdown().await
+    // hyper leaves the body out of HEAD responses itself.
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp
 }
 
 /// Binds now (so a port clash stops the agent at start) and serves in the background.
@@ -69,8 +50,17 @@ pub async fn start(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<SocketA
             let Ok((s, peer)) = listener.accept().await else { continue };
             let m = m.clone();
             tokio::spawn(async move {
-                let timeout = std::time::Duration::from_secs(5);
-                if let Err(e) = tokio::time::timeout(timeout, serve_one(s, &m)).await.unwrap_or(Ok(())) {
+                let svc = hyper::service::service_fn(move |req| {
+                    let resp = handle(&req, &m);
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                // One response per connection, as kubelet probes use it.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .header_read_timeout(std::time::Duration::from_secs(5))
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .serve_connection(TokioIo::new(s), svc);
+                if let Err(e) = conn.await {
                     debug!("health client {peer}: {e}");
                 }
             });
