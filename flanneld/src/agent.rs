@@ -235,11 +235,6 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         self.own.as_ref().map(|l| l.subnet)
     }
 
-    /// The subnet manager (tests look at what it was told).
-    pub fn manager(&self) -> &M {
-        &self.mgr
-    }
-
     /// The pods' MTU: what fits through the backend in every family (an IPv6 tunnel has 20 bytes more overhead).
     fn mtu(&self) -> u32 {
         self.fams.iter().map(|f| self.backend.mtu(f, &self.uplink)).min().unwrap_or(self.uplink.mtu)

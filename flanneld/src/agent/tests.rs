@@ -84,10 +84,9 @@ impl SubnetManager for FakeManager {
     }
 }
 
-/// Records what it was asked to keep in place or remove.
+/// Keeps the sets it was asked for as if they were in the kernel.
 #[derive(Clone, Default)]
 struct FakeFirewall {
-    log: Rc<RefCell<Vec<String>>>,
     /// Sets currently "in the kernel".
     present: Rc<RefCell<Vec<RuleSet>>>,
     failing: Rc<RefCell<bool>>,
@@ -111,12 +110,10 @@ impl Firewall for FakeFirewall {
         if p.contains(set) {
             return Ok(false);
         }
-        self.log.borrow_mut().push(format!("ensure {set:?}"));
         p.push(set.clone());
         Ok(true)
     }
     fn remove(&mut self, set: &RuleSet) -> Result<bool, FirewallError> {
-        self.log.borrow_mut().push(format!("remove {set:?}"));
         let mut p = self.present.borrow_mut();
         let before = p.len();
         p.retain(|s| s != set);
@@ -170,8 +167,16 @@ impl Bed {
     }
 
     async fn vxlan(&self, mgr: &FakeManager) -> Agent<FakeManager, FakeKernel, Vxlan, FakeFirewall> {
+        self.vxlan_with(mgr, &[]).await
+    }
+
+    async fn vxlan_with(
+        &self,
+        mgr: &FakeManager,
+        extra: &[&str],
+    ) -> Agent<FakeManager, FakeKernel, Vxlan, FakeFirewall> {
         let cfg = NetConfig::parse(NET_CONF, |_| {}).unwrap();
-        self.agent(mgr, Vxlan::new(&cfg.backend), NET_CONF, &[]).await
+        self.agent(mgr, Vxlan::new(&cfg.backend), NET_CONF, extra).await
     }
 }
 
@@ -489,8 +494,7 @@ fn rules_follow_the_flags_and_a_failing_firewall_holds_readiness() {
             subnet: net("10.244.1.0/24"),
             random_fully: true,
         });
-        let cfg = NetConfig::parse(NET_CONF, |_| {}).unwrap();
-        let mut a = bed.agent(&mgr, Vxlan::new(&cfg.backend), NET_CONF, &["--ip-masq=false"]).await;
+        let mut a = bed.vxlan_with(&mgr, &["--ip-masq=false"]).await;
         assert!(bed.fw.present.borrow().iter().all(|s| matches!(s, RuleSet::Forward { .. })), "masq turned off");
         assert!(bed.subnet_env().contains("FLANNEL_IPMASQ=false"));
         a.on_event(LeaseEvent::Snapshot(vec![]));
