@@ -9,7 +9,6 @@ use flannel_shared::IpNet;
 use flannel_shared::netlink::{Idempotent, Netlink, Route};
 use flannel_shared::netns;
 use flannel_shared::subnet_env::{SubnetEnv, SubnetEnvError, write_file_atomic};
-use serde_json::{Value, json};
 
 use crate::conf::{Env, PluginConf, RouteSpec};
 use crate::dataplane::{self, BridgeSpec};
@@ -18,6 +17,7 @@ use crate::ipam::{self, IpamError, Locked, Range, Store};
 use crate::log::Log;
 use crate::masq;
 use crate::result::{CniResult, Interface, IpConfig, RouteResult};
+use crate::state;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -111,38 +111,8 @@ fn pod_routes(conf: &PluginConf, fams: &[Family]) -> Vec<RouteSpec> {
     routes
 }
 
-/// What ADD saves in `<dataDir>/<containerID>`. Shaped like the delegate
-/// config upstream flannel saves there, so either implementation can DEL the
-/// other's pods; the `flannel` object carries what this plugin needs on top.
-#[derive(Debug, Default)]
-struct SavedState {
-    name: Option<String>,
-    ipam_data_dir: Option<PathBuf>,
-    ip_masq: Option<bool>,
-    ifname: Option<String>,
-    ips: Vec<IpAddr>,
-}
-
 fn state_path(conf: &PluginConf, container_id: &str) -> PathBuf {
-    conf.data_dir.join(container_id)
-}
-
-fn load_state(path: &Path) -> Option<SavedState> {
-    let v: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
-    let fl = v.get("flannel");
-    Some(SavedState {
-        name: v.get("name").and_then(Value::as_str).map(String::from),
-        ipam_data_dir: v.pointer("/ipam/dataDir").and_then(Value::as_str).map(PathBuf::from),
-        ip_masq: v.get("ipMasq").and_then(Value::as_bool),
-        ifname: fl.and_then(|f| f.get("ifname")).and_then(Value::as_str).map(String::from),
-        ips: fl
-            .and_then(|f| f.get("ips"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str()?.parse::<IpNet>().ok().map(|n| n.addr()))
-            .collect(),
-    })
+    state::path(&conf.data_dir, container_id)
 }
 
 /// After a reboot, frees what the earlier boot reserved (see
@@ -159,7 +129,7 @@ fn sweep_earlier_boot(conf: &PluginConf, store: &Store, guard: &Locked<'_>, log:
     let Some((old, freed)) = store.sweep_earlier_boot(guard, &boot).map_err(ipam_err)? else { return Ok(()) };
     for a in &freed {
         let p = state_path(conf, &a.container_id);
-        if load_state(&p).is_some_and(|s| s.name.as_deref().is_none_or(|n| n == conf.name)) {
+        if state::load(&p).is_some_and(|s| s.name.as_deref().is_none_or(|n| n == conf.name)) {
             let _ = fs::remove_file(p);
         }
     }
@@ -229,7 +199,7 @@ fn enable_forwarding(fams: &[Family], log: &mut Log) {
     }
 }
 
-pub fn add(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<Value> {
+pub fn add(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<String> {
     let senv = read_subnet_env(conf)?;
     let fams = families(&senv)?;
     let mtu = conf.mtu.unwrap_or(senv.mtu);
@@ -291,7 +261,7 @@ async fn add_inner(
     ns: &File,
     undo: &mut Undo,
     log: &mut Log,
-) -> Result<Value> {
+) -> Result<String> {
     // 1. Addresses, under host-local's lock. A saved state means this attachment
     // was ADDed before without a DEL: it gets the same addresses again.
     let readd = state_path(conf, &env.container_id).exists();
@@ -345,42 +315,37 @@ async fn add_inner(
     }
 
     // 4. State for DEL, then the result.
-    let ranges: Vec<Value> = fams.iter().map(|f| json!([{"subnet": f.range.subnet.to_string()}])).collect();
-    let ipam_routes: Vec<Value> = route_specs
-        .iter()
-        .filter(|r| !(conf.is_default_gateway && r.dst.prefix() == 0))
-        .map(|r| match r.gw {
-            Some(g) => json!({"dst": r.dst.to_string(), "gw": g.to_string()}),
-            None => json!({"dst": r.dst.to_string()}),
-        })
-        .collect();
-    let state = json!({
-        "cniVersion": conf.cni_version,
-        "name": conf.name,
-        "type": "bridge",
-        "bridge": conf.bridge,
-        "mtu": mtu,
-        "ipMasq": ip_masq,
-        "isGateway": conf.is_gateway,
-        "isDefaultGateway": conf.is_default_gateway,
-        "hairpinMode": conf.hairpin,
-        "forceAddress": conf.force_address,
-        "promiscMode": conf.promisc,
-        "ipam": {
-            "type": "host-local",
-            "dataDir": conf.ipam_data_dir,
-            "ranges": ranges,
-            "routes": ipam_routes,
+    let saved = state::Saved {
+        cni_version: &conf.cni_version,
+        name: &conf.name,
+        kind: "bridge",
+        bridge: &conf.bridge,
+        mtu,
+        ip_masq,
+        is_gateway: conf.is_gateway,
+        is_default_gateway: conf.is_default_gateway,
+        hairpin_mode: conf.hairpin,
+        force_address: conf.force_address,
+        promisc_mode: conf.promisc,
+        ipam: state::SavedIpam {
+            kind: "host-local",
+            data_dir: &conf.ipam_data_dir,
+            ranges: fams.iter().map(|f| [state::SavedRange { subnet: f.range.subnet }]).collect(),
+            routes: route_specs
+                .iter()
+                .filter(|r| !(conf.is_default_gateway && r.dst.prefix() == 0))
+                .map(|r| state::SavedRoute { dst: r.dst, gw: r.gw })
+                .collect(),
         },
-        "flannel": {
-            "ifname": env.ifname,
-            "hostVeth": host_name,
-            "ips": addr_list.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        flannel: state::FlannelState {
+            ifname: Some(env.ifname.clone()),
+            host_veth: Some(host_name.clone()),
+            ips: addr_list.clone(),
         },
-    });
+    };
     let spath = state_path(conf, &env.container_id);
     undo.state = Some(spath.clone());
-    write_file_atomic(&spath, state.to_string().as_bytes(), false)
+    write_file_atomic(&spath, &state::to_bytes(&saved), false)
         .map_err(|e| io_err(format_args!("cannot save {}", spath.display()), e))?;
 
     let result = CniResult {
@@ -421,8 +386,8 @@ async fn add_inner(
 
 pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
     let spath = state_path(conf, &env.container_id);
-    let saved = load_state(&spath).unwrap_or_default();
-    let ifname = saved.ifname.clone().unwrap_or_else(|| env.ifname.clone());
+    let saved = state::load(&spath).unwrap_or_default();
+    let ifname = saved.ifname().map_or_else(|| env.ifname.clone(), String::from);
     // The pod's addresses go first and synchronously (cheap), so a freed
     // address is never live on two pods. Deleting the veth itself costs the
     // kernel 20-30 ms of RCU grace periods; that runs in a detached reaper
@@ -456,7 +421,7 @@ pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
 
     // Addresses: by container ID + ifname, whether or not the state survived.
     let name = saved.name.clone().unwrap_or_else(|| conf.name.clone());
-    let ipam_dir = saved.ipam_data_dir.clone().unwrap_or_else(|| conf.ipam_data_dir.clone()).join(&name);
+    let ipam_dir = saved.ipam_data_dir().unwrap_or(&conf.ipam_data_dir).join(&name);
     let mut released = Vec::new();
     if ipam_dir.is_dir() {
         let store = Store::open(&ipam_dir).map_err(ipam_err)?;
@@ -469,8 +434,8 @@ pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
         .or_else(|| SubnetEnv::read(&conf.subnet_file).ok().map(|s| !s.ipmasq))
         .unwrap_or(false);
     if ip_masq {
-        let mut ips = saved.ips.clone();
-        ips.extend(released.iter().copied().filter(|ip| !saved.ips.contains(ip)));
+        let mut ips = saved.ips();
+        ips.extend(released.iter().copied().filter(|ip| !saved.ips().contains(ip)));
         for ip in ips {
             if let Err(e) = masq::teardown(&name, &env.container_id, ip) {
                 log.warn(&e);
@@ -730,7 +695,7 @@ pub fn gc(conf: &PluginConf, log: &mut Log) -> Result<()> {
                 continue;
             }
             store.release_ip(&guard, a.ip).map_err(ipam_err)?;
-            let saved = load_state(&state_path(conf, &a.container_id));
+            let saved = state::load(&state_path(conf, &a.container_id));
             if saved.as_ref().and_then(|s| s.ip_masq).unwrap_or(false)
                 && let Err(e) = masq::teardown(&conf.name, &a.container_id, a.ip)
             {
@@ -746,7 +711,7 @@ pub fn gc(conf: &PluginConf, log: &mut Log) -> Result<()> {
             if valid.iter().any(|(v, _)| *v == id) {
                 continue;
             }
-            if let Some(s) = load_state(&e.path())
+            if let Some(s) = state::load(&e.path())
                 && s.name.as_deref() == Some(conf.name.as_str())
             {
                 let _ = fs::remove_file(e.path());

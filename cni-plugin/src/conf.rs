@@ -4,14 +4,17 @@
 //! `{"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true}}`,
 //! plus `subnetFile`, `dataDir`, the delegate keys upstream forwards to the
 //! bridge plugin, the `ipam` object (`dataDir`, `routes`) and `runtimeConfig`.
-//! Fields are read by hand from JSON so every error names the offending key.
+//! The document is decoded into typed structs; every error names the key path
+//! of the offending value (`delegate.mtu`, `ipam.routes[0].dst`).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use flannel_shared::IpNet;
-use serde_json::{Map, Value};
+use serde::{Deserialize, de};
+use serde_json::Value;
 
+use crate::decode;
 use crate::error::{CniError, Result, code};
 
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -166,50 +169,114 @@ fn cfg_err(msg: impl Into<String>) -> CniError {
     CniError::new(code::INVALID_CONFIG, msg)
 }
 
-fn get_str(obj: &Map<String, Value>, key: &str, ctx: &str) -> Result<Option<String>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(cfg_err(format!("{ctx}{key}: expected a string, got {other}"))),
+/// The network configuration as it arrives on stdin (one plugin entry of a
+/// conflist, with what the runtime adds). Every field is optional here; the
+/// defaults and upstream's merge rules are applied in [`PluginConf::parse`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    /// Judged before the typed decode (see [`PluginConf::parse`]).
+    #[serde(rename = "cniVersion")]
+    _cni_version: Option<de::IgnoredAny>,
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    subnet_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    log_file: Option<PathBuf>,
+    delegate: Option<RawDelegate>,
+    ipam: Option<RawIpam>,
+    dns: Option<Dns>,
+    runtime_config: Option<RuntimeConfig>,
+    args: Option<Args>,
+    /// Decoded by CHECK, into [`crate::result::CniResult`].
+    prev_result: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+/// The bridge-plugin keys upstream forwards as `delegate`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawDelegate {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    // Upstream's delegate carries these; the top-level ones are used.
+    #[serde(rename = "name")]
+    _name: Option<Value>,
+    #[serde(rename = "cniVersion")]
+    _cni_version: Option<Value>,
+    bridge: Option<String>,
+    mtu: Option<u32>,
+    ip_masq: Option<bool>,
+    hairpin_mode: Option<bool>,
+    is_gateway: Option<bool>,
+    is_default_gateway: Option<bool>,
+    force_address: Option<bool>,
+    promisc_mode: Option<bool>,
+    ipam: Option<RawIpam>,
+    dns: Option<Dns>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawIpam {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    data_dir: Option<PathBuf>,
+    routes: Option<Vec<RawRoute>>,
+}
+
+impl RawIpam {
+    /// Upstream starts from the top-level ipam object and lets the delegate's override it, key by key.
+    fn overridden_by(self, d: RawIpam) -> RawIpam {
+        RawIpam { kind: d.kind.or(self.kind), data_dir: d.data_dir.or(self.data_dir), routes: d.routes.or(self.routes) }
     }
 }
 
-fn get_bool(obj: &Map<String, Value>, key: &str, ctx: &str) -> Result<Option<bool>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(cfg_err(format!("{ctx}{key}: expected true or false, got {other}"))),
+#[derive(Debug, Deserialize)]
+struct RawRoute {
+    dst: IpNet,
+    gw: Option<IpAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RuntimeConfig {
+    ips: Option<Vec<RequestedIp>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Args {
+    cni: Option<CniArgs>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CniArgs {
+    ips: Option<Vec<RequestedIp>>,
+}
+
+/// An address asked for by the runtime: a bare IP or one with a prefix length.
+#[derive(Debug, Clone, Copy)]
+struct RequestedIp(IpAddr);
+
+impl<'de> Deserialize<'de> for RequestedIp {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_ip_maybe_cidr(&s).map(RequestedIp).ok_or_else(|| de::Error::custom(format!("{s:?} is not an IP address")))
     }
 }
 
-fn get_obj<'a>(obj: &'a Map<String, Value>, key: &str, ctx: &str) -> Result<Option<&'a Map<String, Value>>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(m)) => Ok(Some(m)),
-        Some(other) => Err(cfg_err(format!("{ctx}{key}: expected an object, got {other}"))),
-    }
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
 }
 
 fn parse_ip_maybe_cidr(s: &str) -> Option<IpAddr> {
     s.parse::<IpAddr>().ok().or_else(|| s.parse::<IpNet>().ok().map(|n| n.addr()))
 }
-
-/// Delegate keys the bridge plugin understands that this plugin implements.
-const DELEGATE_KEYS: &[&str] = &[
-    "type",
-    "name",
-    "cniVersion",
-    "bridge",
-    "mtu",
-    "ipMasq",
-    "hairpinMode",
-    "isGateway",
-    "isDefaultGateway",
-    "forceAddress",
-    "promiscMode",
-    "ipam",
-    "dns",
-];
 
 impl PluginConf {
     /// Parses the network configuration. `warn` receives non-fatal notes.
@@ -218,28 +285,36 @@ impl PluginConf {
             CniError::new(code::DECODE_FAILURE, "failed to decode the network configuration")
                 .with_details(e.to_string())
         })?;
-        let top = root
-            .as_object()
-            .ok_or_else(|| CniError::new(code::DECODE_FAILURE, "the network configuration is not a JSON object"))?;
-
-        let cni_version = get_str(top, "cniVersion", "")?.unwrap_or_default();
+        if !root.is_object() {
+            return Err(CniError::new(code::DECODE_FAILURE, "the network configuration is not a JSON object"));
+        }
+        // The version decides how everything else is read, so it is judged first.
+        let cni_version = root.get("cniVersion").and_then(Value::as_str).unwrap_or_default().to_string();
         if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
                 format!("cniVersion {cni_version:?} is not supported (supported: {})", SUPPORTED_VERSIONS.join(", ")),
             ));
         }
-        let name = get_str(top, "name", "")?.ok_or_else(|| cfg_err("name is required"))?;
+        let raw: RawConf = decode::typed(root, "", |path| {
+            // Only the delegate's keys are ours to judge: the rest of the document
+            // belongs to the runtime and the conflist.
+            if let Some(k) = path.strip_prefix("delegate.") {
+                warn(format!("delegate.{k} is not supported and is ignored"));
+            }
+        })
+        .map_err(cfg_err)?;
+
+        let name = raw.name.ok_or_else(|| cfg_err("name is required"))?;
         validate_network_name(&name)?;
-        if let Some(t) = get_str(top, "type", "")?
+        if let Some(t) = raw.kind
             && t != "flannel"
         {
             warn(format!("type is {t:?}; treating this configuration as flannel's"));
         }
 
-        let delegate = get_obj(top, "delegate", "")?.cloned().unwrap_or_default();
-        let d = "delegate.";
-        if let Some(t) = get_str(&delegate, "type", d)?
+        let delegate = raw.delegate.unwrap_or_default();
+        if let Some(t) = &delegate.kind
             && t != "bridge"
         {
             return Err(CniError::new(
@@ -247,32 +322,22 @@ impl PluginConf {
                 format!("delegate.type {t:?} is not supported: this plugin implements the bridge delegate itself"),
             ));
         }
-        for k in delegate.keys() {
-            if !DELEGATE_KEYS.contains(&k.as_str()) {
-                warn(format!("delegate.{k} is not supported and is ignored"));
-            }
+        if let Some(m) = delegate.mtu
+            && !(68..=65535).contains(&m)
+        {
+            return Err(cfg_err(format!("delegate.mtu: expected an MTU between 68 and 65535, got {m}")));
         }
-        let mtu = match delegate.get("mtu") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .filter(|m| (68..=65535).contains(m))
-                    .map(|m| m as u32)
-                    .ok_or_else(|| cfg_err(format!("delegate.mtu: expected an MTU between 68 and 65535, got {v}")))?,
-            ),
-        };
-        let bridge = get_str(&delegate, "bridge", d)?.unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
+        let bridge = delegate.bridge.unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
         validate_ifname(&bridge)
             .map_err(|_| cfg_err(format!("delegate.bridge {bridge:?} is not a valid interface name")))?;
-        let is_default_gateway = get_bool(&delegate, "isDefaultGateway", d)?.unwrap_or(false);
-        let is_gateway = get_bool(&delegate, "isGateway", d)?.unwrap_or(true) || is_default_gateway;
+        let is_default_gateway = delegate.is_default_gateway.unwrap_or(false);
+        let is_gateway = delegate.is_gateway.unwrap_or(true) || is_default_gateway;
 
-        // Upstream starts from the top-level ipam object and lets the delegate's override it.
-        let mut ipam = get_obj(top, "ipam", "")?.cloned().unwrap_or_default();
-        if let Some(dipam) = get_obj(&delegate, "ipam", d)? {
-            ipam.extend(dipam.clone());
-        }
-        if let Some(t) = get_str(&ipam, "type", "ipam.")?
+        let ipam = match delegate.ipam {
+            Some(d) => raw.ipam.unwrap_or_default().overridden_by(d),
+            None => raw.ipam.unwrap_or_default(),
+        };
+        if let Some(t) = ipam.kind
             && t != "host-local"
         {
             return Err(CniError::new(
@@ -280,55 +345,16 @@ impl PluginConf {
                 format!("ipam.type {t:?} is not supported: this plugin allocates host-local style itself"),
             ));
         }
-        let ipam_data_dir = get_str(&ipam, "dataDir", "ipam.")?
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_IPAM_DATA_DIR));
-        let mut ipam_routes = Vec::new();
-        match ipam.get("routes") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(routes)) => {
-                for (i, r) in routes.iter().enumerate() {
-                    let ctx = format!("ipam.routes[{i}].");
-                    let r = r.as_object().ok_or_else(|| cfg_err(format!("ipam.routes[{i}]: expected an object")))?;
-                    let dst = get_str(r, "dst", &ctx)?.ok_or_else(|| cfg_err(format!("{ctx}dst is required")))?;
-                    let dst: IpNet = dst.parse().map_err(|e| cfg_err(format!("{ctx}dst: {e}")))?;
-                    let gw = match get_str(r, "gw", &ctx)? {
-                        None => None,
-                        Some(g) => Some(
-                            g.parse::<IpAddr>().map_err(|_| cfg_err(format!("{ctx}gw: {g:?} is not an IP address")))?,
-                        ),
-                    };
-                    ipam_routes.push(RouteSpec { dst: dst.network(), gw });
-                }
-            }
-            Some(other) => return Err(cfg_err(format!("ipam.routes: expected an array, got {other}"))),
-        }
+        let ipam_routes =
+            ipam.routes.unwrap_or_default().into_iter().map(|r| RouteSpec { dst: r.dst.network(), gw: r.gw }).collect();
 
-        let dns_value = delegate.get("dns").or_else(|| top.get("dns"));
-        let dns = match dns_value {
-            None | Some(Value::Null) => Dns::default(),
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| cfg_err(format!("dns: {e}")))?,
-        };
-
-        let mut requested_ips = Vec::new();
-        let runtime = get_obj(top, "runtimeConfig", "")?;
-        let args_ips =
-            get_obj(top, "args", "")?.and_then(|a| a.get("cni")).and_then(|c| c.as_object()).and_then(|c| c.get("ips"));
-        for (ctx, list) in [("runtimeConfig.ips", runtime.and_then(|r| r.get("ips"))), ("args.cni.ips", args_ips)] {
-            match list {
-                None | Some(Value::Null) => {}
-                Some(Value::Array(items)) => {
-                    for it in items {
-                        let ip = it
-                            .as_str()
-                            .and_then(parse_ip_maybe_cidr)
-                            .ok_or_else(|| cfg_err(format!("{ctx}: {it} is not an IP address")))?;
-                        requested_ips.push(ip);
-                    }
-                }
-                Some(other) => return Err(cfg_err(format!("{ctx}: expected an array, got {other}"))),
-            }
-        }
+        let mut requested_ips: Vec<IpAddr> =
+            [raw.runtime_config.and_then(|r| r.ips), raw.args.and_then(|a| a.cni).and_then(|c| c.ips)]
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|r| r.0)
+                .collect();
         if let Some(ip) = env.arg("IP") {
             for part in ip.split(',') {
                 let a = parse_ip_maybe_cidr(part)
@@ -338,48 +364,28 @@ impl PluginConf {
         }
         requested_ips.dedup();
 
-        let valid_attachments = match top.get("cni.dev/valid-attachments") {
-            None | Some(Value::Null) => None,
-            Some(Value::Array(items)) => {
-                let mut out = Vec::new();
-                for (i, it) in items.iter().enumerate() {
-                    let ctx = format!("cni.dev/valid-attachments[{i}].");
-                    let o = it
-                        .as_object()
-                        .ok_or_else(|| cfg_err(format!("cni.dev/valid-attachments[{i}]: expected an object")))?;
-                    let id = get_str(o, "containerID", &ctx)?
-                        .ok_or_else(|| cfg_err(format!("{ctx}containerID is required")))?;
-                    let ifname =
-                        get_str(o, "ifname", &ctx)?.ok_or_else(|| cfg_err(format!("{ctx}ifname is required")))?;
-                    out.push((id, ifname));
-                }
-                Some(out)
-            }
-            Some(other) => return Err(cfg_err(format!("cni.dev/valid-attachments: expected an array, got {other}"))),
-        };
-
         Ok(PluginConf {
             cni_version,
             name,
-            subnet_file: get_str(top, "subnetFile", "")?
-                .map(PathBuf::from)
-                .unwrap_or_else(|| DEFAULT_SUBNET_FILE.into()),
-            data_dir: get_str(top, "dataDir", "")?.map(PathBuf::from).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            subnet_file: raw.subnet_file.unwrap_or_else(|| DEFAULT_SUBNET_FILE.into()),
+            data_dir: raw.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             bridge,
-            mtu,
-            ip_masq: get_bool(&delegate, "ipMasq", d)?,
-            hairpin: get_bool(&delegate, "hairpinMode", d)?.unwrap_or(false),
+            mtu: delegate.mtu,
+            ip_masq: delegate.ip_masq,
+            hairpin: delegate.hairpin_mode.unwrap_or(false),
             is_gateway,
             is_default_gateway,
-            force_address: get_bool(&delegate, "forceAddress", d)?.unwrap_or(false),
-            promisc: get_bool(&delegate, "promiscMode", d)?.unwrap_or(false),
-            ipam_data_dir,
+            force_address: delegate.force_address.unwrap_or(false),
+            promisc: delegate.promisc_mode.unwrap_or(false),
+            ipam_data_dir: ipam.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_IPAM_DATA_DIR)),
             ipam_routes,
-            dns,
+            dns: delegate.dns.or(raw.dns).unwrap_or_default(),
             requested_ips,
-            prev_result: top.get("prevResult").filter(|v| !v.is_null()).cloned(),
-            log_file: get_str(top, "logFile", "")?.map(PathBuf::from),
-            valid_attachments,
+            prev_result: raw.prev_result.filter(|v| !v.is_null()),
+            log_file: raw.log_file,
+            valid_attachments: raw
+                .valid_attachments
+                .map(|l| l.into_iter().map(|a| (a.container_id, a.ifname)).collect()),
         })
     }
 
@@ -441,6 +447,39 @@ mod tests {
         assert_eq!(e.code, code::DECODE_FAILURE);
         let e = PluginConf::parse(br#"{"cniVersion":"0.3.1","name":"../etc"}"#, &env(), |_| {}).unwrap_err();
         assert_eq!(e.code, code::INVALID_CONFIG);
+    }
+
+    #[test]
+    fn typed_fields_name_their_path_and_unknown_delegate_keys_warn() {
+        let parse = |text: &str| {
+            let mut warnings = Vec::new();
+            PluginConf::parse(text.as_bytes(), &env(), |w| warnings.push(w)).map(|c| (c, warnings))
+        };
+        let e =
+            parse(r#"{"cniVersion":"1.0.0","name":"n","runtimeConfig":{"ips":["10.1.1.1/24","nope"]}}"#).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(e.msg.starts_with("runtimeConfig.ips[1]: \"nope\" is not an IP address"), "{e}");
+        let e =
+            parse(r#"{"cniVersion":"1.0.0","name":"n","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#).unwrap_err();
+        assert!(e.msg.starts_with("cni.dev/valid-attachments[0]: missing field `containerID`"), "{e}");
+        let e =
+            parse(r#"{"cniVersion":"1.0.0","name":"n","delegate":{"ipam":{"routes":[{"dst":"10.0.0.0/8","gw":1}]}}}"#)
+                .unwrap_err();
+        assert!(e.msg.starts_with("delegate.ipam.routes[0].gw: "), "{e}");
+        let e = parse(r#"{"cniVersion":"1.0.0","name":"n","delegate":{"mtu":20}}"#).unwrap_err();
+        assert!(e.msg.contains("delegate.mtu: expected an MTU between 68 and 65535, got 20"), "{e}");
+
+        let (c, warnings) = parse(
+            r#"{"cniVersion":"1.0.0","name":"n","capabilities":{"ips":true},"runtimeConfig":{"ips":["10.1.1.1/24"],"portMappings":[]},
+                "ipam":{"dataDir":"/top","routes":[{"dst":"10.9.0.1/16"}]},
+                "delegate":{"name":"n","cniVersion":"1.0.0","vlan":3,"ipam":{"dataDir":"/d"},"isDefaultGateway":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(warnings, ["delegate.vlan is not supported and is ignored"]);
+        assert_eq!(c.requested_ips, ["10.1.1.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.ipam_data_dir, PathBuf::from("/d"));
+        assert_eq!(c.ipam_routes, [RouteSpec { dst: "10.9.0.0/16".parse().unwrap(), gw: None }]);
+        assert!(c.is_gateway);
     }
 
     #[test]

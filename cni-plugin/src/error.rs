@@ -41,16 +41,20 @@ impl CniError {
     }
 
     pub fn to_json(&self, cni_version: &str) -> String {
-        let mut v = serde_json::json!({
-            "cniVersion": cni_version,
-            "code": self.code,
-            "msg": self.msg,
-        });
-        if !self.details.is_empty() {
-            v["details"] = self.details.clone().into();
-        }
-        v.to_string()
+        let wire = WireError { cni_version, code: self.code, msg: &self.msg, details: &self.details };
+        serde_json::to_string(&wire).expect("an error always serializes")
     }
+}
+
+/// The spec's error object.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireError<'a> {
+    cni_version: &'a str,
+    code: u32,
+    msg: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    details: &'a str,
 }
 
 impl fmt::Display for CniError {

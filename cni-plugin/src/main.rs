@@ -5,11 +5,13 @@
 mod cmd;
 mod conf;
 mod dataplane;
+mod decode;
 mod error;
 mod ipam;
 mod log;
 mod masq;
 mod result;
+mod state;
 
 use std::io::{Read, Write};
 
@@ -51,7 +53,7 @@ fn run(stdin: &[u8], version: &mut String) -> Result<Option<String>, CniError> {
         log.warn(w);
     }
     let res = match cmd {
-        Command::Add => cmd::add(&env, &conf, &mut log).map(|v| Some(v.to_string())),
+        Command::Add => cmd::add(&env, &conf, &mut log).map(Some),
         Command::Del => cmd::del(&env, &conf, &mut log).map(|_| None),
         Command::Check => cmd::check(&env, &conf, &mut log).map(|_| None),
         Command::Status => cmd::status(&conf, &mut log).map(|_| None),

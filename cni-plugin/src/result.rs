@@ -1,12 +1,16 @@
 //! The CNI result, printed in the `cniVersion` the runtime asked for and read
-//! back as `prevResult` for CHECK.
+//! back as `prevResult` for CHECK. Both directions go through the typed wire
+//! structs at the bottom; decoding errors name the key path
+//! (`prevResult.ips[0].address`).
 
 use std::net::IpAddr;
 
 use flannel_shared::IpNet;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::conf::Dns;
+use crate::decode;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
@@ -40,108 +44,125 @@ pub struct CniResult {
 }
 
 impl CniResult {
-    /// Serializes for `version`: 0.3.x/0.4.0 carry `"version"` on each IP, 1.x do not;
-    /// 1.1.0 adds interface MTUs.
-    pub fn to_json(&self, version: &str) -> Value {
+    /// The result for `version`: 0.3.x/0.4.0 carry `"version"` on each IP, 1.x
+    /// do not; 1.1.0 adds interface MTUs.
+    pub fn to_wire<'a>(&'a self, version: &'a str) -> WireResult<'a> {
         let legacy = version.starts_with("0.");
         let v11 = version == "1.1.0";
-        let interfaces: Vec<Value> = self
-            .interfaces
-            .iter()
-            .map(|i| {
-                let mut o = json!({"name": i.name, "mac": i.mac});
-                if let Some(s) = &i.sandbox {
-                    o["sandbox"] = s.clone().into();
-                }
-                if let (true, Some(m)) = (v11, i.mtu) {
-                    o["mtu"] = m.into();
-                }
-                o
-            })
-            .collect();
-        let ips: Vec<Value> = self
-            .ips
-            .iter()
-            .map(|ip| {
-                let mut o = json!({"address": ip.address.to_string()});
-                if legacy {
-                    o["version"] = if ip.address.is_ipv4() { "4" } else { "6" }.into();
-                }
-                if let Some(i) = ip.interface {
-                    o["interface"] = i.into();
-                }
-                if let Some(g) = ip.gateway {
-                    o["gateway"] = g.to_string().into();
-                }
-                o
-            })
-            .collect();
-        let routes: Vec<Value> = self
-            .routes
-            .iter()
-            .map(|r| {
-                let mut o = json!({"dst": r.dst.to_string()});
-                if let Some(g) = r.gw {
-                    o["gw"] = g.to_string().into();
-                }
-                o
-            })
-            .collect();
-        let mut out = json!({"cniVersion": version, "interfaces": interfaces, "ips": ips});
-        if !routes.is_empty() {
-            out["routes"] = routes.into();
+        WireResult {
+            cni_version: version,
+            interfaces: self
+                .interfaces
+                .iter()
+                .map(|i| WireInterface {
+                    name: i.name.clone(),
+                    mac: i.mac.clone(),
+                    mtu: i.mtu.filter(|_| v11),
+                    sandbox: i.sandbox.clone(),
+                })
+                .collect(),
+            ips: self
+                .ips
+                .iter()
+                .map(|ip| WireIp {
+                    version: legacy.then(|| if ip.address.is_ipv4() { "4" } else { "6" }.to_string()),
+                    address: ip.address,
+                    gateway: ip.gateway,
+                    interface: ip.interface,
+                })
+                .collect(),
+            routes: self.routes.iter().map(|r| WireRoute { dst: r.dst, gw: r.gw }).collect(),
+            dns: &self.dns,
         }
-        out["dns"] = serde_json::to_value(&self.dns).unwrap_or_else(|_| json!({}));
-        out
+    }
+
+    /// The result as JSON text for `version`.
+    pub fn to_json(&self, version: &str) -> String {
+        serde_json::to_string(&self.to_wire(version)).expect("a result always serializes")
     }
 
     /// Reads a result of any supported version (as found in `prevResult`).
     pub fn from_json(v: &Value) -> Result<CniResult, String> {
-        let o = v.as_object().ok_or("prevResult is not an object")?;
-        let mut r = CniResult::default();
-        for (i, it) in o.get("interfaces").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            let name =
-                it.get("name").and_then(Value::as_str).ok_or(format!("prevResult.interfaces[{i}].name missing"))?;
-            r.interfaces.push(Interface {
-                name: name.to_string(),
-                mac: it.get("mac").and_then(Value::as_str).unwrap_or_default().to_string(),
-                mtu: it.get("mtu").and_then(Value::as_u64).map(|m| m as u32),
-                sandbox: it.get("sandbox").and_then(Value::as_str).filter(|s| !s.is_empty()).map(String::from),
-            });
+        if !v.is_object() {
+            return Err("prevResult: expected an object".into());
         }
-        for (i, it) in o.get("ips").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            let addr = req_net(it, "address", &format!("prevResult.ips[{i}]"))?;
-            let gateway = opt_ip(it, "gateway", &format!("prevResult.ips[{i}]"))?;
-            r.ips.push(IpConfig {
-                address: addr,
-                gateway,
-                interface: it.get("interface").and_then(Value::as_u64).map(|x| x as usize),
-            });
-        }
-        for (i, it) in o.get("routes").and_then(Value::as_array).into_iter().flatten().enumerate() {
-            let dst = req_net(it, "dst", &format!("prevResult.routes[{i}]"))?;
-            let gw = opt_ip(it, "gw", &format!("prevResult.routes[{i}]"))?;
-            r.routes.push(RouteResult { dst, gw });
-        }
-        if let Some(d) = o.get("dns") {
-            r.dns = serde_json::from_value(d.clone()).unwrap_or_default();
-        }
-        Ok(r)
+        let w: PrevResult = decode::typed(v.clone(), "prevResult", |_| {})?;
+        Ok(CniResult {
+            interfaces: w
+                .interfaces
+                .into_iter()
+                .map(|i| Interface {
+                    name: i.name,
+                    mac: i.mac,
+                    mtu: i.mtu,
+                    sandbox: i.sandbox.filter(|s| !s.is_empty()),
+                })
+                .collect(),
+            ips: w
+                .ips
+                .into_iter()
+                .map(|ip| IpConfig { address: ip.address, gateway: ip.gateway, interface: ip.interface })
+                .collect(),
+            routes: w.routes.into_iter().map(|r| RouteResult { dst: r.dst, gw: r.gw }).collect(),
+            // A runtime's odd dns block in prevResult is not worth failing CHECK over.
+            dns: w.dns.and_then(|d| serde_json::from_value(d).ok()).unwrap_or_default(),
+        })
     }
 }
 
-/// A required CIDR field of a result entry.
-fn req_net(entry: &Value, key: &str, ctx: &str) -> Result<IpNet, String> {
-    entry
-        .get(key)
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse::<IpNet>().ok())
-        .ok_or_else(|| format!("{ctx}.{key} missing or invalid"))
+/// The result on the wire, fields in the spec's order.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireResult<'a> {
+    cni_version: &'a str,
+    interfaces: Vec<WireInterface>,
+    ips: Vec<WireIp>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    routes: Vec<WireRoute>,
+    dns: &'a Dns,
 }
 
-/// An optional IP field of a result entry.
-fn opt_ip(entry: &Value, key: &str, ctx: &str) -> Result<Option<IpAddr>, String> {
-    entry.get(key).and_then(Value::as_str).map(|g| g.parse().map_err(|_| format!("{ctx}.{key} invalid"))).transpose()
+#[derive(Debug, Serialize, Deserialize)]
+struct WireInterface {
+    name: String,
+    #[serde(default)]
+    mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mtu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sandbox: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WireIp {
+    /// 0.3.x/0.4.0 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    address: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gateway: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    interface: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WireRoute {
+    dst: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gw: Option<IpAddr>,
+}
+
+/// A result of any version as read back; unknown keys are ignored.
+#[derive(Debug, Deserialize)]
+struct PrevResult {
+    #[serde(default)]
+    interfaces: Vec<WireInterface>,
+    #[serde(default)]
+    ips: Vec<WireIp>,
+    #[serde(default)]
+    routes: Vec<WireRoute>,
+    #[serde(default)]
+    dns: Option<Value>,
 }
 
 #[cfg(test)]
@@ -172,7 +193,7 @@ mod tests {
     #[test]
     fn every_version_round_trips() {
         for v in crate::conf::SUPPORTED_VERSIONS {
-            let j = sample().to_json(v);
+            let j: Value = serde_json::from_str(&sample().to_json(v)).unwrap();
             assert_eq!(j["cniVersion"], *v);
             assert_eq!(j["ips"][0].get("version").is_some(), v.starts_with("0."), "{v}: {j}");
             let mut back = CniResult::from_json(&j).unwrap();
@@ -183,5 +204,29 @@ mod tests {
             }
             assert_eq!(back, sample(), "{v}");
         }
+    }
+
+    #[test]
+    fn keys_print_in_the_spec_order() {
+        let j = sample().to_json("1.1.0");
+        let at = |k: &str| j.find(&format!("\"{k}\"")).unwrap_or_else(|| panic!("{k} missing in {j}"));
+        assert!(at("cniVersion") < at("interfaces") && at("interfaces") < at("ips"), "{j}");
+        assert!(at("ips") < at("routes") && at("routes") < at("dns"), "{j}");
+    }
+
+    #[test]
+    fn a_bad_prev_result_names_the_key() {
+        let mut j: Value = serde_json::from_str(&sample().to_json("1.0.0")).unwrap();
+        j["ips"][0]["address"] = "10.244.1.300/24".into();
+        let e = CniResult::from_json(&j).unwrap_err();
+        assert!(e.starts_with("prevResult.ips[0].address: "), "{e}");
+        j["ips"][0]["address"] = "10.244.1.3/24".into();
+        j["routes"][0]["gw"] = 7.into();
+        let e = CniResult::from_json(&j).unwrap_err();
+        assert!(e.starts_with("prevResult.routes[0].gw: "), "{e}");
+        j["routes"][0]["gw"] = "10.244.1.1".into();
+        j["interfaces"][1].as_object_mut().unwrap().remove("name");
+        let e = CniResult::from_json(&j).unwrap_err();
+        assert!(e.starts_with("prevResult.interfaces[1]: missing field `name`"), "{e}");
     }
 }
