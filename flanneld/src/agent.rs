@@ -28,7 +28,7 @@ use crate::config::Opts;
 use crate::firewall::{Firewall, Iptables, RuleSet};
 use crate::kernel::Kernel;
 use crate::kernel::watch::{Interest, KernelWatch};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::peers::PeerTable;
 use crate::preflight::{self, PreflightError};
 use crate::reconcile::{self, Mode, RTPROT_FLANNEL};
@@ -254,7 +254,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         // The manager may have overridden the public IP (Kubernetes annotations).
         self.attrs = lease.attrs.clone();
         self.metrics.lease_held.store(true, Ordering::Relaxed);
-        self.metrics.lease_expiry.store(unix_secs(lease.expiration), Ordering::Relaxed);
+        self.metrics.lease_expiry.set(unix_secs(lease.expiration));
         self.schedule_renew(&lease);
         if let Some(old) = self.own.replace(lease)
             && old.subnet != subnet
@@ -311,7 +311,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             let subnet = self.own.as_ref().and_then(|l| fam.subnet_of(l));
             let data = if fam.v6 { self.attrs.backend_v6_data.as_ref() } else { Some(&self.attrs.backend_data) };
             if self.backend.ensure(&self.k, fam, &self.uplink, subnet, data).await? {
-                self.metrics.vtep_recreations.fetch_add(1, Ordering::Relaxed);
+                self.metrics.vtep_recreations.inc();
             }
         }
         self.update_interest();
@@ -366,13 +366,13 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         for set in &on {
             match self.fw.ensure(set) {
                 Ok(true) => {
-                    self.metrics.iptables_restores.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.iptables_restores.inc();
                     info!("{name}: wrote {}", self.fw.describe(set));
                 }
                 Ok(false) => {}
                 Err(e) => {
                     ok = false;
-                    self.metrics.iptables_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.iptables_errors.inc();
                     error!("{name}: {e}");
                 }
             }
@@ -392,9 +392,9 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         // Changes signalled so far are covered by this pass: it reads the kernel afresh.
         self.kernel.clear();
         let m = self.metrics.clone();
-        m.reconcile_runs.fetch_add(1, Ordering::Relaxed);
+        m.reconcile_runs.inc();
         if let Err(e) = self.ensure_backend().await {
-            m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+            m.reconcile_errors.inc();
             let d = self.retry_backoff.delay();
             error!("reconcile: {} backend: {e}; retrying in {d:?}", self.backend.kind().as_str());
             self.retry_at = Some(Instant::now() + d);
@@ -431,7 +431,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
                         + done.neighbours_removed
                         + done.fdb_set
                         + done.fdb_removed;
-                    m.reconcile_changes.fetch_add(changes as u64, Ordering::Relaxed);
+                    m.reconcile_changes.inc_by(changes as u64);
                     if !done.is_noop() {
                         info!(
                             "reconcile{}: routes +{} -{}, neighbours +{} -{}, fdb +{} -{}",
@@ -447,7 +447,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
                 }
                 Err(e) => {
                     ok = false;
-                    m.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                    m.reconcile_errors.inc();
                     error!("reconcile{}: {e}", fam.label());
                 }
             }
@@ -480,14 +480,14 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             }
             self.last_skipped = skipped;
         }
-        m.peers.store(self.peers.len() as u64, Ordering::Relaxed);
-        m.routes.store(routes as u64, Ordering::Relaxed);
-        m.neighbours.store(neighbours as u64, Ordering::Relaxed);
-        m.fdb_entries.store(fdb as u64, Ordering::Relaxed);
-        m.skipped_peers.store(self.last_skipped.len() as u64, Ordering::Relaxed);
-        let us = started.elapsed().as_micros() as u64;
-        m.reconcile_last_us.store(us, Ordering::Relaxed);
-        m.reconcile_total_us.fetch_add(us, Ordering::Relaxed);
+        m.peers.set(metrics::count(self.peers.len()));
+        m.routes.set(metrics::count(routes));
+        m.neighbours.set(metrics::count(neighbours));
+        m.fdb_entries.set(metrics::count(fdb));
+        m.skipped_peers.set(metrics::count(self.last_skipped.len()));
+        let secs = started.elapsed().as_secs_f64();
+        m.reconcile_last.set(secs);
+        m.reconcile_total.inc_by(secs);
     }
 
     async fn renew(&mut self) {
@@ -495,7 +495,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         match self.mgr.renew(&own).await {
             Ok(l) => {
                 self.renew_backoff.reset();
-                self.metrics.lease_expiry.store(unix_secs(l.expiration), Ordering::Relaxed);
+                self.metrics.lease_expiry.set(unix_secs(l.expiration));
                 self.schedule_renew(&l);
                 info!(
                     "renewed lease on {} (expires in {:?})",

@@ -24,7 +24,7 @@ fn respond(path: &str, m: &Metrics) -> (StatusCode, &'static str, String) {
             Ok(()) => (StatusCode::OK, "text/plain", "ok\n".into()),
             Err(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
         },
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", m.render()),
+        "/metrics" => (StatusCode::OK, crate::metrics::CONTENT_TYPE, m.render()),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }

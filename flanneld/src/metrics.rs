@@ -1,36 +1,117 @@
-//! The agent's counters and gauges, and their Prometheus text exposition.
-//! Plain atomics: the agent updates them from one thread, the health server
-//! reads them from another.
+//! The agent's counters and gauges and their exposition, through
+//! prometheus-client (OpenMetrics text). The metric handles are atomics
+//! shared with the registry: the agent updates them from one thread, the
+//! health server encodes them from another.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-#[derive(Debug, Default)]
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug)]
 pub struct Metrics {
-    pub peers: AtomicU64,
-    pub routes: AtomicU64,
-    pub neighbours: AtomicU64,
-    pub fdb_entries: AtomicU64,
-    pub skipped_peers: AtomicU64,
+    pub peers: Gauge,
+    pub routes: Gauge,
+    pub neighbours: Gauge,
+    pub fdb_entries: Gauge,
+    pub skipped_peers: Gauge,
     /// Unix seconds at which our lease expires (0 = no lease).
-    pub lease_expiry: AtomicI64,
-    pub reconcile_runs: AtomicU64,
-    pub reconcile_errors: AtomicU64,
-    pub reconcile_changes: AtomicU64,
-    /// Duration of the last reconcile pass, microseconds.
-    pub reconcile_last_us: AtomicU64,
-    pub reconcile_total_us: AtomicU64,
-    pub watch_restarts: AtomicU64,
+    pub lease_expiry: Gauge,
+    pub reconcile_runs: Counter,
+    pub reconcile_errors: Counter,
+    pub reconcile_changes: Counter,
+    /// Duration of the last reconcile pass, seconds.
+    pub reconcile_last: Gauge<f64, AtomicU64>,
+    pub reconcile_total: Counter<f64, AtomicU64>,
+    pub watch_restarts: Counter,
     /// Kernel notifications about state the agent owns (each burst wakes a pass).
-    pub kernel_changes: AtomicU64,
-    pub iptables_restores: AtomicU64,
-    pub iptables_errors: AtomicU64,
-    pub vtep_recreations: AtomicU64,
+    pub kernel_changes: Counter,
+    pub iptables_restores: Counter,
+    pub iptables_errors: Counter,
+    pub vtep_recreations: Counter,
     pub lease_held: AtomicBool,
     pub subnet_env_written: AtomicBool,
     pub rules_in_place: AtomicBool,
     /// The peers known from the first full lease listing are in the kernel.
     pub peers_synced: AtomicBool,
+    /// Mirrors [`Metrics::readiness`], set when encoding.
+    ready: Gauge,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            peers: Gauge::default(),
+            routes: Gauge::default(),
+            neighbours: Gauge::default(),
+            fdb_entries: Gauge::default(),
+            skipped_peers: Gauge::default(),
+            lease_expiry: Gauge::default(),
+            reconcile_runs: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_changes: Counter::default(),
+            reconcile_last: Gauge::default(),
+            reconcile_total: Counter::default(),
+            watch_restarts: Counter::default(),
+            kernel_changes: Counter::default(),
+            iptables_restores: Counter::default(),
+            iptables_errors: Counter::default(),
+            vtep_recreations: Counter::default(),
+            lease_held: AtomicBool::new(false),
+            subnet_env_written: AtomicBool::new(false),
+            rules_in_place: AtomicBool::new(false),
+            peers_synced: AtomicBool::new(false),
+            ready: Gauge::default(),
+            registry: Registry::with_prefix("flannel"),
+        };
+        // Names as exposed: the prefix, then counters get `_total` appended.
+        let r = &mut m.registry;
+        r.register("peers", "Peer leases known to this agent", m.peers.clone());
+        r.register("routes_programmed", "Routes to peers this agent keeps in the kernel", m.routes.clone());
+        r.register("neighbours_programmed", "ARP/NDP entries on the VXLAN device", m.neighbours.clone());
+        r.register("fdb_entries_programmed", "FDB entries on the VXLAN device", m.fdb_entries.clone());
+        r.register("peers_skipped", "Peers that cannot be programmed (see the log)", m.skipped_peers.clone());
+        r.register(
+            "lease_expiry_timestamp_seconds",
+            "When this node's subnet lease expires (Unix time)",
+            m.lease_expiry.clone(),
+        );
+        r.register("reconcile_runs", "Reconcile passes", m.reconcile_runs.clone());
+        r.register("reconcile_errors", "Reconcile passes that failed", m.reconcile_errors.clone());
+        r.register("reconcile_changes", "Kernel entries added or removed by reconcile", m.reconcile_changes.clone());
+        r.register("reconcile_last_duration_seconds", "Duration of the last reconcile pass", m.reconcile_last.clone());
+        r.register("reconcile_duration_seconds", "Time spent reconciling", m.reconcile_total.clone());
+        r.register("watch_restarts", "Times the lease watch broke and was re-listed", m.watch_restarts.clone());
+        r.register(
+            "kernel_changes",
+            "Kernel notifications touching our routes, ARP/FDB entries or VXLAN devices",
+            m.kernel_changes.clone(),
+        );
+        r.register("iptables_restores", "Times iptables rules had to be (re)written", m.iptables_restores.clone());
+        r.register("iptables_errors", "Failed iptables checks or writes", m.iptables_errors.clone());
+        r.register(
+            "vtep_recreations",
+            "Times the VXLAN device was missing or wrong and was rebuilt",
+            m.vtep_recreations.clone(),
+        );
+        r.register(
+            "ready",
+            "1 when the lease is held, subnet.env written, rules in place and the known peers programmed",
+            m.ready.clone(),
+        );
+        m
+    }
+}
+
+/// A count or size as a gauge value.
+pub fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Metrics {
@@ -51,70 +132,11 @@ impl Metrics {
         Ok(())
     }
 
+    /// The exposition, in [`CONTENT_TYPE`].
     pub fn render(&self) -> String {
+        self.ready.set(i64::from(self.readiness().is_ok()));
         let mut out = String::new();
-        let mut put = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = write!(out, "# HELP flannel_{name} {help}\n# TYPE flannel_{name} {kind}\nflannel_{name} {value}\n");
-        };
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        put("peers", "gauge", "Peer leases known to this agent.", g(&self.peers));
-        put("routes_programmed", "gauge", "Routes to peers this agent keeps in the kernel.", g(&self.routes));
-        put("neighbours_programmed", "gauge", "ARP/NDP entries on the VXLAN device.", g(&self.neighbours));
-        put("fdb_entries_programmed", "gauge", "FDB entries on the VXLAN device.", g(&self.fdb_entries));
-        put("peers_skipped", "gauge", "Peers that cannot be programmed (see the log).", g(&self.skipped_peers));
-        put(
-            "lease_expiry_timestamp_seconds",
-            "gauge",
-            "When this node's subnet lease expires (Unix time).",
-            self.lease_expiry.load(Ordering::Relaxed).to_string(),
-        );
-        put("reconcile_runs_total", "counter", "Reconcile passes.", g(&self.reconcile_runs));
-        put("reconcile_errors_total", "counter", "Reconcile passes that failed.", g(&self.reconcile_errors));
-        put(
-            "reconcile_changes_total",
-            "counter",
-            "Kernel entries added or removed by reconcile.",
-            g(&self.reconcile_changes),
-        );
-        let secs = |a: &AtomicU64| format!("{:.6}", a.load(Ordering::Relaxed) as f64 / 1e6);
-        put(
-            "reconcile_last_duration_seconds",
-            "gauge",
-            "Duration of the last reconcile pass.",
-            secs(&self.reconcile_last_us),
-        );
-        put("reconcile_duration_seconds_total", "counter", "Time spent reconciling.", secs(&self.reconcile_total_us));
-        put(
-            "watch_restarts_total",
-            "counter",
-            "Times the lease watch broke and was re-listed.",
-            g(&self.watch_restarts),
-        );
-        put(
-            "kernel_changes_total",
-            "counter",
-            "Kernel notifications touching our routes, ARP/FDB entries or VXLAN devices.",
-            g(&self.kernel_changes),
-        );
-        put(
-            "iptables_restores_total",
-            "counter",
-            "Times iptables rules had to be (re)written.",
-            g(&self.iptables_restores),
-        );
-        put("iptables_errors_total", "counter", "Failed iptables checks or writes.", g(&self.iptables_errors));
-        put(
-            "vtep_recreations_total",
-            "counter",
-            "Times the VXLAN device was missing or wrong and was rebuilt.",
-            g(&self.vtep_recreations),
-        );
-        put(
-            "ready",
-            "gauge",
-            "1 when the lease is held, subnet.env written, rules in place and the known peers programmed.",
-            u8::from(self.readiness().is_ok()).to_string(),
-        );
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }
@@ -126,12 +148,15 @@ mod tests {
     #[test]
     fn exposition_is_prometheus_text() {
         let m = Metrics::default();
-        m.peers.store(3, Ordering::Relaxed);
-        m.reconcile_last_us.store(1500, Ordering::Relaxed);
+        m.peers.set(3);
+        m.reconcile_last.set(0.0015);
+        m.reconcile_runs.inc();
         let text = m.render();
         assert!(text.contains("# TYPE flannel_peers gauge\nflannel_peers 3\n"), "{text}");
-        assert!(text.contains("flannel_reconcile_last_duration_seconds 0.001500\n"));
+        assert!(text.contains("flannel_reconcile_last_duration_seconds 0.0015\n"), "{text}");
+        assert!(text.contains("# TYPE flannel_reconcile_runs counter\nflannel_reconcile_runs_total 1\n"), "{text}");
         assert!(text.contains("flannel_ready 0\n"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.split_once(' ').unwrap();
             assert!(name.starts_with("flannel_") && value.parse::<f64>().is_ok(), "{line}");

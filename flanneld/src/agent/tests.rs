@@ -294,8 +294,8 @@ fn added_and_removed_leases_follow_into_the_kernel() {
         assert!(!a.on_event(LeaseEvent::Added(host_gw_peer("10.244.6.0/24", "192.0.2.6"))));
         a.reconcile().await;
         assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL).len(), 2);
-        assert_eq!(bed.metrics.skipped_peers.load(Ordering::Relaxed), 1);
-        assert_eq!(bed.metrics.peers.load(Ordering::Relaxed), 3);
+        assert_eq!(bed.metrics.skipped_peers.get(), 1);
+        assert_eq!(bed.metrics.peers.get(), 3);
 
         assert!(!a.on_event(LeaseEvent::Removed(net("10.244.2.0/24"))));
         // Removing what is not known changes nothing.
@@ -408,7 +408,7 @@ fn a_deleted_vtep_is_rebuilt_with_the_advertised_mac_and_every_peer_replayed() {
         let new = bed.kernel.link("flannel.1").expect("rebuilt");
         assert_ne!(new.index, old.index);
         assert_eq!(new.mac, old.mac, "peers' FDB entries keep pointing at us");
-        assert_eq!(bed.metrics.vtep_recreations.load(Ordering::Relaxed), 1);
+        assert_eq!(bed.metrics.vtep_recreations.get(), 1);
         assert_eq!(
             bed.kernel.routes_by(RTPROT_FLANNEL),
             [format!("10.244.2.0/24 via 10.244.2.0 dev {} onlink", new.index)]
@@ -510,7 +510,7 @@ fn rules_follow_the_flags_and_a_failing_firewall_holds_readiness() {
         bed.fw.present.borrow_mut().clear();
         a.ensure_rules();
         assert_eq!(bed.metrics.readiness(), Err("iptables rules not in place"));
-        assert_eq!(bed.metrics.iptables_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(bed.metrics.iptables_errors.get(), 1);
         *bed.fw.failing.borrow_mut() = false;
         a.ensure_rules();
         assert_eq!(bed.metrics.readiness(), Ok(()));

@@ -6,7 +6,6 @@
 //! Our own writes come back here too; they cost one more pass, which finds
 //! nothing to do and writes nothing, so they cannot loop.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -110,7 +109,7 @@ async fn forward(mut monitor: Monitor, interest: Arc<Mutex<Interest>>, tx: mpsc:
         if !relevant {
             continue;
         }
-        metrics.kernel_changes.fetch_add(1, Ordering::Relaxed);
+        metrics.kernel_changes.inc();
         if matches!(ev, KernelEvent::Overrun) {
             warn!("kernel notifications overflowed; running a full reconcile pass");
         } else {

@@ -6,7 +6,6 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
@@ -199,7 +198,7 @@ impl SubnetManager for EtcdManager {
                             // The store was there for this cycle: start the backoff over.
                             backoff = Duration::from_millis(200);
                         }
-                        metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
+                        metrics.watch_restarts.inc();
                         warn!("watching {prefix}: {e}; re-listing in {backoff:?}");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -7,7 +7,6 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -212,7 +211,7 @@ impl SubnetManager for KubeManager {
                     },
                     Err(e) => {
                         // The watcher re-lists by itself after the backoff; routes stay as they are meanwhile.
-                        metrics.watch_restarts.fetch_add(1, Ordering::Relaxed);
+                        metrics.watch_restarts.inc();
                         warn!("watching nodes: {e}; resuming after a backoff");
                         continue;
                     }
