@@ -68,6 +68,20 @@ fn proc_stat(pid: u32) -> (f64, u64) {
     (cpu, hwm_kb)
 }
 
+/// Current resident memory split into (anonymous, file-backed) KB: the
+/// file-backed part is mostly the agent's own code pages.
+fn rss_split(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (kb("RssAnon:"), kb("RssFile:"))
+}
+
 /// The same entries through `ip -batch`: one process, one netlink request per entry.
 fn reference(n: usize) -> Duration {
     let ns = Netns::new("ref");
@@ -182,7 +196,13 @@ fn one(n: usize, idle: u64, kube: bool) {
         "agent start -> all {n} routes in the kernel: {:.3} s (neighbours {neigh}, fdb {fdb})",
         converged.as_secs_f64()
     );
-    println!("agent CPU so far: {cpu:.2} s; peak RSS {:.1} MB", hwm as f64 / 1024.0);
+    let (anon, file) = rss_split(pid);
+    println!(
+        "agent CPU so far: {cpu:.2} s; peak RSS {:.1} MB (now {:.1} MB anonymous + {:.1} MB file-backed)",
+        hwm as f64 / 1024.0,
+        anon as f64 / 1024.0,
+        file as f64 / 1024.0
+    );
     // Our own writes come back as kernel notifications and wake one more pass,
     // over the converged state: its duration is the cost of a pass that changes nothing.
     std::thread::sleep(Duration::from_secs(3));
