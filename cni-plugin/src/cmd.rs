@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use flannel_shared::IpNet;
+use flannel_shared::firewall::{Mode as MasqMode, PodMasq};
 use flannel_shared::netlink::{Idempotent, Netlink, Route};
 use flannel_shared::netns;
 use flannel_shared::subnet_env::{SubnetEnv, SubnetEnvError, write_file_atomic};
@@ -15,7 +16,6 @@ use crate::dataplane::{self, BridgeSpec};
 use crate::error::{CniError, Result, code, io_err};
 use crate::ipam::{self, IpamError, Locked, Range, Store};
 use crate::log::Log;
-use crate::masq;
 use crate::result::{CniResult, Interface, IpConfig, RouteResult};
 use crate::state;
 
@@ -111,6 +111,10 @@ fn pod_routes(conf: &PluginConf, fams: &[Family]) -> Vec<RouteSpec> {
     routes
 }
 
+fn pod_masq<'a>(network: &'a str, container_id: &'a str, ifname: &'a str) -> PodMasq<'a> {
+    PodMasq { network, container_id, ifname }
+}
+
 fn state_path(conf: &PluginConf, container_id: &str) -> PathBuf {
     state::path(&conf.data_dir, container_id)
 }
@@ -148,7 +152,8 @@ fn sweep_earlier_boot(conf: &PluginConf, store: &Store, guard: &Locked<'_>, log:
 struct Undo {
     ips: Vec<IpAddr>,
     host_veth: Option<String>,
-    masq: Vec<IpAddr>,
+    /// The pod addresses whose masquerade was being set up, and how.
+    masq: Option<(MasqMode, Vec<IpAddr>)>,
     state: Option<PathBuf>,
 }
 
@@ -160,10 +165,10 @@ impl Undo {
         {
             log.error(&format!("rollback: cannot delete {name}: {e}"));
         }
-        for ip in &self.masq {
-            if let Err(e) = masq::teardown(&conf.name, &env.container_id, *ip) {
-                log.error(&format!("rollback: {e}"));
-            }
+        if let Some((mode, ips)) = &self.masq
+            && let Err(e) = pod_masq(&conf.name, env.container_id.as_str(), &env.ifname).teardown(*mode, ips)
+        {
+            log.error(&format!("rollback: {e}"));
         }
         if !self.ips.is_empty() {
             let released = Store::open(&conf.ipam_dir()).and_then(|s| {
@@ -307,11 +312,13 @@ async fn add_inner(
     let pod_link = dataplane::configure_pod(pod, &env.ifname, &addr_list, &kernel_routes).await?;
 
     // 3. Per-pod masquerading when flanneld does not masquerade itself.
-    if ip_masq {
-        for (a, _) in &addrs {
-            undo.masq.push(a.addr());
-            masq::setup(&conf.name, &env.container_id, a)?;
-        }
+    let masq_mode = ip_masq.then(|| conf.ip_masq_backend.unwrap_or_else(MasqMode::host_default));
+    if let Some(mode) = masq_mode {
+        undo.masq = Some((mode, addr_list.iter().map(|a| a.addr()).collect()));
+        pod_masq(&conf.name, &env.container_id, &env.ifname).setup(mode, &addr_list).map_err(|e| {
+            CniError::new(code::IPTABLES_FAILURE, format!("failed to set up ipMasq with {mode}"))
+                .with_details(e.to_string())
+        })?;
     }
 
     // 4. State for DEL, then the result.
@@ -322,6 +329,7 @@ async fn add_inner(
         bridge: &conf.bridge,
         mtu,
         ip_masq,
+        ip_masq_backend: masq_mode.map(|m| m.to_string()),
         is_gateway: conf.is_gateway,
         is_default_gateway: conf.is_default_gateway,
         hairpin_mode: conf.hairpin,
@@ -436,10 +444,9 @@ pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
     if ip_masq {
         let mut ips = saved.ips();
         ips.extend(released.iter().copied().filter(|ip| !saved.ips().contains(ip)));
-        for ip in ips {
-            if let Err(e) = masq::teardown(&name, &env.container_id, ip) {
-                log.warn(&e);
-            }
+        let mode = saved.ip_masq_backend().or(conf.ip_masq_backend).unwrap_or_else(MasqMode::host_default);
+        if let Err(e) = pod_masq(&name, &env.container_id, &ifname).teardown(mode, &ips) {
+            log.warn(&e.to_string());
         }
     }
     match fs::remove_file(&spath) {
@@ -646,9 +653,11 @@ pub fn check(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
     // ipMasq: the bridge plugin's per-pod chain and its jump.
     let ip_masq = conf.ip_masq.or_else(|| SubnetEnv::read(&conf.subnet_file).ok().map(|s| !s.ipmasq)).unwrap_or(false);
     if ip_masq {
-        for ip in &pod_ips {
-            drift.extend(masq::verify(&conf.name, &env.container_id, &ip.address));
-        }
+        let saved = state::load(&state_path(conf, &env.container_id));
+        let mode =
+            saved.and_then(|s| s.ip_masq_backend()).or(conf.ip_masq_backend).unwrap_or_else(MasqMode::host_default);
+        let addrs: Vec<IpNet> = pod_ips.iter().map(|ip| ip.address).collect();
+        drift.extend(pod_masq(&conf.name, &env.container_id, &env.ifname).missing(mode, &addrs));
     }
 
     if drift.is_empty() {
@@ -696,10 +705,11 @@ pub fn gc(conf: &PluginConf, log: &mut Log) -> Result<()> {
             }
             store.release_ip(&guard, a.ip).map_err(ipam_err)?;
             let saved = state::load(&state_path(conf, &a.container_id));
-            if saved.as_ref().and_then(|s| s.ip_masq).unwrap_or(false)
-                && let Err(e) = masq::teardown(&conf.name, &a.container_id, a.ip)
-            {
-                log.warn(&e);
+            if let Some(s) = saved.filter(|s| s.ip_masq.unwrap_or(false)) {
+                let mode = s.ip_masq_backend().or(conf.ip_masq_backend).unwrap_or_else(MasqMode::host_default);
+                if let Err(e) = pod_masq(&conf.name, &a.container_id, &a.ifname).teardown(mode, &[a.ip]) {
+                    log.warn(&e.to_string());
+                }
             }
             freed.push(format!("{} ({})", a.ip, a.container_id));
         }

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use flannel_shared::IpNet;
+use flannel_shared::firewall::Mode;
 use serde::{Deserialize, de};
 use serde_json::Value;
 
@@ -149,6 +150,9 @@ pub struct PluginConf {
     pub mtu: Option<u32>,
     /// Delegate `ipMasq`; `!FLANNEL_IPMASQ` when absent (upstream's rule).
     pub ip_masq: Option<bool>,
+    /// Delegate `ipMasqBackend` (the bridge plugin's key): `iptables` or
+    /// `nftables`; absent means iptables where it is installed, else nftables.
+    pub ip_masq_backend: Option<Mode>,
     pub hairpin: bool,
     pub is_gateway: bool,
     pub is_default_gateway: bool,
@@ -209,6 +213,7 @@ struct RawDelegate {
     bridge: Option<String>,
     mtu: Option<u32>,
     ip_masq: Option<bool>,
+    ip_masq_backend: Option<String>,
     hairpin_mode: Option<bool>,
     is_gateway: Option<bool>,
     is_default_gateway: Option<bool>,
@@ -327,6 +332,12 @@ impl PluginConf {
         {
             return Err(cfg_err(format!("delegate.mtu: expected an MTU between 68 and 65535, got {m}")));
         }
+        let ip_masq_backend = match delegate.ip_masq_backend.as_deref() {
+            None => None,
+            Some(b) => Some(Mode::parse(b).ok_or_else(|| {
+                cfg_err(format!("delegate.ipMasqBackend: {b:?} is not supported (use \"iptables\" or \"nftables\")"))
+            })?),
+        };
         let bridge = delegate.bridge.unwrap_or_else(|| DEFAULT_BRIDGE.to_string());
         validate_ifname(&bridge)
             .map_err(|_| cfg_err(format!("delegate.bridge {bridge:?} is not a valid interface name")))?;
@@ -372,6 +383,7 @@ impl PluginConf {
             bridge,
             mtu: delegate.mtu,
             ip_masq: delegate.ip_masq,
+            ip_masq_backend,
             hairpin: delegate.hairpin_mode.unwrap_or(false),
             is_gateway,
             is_default_gateway,
@@ -466,6 +478,10 @@ mod tests {
             parse(r#"{"cniVersion":"1.0.0","name":"n","delegate":{"ipam":{"routes":[{"dst":"10.0.0.0/8","gw":1}]}}}"#)
                 .unwrap_err();
         assert!(e.msg.starts_with("delegate.ipam.routes[0].gw: "), "{e}");
+        let e = parse(r#"{"cniVersion":"1.0.0","name":"n","delegate":{"ipMasqBackend":"pf"}}"#).unwrap_err();
+        assert!(e.msg.starts_with("delegate.ipMasqBackend: \"pf\" is not supported"), "{e}");
+        let (c, _) = parse(r#"{"cniVersion":"1.0.0","name":"n","delegate":{"ipMasqBackend":"nftables"}}"#).unwrap();
+        assert_eq!(c.ip_masq_backend, Some(Mode::Nftables));
         let e = parse(r#"{"cniVersion":"1.0.0","name":"n","delegate":{"mtu":20}}"#).unwrap_err();
         assert!(e.msg.contains("delegate.mtu: expected an MTU between 68 and 65535, got 20"), "{e}");
 

@@ -19,7 +19,7 @@ pub mod code {
     pub const NO_ADDRESSES: u32 = 101;
     /// CHECK found the attachment differs from what ADD set up.
     pub const CHECK_FAILED: u32 = 102;
-    /// An iptables command (ipMasq) failed.
+    /// A firewall command (ipMasq: iptables or nft) failed.
     pub const IPTABLES_FAILURE: u32 = 103;
 }
 

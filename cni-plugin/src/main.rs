@@ -9,7 +9,6 @@ mod decode;
 mod error;
 mod ipam;
 mod log;
-mod masq;
 mod result;
 mod state;
 

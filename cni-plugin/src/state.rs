@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use flannel_shared::IpNet;
+use flannel_shared::firewall::Mode;
 use serde::{Deserialize, Serialize};
 
 /// The file ADD writes.
@@ -21,6 +22,9 @@ pub struct Saved<'a> {
     pub bridge: &'a str,
     pub mtu: u32,
     pub ip_masq: bool,
+    /// The bridge plugin's key: which tool wrote the pod's masquerade.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_masq_backend: Option<String>,
     pub is_gateway: bool,
     pub is_default_gateway: bool,
     pub hairpin_mode: bool,
@@ -75,6 +79,8 @@ pub struct SavedState {
     #[serde(default)]
     pub ip_masq: Option<bool>,
     #[serde(default)]
+    ip_masq_backend: Option<String>,
+    #[serde(default)]
     ipam: Option<LoadedIpam>,
     #[serde(default)]
     flannel: Option<FlannelState>,
@@ -88,6 +94,11 @@ struct LoadedIpam {
 }
 
 impl SavedState {
+    /// How ADD masqueraded the pod, when it says.
+    pub fn ip_masq_backend(&self) -> Option<Mode> {
+        self.ip_masq_backend.as_deref().and_then(Mode::parse)
+    }
+
     pub fn ipam_data_dir(&self) -> Option<&Path> {
         self.ipam.as_ref()?.data_dir.as_deref()
     }
@@ -128,6 +139,7 @@ mod tests {
             bridge: "cni0",
             mtu: 1450,
             ip_masq: true,
+            ip_masq_backend: Some("nftables".into()),
             is_gateway: true,
             is_default_gateway: false,
             hairpin_mode: true,
@@ -147,6 +159,7 @@ mod tests {
         let back: SavedState = serde_json::from_str(&text).unwrap();
         assert_eq!(back.name.as_deref(), Some("cbr0"));
         assert_eq!(back.ip_masq, Some(true));
+        assert_eq!(back.ip_masq_backend(), Some(Mode::Nftables));
         assert_eq!(back.ipam_data_dir(), Some(Path::new("/var/lib/cni/networks")));
         assert_eq!(back.ifname(), Some("eth0"));
         assert_eq!(back.ips(), ["10.244.1.5".parse::<IpAddr>().unwrap(), "fd00:1::5".parse().unwrap()]);

@@ -25,7 +25,6 @@ use flannel_shared::subnet_env::SubnetEnv;
 use crate::backend::{self, Backend, FamilyNet, Uplink};
 use crate::backoff::Backoff;
 use crate::config::Opts;
-use crate::firewall::{Firewall, Iptables, RuleSet};
 use crate::kernel::Kernel;
 use crate::kernel::watch::{Interest, KernelWatch};
 use crate::metrics::{self, Metrics};
@@ -34,6 +33,8 @@ use crate::preflight::{self, PreflightError};
 use crate::reconcile::{self, Mode, RTPROT_FLANNEL};
 use crate::subnet::etcd::{self, EtcdManager};
 use crate::subnet::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
+use flannel_shared::firewall::iptables::Iptables;
+use flannel_shared::firewall::{self, Firewall, Mode as FirewallMode, RuleSet, nftables};
 
 /// Metric of the `--ip-blackhole-route` route: above cni0's connected route,
 /// so it only catches traffic while the bridge route is absent.
@@ -93,7 +94,6 @@ pub struct Agent<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> {
     /// Whether the manager has been told the data path is up.
     announced_up: bool,
     /// Whether rule sets turned off by the flags have been removed.
-    rules_cleaned: bool,
     /// Wakes a reconcile pass when the kernel reports a change to what we own.
     kernel: KernelWatch,
     /// Set while the last pass failed: when to try again (sooner than the periodic pass).
@@ -198,7 +198,6 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             renew_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             next_renew: Instant::now(),
             announced_up: false,
-            rules_cleaned: false,
             kernel,
             retry_at: None,
             retry_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
@@ -325,51 +324,41 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         self.kernel.set_interest(Interest { names, links, nets });
     }
 
-    /// The rule sets the flags ask for, and those they turn off.
-    fn rule_sets(&self, own: &OwnLease) -> (Vec<RuleSet>, Vec<RuleSet>) {
-        let (mut on, mut off) = (Vec::new(), Vec::new());
+    /// The rule sets the flags ask for, per configured family.
+    fn rule_sets(&self, own: &OwnLease) -> Vec<(bool, Vec<RuleSet>)> {
+        let mut out = Vec::new();
         for fam in &self.fams {
             let Some(subnet) = fam.subnet_of(own) else { continue };
             let network = fam.config.network;
-            let random_fully = !self.opts.ip_masq_fully_random_disable;
-            let masq = RuleSet::Masq { network, subnet, random_fully };
+            let mut sets = Vec::new();
             if self.opts.ip_masq {
-                on.push(masq)
-            } else {
-                off.push(masq)
+                let random_fully = !self.opts.ip_masq_fully_random_disable;
+                sets.push(RuleSet::Masq { network, subnet, random_fully });
             }
-            let fwd = RuleSet::Forward { network };
-            if self.opts.iptables_forward_rules { on.push(fwd) } else { off.push(fwd) }
+            if self.opts.iptables_forward_rules {
+                sets.push(RuleSet::Forward { network });
+            }
+            out.push((fam.v6, sets));
         }
-        (on, off)
+        out
     }
 
+    /// Makes the firewall hold exactly the sets the flags ask for (sets of
+    /// kinds turned off, or of an old network, go).
     fn ensure_rules(&mut self) {
         let Some(own) = &self.own else { return };
-        let (on, off) = self.rule_sets(own);
-        let name = self.fw.name();
+        let name = self.fw.mode();
         let mut ok = true;
-        // Rules a previous run wrote but this one is told not to: removed once, at start.
-        if !self.rules_cleaned {
-            for set in &off {
-                match self.fw.remove(set) {
-                    Ok(true) => info!("{name}: removed {} (turned off by the flags)", self.fw.describe(set)),
-                    Ok(false) => {}
-                    Err(e) => {
-                        ok = false;
-                        error!("{name}: removing {}: {e}", self.fw.describe(set));
+        for (v6, sets) in self.rule_sets(own) {
+            match self.fw.sync(v6, &sets) {
+                Ok(changes) => {
+                    for c in &changes {
+                        info!("{name}: {c}");
+                    }
+                    if !changes.is_empty() {
+                        self.metrics.iptables_restores.inc();
                     }
                 }
-            }
-            self.rules_cleaned = ok;
-        }
-        for set in &on {
-            match self.fw.ensure(set) {
-                Ok(true) => {
-                    self.metrics.iptables_restores.inc();
-                    info!("{name}: wrote {}", self.fw.describe(set));
-                }
-                Ok(false) => {}
                 Err(e) => {
                     ok = false;
                     self.metrics.iptables_errors.inc();
@@ -603,6 +592,52 @@ async fn signals() -> Result<impl std::future::Future<Output = Stop>, AgentError
     })
 }
 
+/// The firewall driver `EnableNFTables` asks for, after clearing away what the
+/// other mode left (a switch is an edit of net-conf.json and a restart).
+fn choose_firewall(opts: &Opts, cfg: &NetConfig) -> Result<Box<dyn Firewall>, AgentError> {
+    let mode = if cfg.enable_nftables { FirewallMode::Nftables } else { FirewallMode::Iptables };
+    let needed = opts.ip_masq || opts.iptables_forward_rules;
+    if needed && let Some(tool) = mode.missing_tool() {
+        let (flag, value) = ("EnableNFTables", cfg.enable_nftables);
+        return Err(AgentError::Config(format!(
+            "net-conf.json: {flag} is {value}, so the rules are written with {mode}, but `{tool}` is not on PATH: \
+             install the {} package{}",
+            mode.tools().1,
+            if value { "" } else { ", or set \"EnableNFTables\": true to use nftables" }
+        )));
+    }
+    let (removed, failed) = firewall::purge_other(mode);
+    for line in removed {
+        info!("switch to {mode}: {line}");
+    }
+    for line in failed {
+        warn!("switch to {mode}: {line}");
+    }
+    Ok(match mode {
+        FirewallMode::Iptables => {
+            let (fw, why) = Iptables::detect();
+            info!("iptables: writing with {} ({why})", fw.restore_command());
+            Box::new(fw)
+        }
+        FirewallMode::Nftables => {
+            info!("nftables: writing tables ip {} / ip6 {}", nftables::IPV4_TABLE, nftables::IPV6_TABLE);
+            if opts.iptables_forward_rules {
+                match nftables::forward_drop_chains() {
+                    Ok(drops) if !drops.is_empty() => warn!(
+                        "nftables: {} drop forwarded packets by policy; flannel's forward chain cannot override \
+                         another table's drop, so pod traffic between nodes is dropped until those chains accept it \
+                         (see the README, \"FORWARD policy DROP\")",
+                        drops.join(", ")
+                    ),
+                    Ok(_) => {}
+                    Err(e) => warn!("nftables: cannot check other tables' forward policies: {e}"),
+                }
+            }
+            Box::new(nftables::Nftables::new())
+        }
+    })
+}
+
 /// Starts an agent with `backend` and follows the manager's peer watch until a signal.
 async fn run_with<M: SubnetManager, B: Backend>(
     opts: Opts,
@@ -611,8 +646,7 @@ async fn run_with<M: SubnetManager, B: Backend>(
     cfg: &NetConfig,
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
-    let (firewall, why) = Iptables::detect();
-    info!("iptables: writing with {} ({why})", firewall.restore_command());
+    let firewall = choose_firewall(&opts, cfg)?;
     let kernel = Netlink::connect()?;
     let parts = Parts { mgr, kernel, backend, firewall };
     let agent = Agent::start(opts, parts, cfg, metrics.clone(), Path::new("/proc")).await?;

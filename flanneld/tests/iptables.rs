@@ -38,7 +38,7 @@ fn masq_and_forward_rules_are_installed_verified_and_repaired() {
 }
 
 fn child() {
-    use flanneld::iptables::{Flavour, ensure, forward_rules, masq_rules, remove_with};
+    use flannel_shared::firewall::iptables::{Flavour, ensure, forward_rules, masq_rules, remove_with};
     let net = "10.244.0.0/16".parse().unwrap();
     let old = masq_rules(&"10.245.0.0/16".parse().unwrap(), &"10.245.7.0/24".parse().unwrap(), true);
     let masq = masq_rules(&net, &"10.244.1.0/24".parse().unwrap(), true);

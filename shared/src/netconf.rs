@@ -77,6 +77,8 @@ pub struct NetConfig {
     pub ipv4: Option<Family>,
     pub ipv6: Option<Family>,
     pub backend: Backend,
+    /// `EnableNFTables`: write the rules as nftables tables instead of iptables chains.
+    pub enable_nftables: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -301,7 +303,8 @@ impl NetConfig {
             },
             gbp: get_bool(&backend, "gbp", "Backend.GBP")?.unwrap_or(false),
         };
-        Ok(NetConfig { ipv4, ipv6, backend })
+        let enable_nftables = get_bool(&top, "enablenftables", "EnableNFTables")?.unwrap_or(false);
+        Ok(NetConfig { ipv4, ipv6, backend, enable_nftables })
     }
 }
 
@@ -325,8 +328,10 @@ mod tests {
             c.backend,
             Backend { kind: BackendType::Vxlan, vni: 1, port: 8472, direct_routing: false, mtu: None, gbp: false }
         );
+        assert!(!c.enable_nftables);
         // No Backend at all: vxlan.
         assert_eq!(parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap().backend.kind, BackendType::Vxlan);
+        assert!(parse(r#"{"Network":"10.244.0.0/16","enableNFTables":true}"#).unwrap().enable_nftables);
         // A /24 network is split in four /26s.
         let small = parse(r#"{"Network":"10.5.5.0/24"}"#).unwrap().ipv4.unwrap();
         assert_eq!(small.subnet_len, 26);
@@ -362,6 +367,7 @@ mod tests {
             (r#"{"Network":"banana"}"#, "Network"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"MTU":100}}"#, "Backend.MTU"),
             (r#"{"Network":"10.0.0.0/16","EnableIPv6":true}"#, "IPv6Network"),
+            (r#"{"Network":"10.0.0.0/16","EnableNFTables":"yes"}"#, "EnableNFTables"),
             (r#"[1,2]"#, "(document)"),
         ];
         for (doc, field) in cases {

@@ -13,8 +13,8 @@ use flannel_shared::netlink::format_mac;
 use super::*;
 use crate::backend::hostgw::HostGw;
 use crate::backend::vxlan::Vxlan;
-use crate::firewall::FirewallError;
 use crate::kernel::fake::FakeKernel;
+use flannel_shared::firewall::{FirewallError, Mode};
 
 const NET_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOST_GW_CONF: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -93,31 +93,32 @@ struct FakeFirewall {
 }
 
 impl Firewall for FakeFirewall {
-    fn name(&self) -> &'static str {
-        "fake"
+    fn mode(&self) -> Mode {
+        Mode::Iptables
     }
     fn describe(&self, set: &RuleSet) -> String {
         format!("{set:?}")
     }
-    fn ensure(&mut self, set: &RuleSet) -> Result<bool, FirewallError> {
+    fn sync(&mut self, v6: bool, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
         if *self.failing.borrow() {
-            return Err(FirewallError::Iptables(crate::iptables::IptablesError::Command {
-                cmd: "fake".into(),
-                msg: "refused".into(),
-            }));
+            return Err(FirewallError::Command { cmd: "fake".into(), msg: "refused".into() });
         }
         let mut p = self.present.borrow_mut();
-        if p.contains(set) {
-            return Ok(false);
+        let mut changes = Vec::new();
+        p.retain(|s| {
+            let keep = s.is_ipv4() == v6 || sets.contains(s);
+            if !keep {
+                changes.push(format!("removed {s:?}"));
+            }
+            keep
+        });
+        for set in sets {
+            if !p.contains(set) {
+                p.push(set.clone());
+                changes.push(format!("wrote {set:?}"));
+            }
         }
-        p.push(set.clone());
-        Ok(true)
-    }
-    fn remove(&mut self, set: &RuleSet) -> Result<bool, FirewallError> {
-        let mut p = self.present.borrow_mut();
-        let before = p.len();
-        p.retain(|s| s != set);
-        Ok(p.len() != before)
+        Ok(changes)
     }
 }
 
