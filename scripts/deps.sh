@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the demo, the image build and the tests need
 # (root, Debian 12). Loads br_netfilter if needed.
-#   namespace test-bed: iproute2, iptables, ping, tcpdump, conntrack
+#   namespace test-bed: iproute2, iptables, nftables (nft), ping, tcpdump, conntrack
 #   Debian's reference CNI plugins (portmap, the benchmark baseline)
 #   etcd-client's build: protoc AND the well-known .proto files (libprotobuf-dev
 #     is only a Recommends of protobuf-compiler, and we install without those)
@@ -12,7 +12,7 @@
 #     is the root of podman's test containers
 set -euo pipefail
 
-packages=(iproute2 iptables iputils-ping tcpdump conntrack kmod procps
+packages=(iproute2 iptables nftables iputils-ping tcpdump conntrack kmod procps
           containernetworking-plugins protobuf-compiler libprotobuf-dev
           etcd-server etcd-client openssl
           mmdebstrap buildah podman uidmap ca-certificates containerd runc busybox-static)

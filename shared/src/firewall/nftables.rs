@@ -256,11 +256,18 @@ fn list(args: &[&str]) -> Result<Option<Vec<Value>>, FirewallError> {
     Ok(Some(objects))
 }
 
-/// The agent's driver. Remembers each family's table as read back after its
-/// last write, to tell on a resync whether anything changed it since.
+/// What the driver last wrote for a family: the sets, and the table as read
+/// back right after (nft's own rendering, so a later listing compares equal).
+struct Written {
+    sets: Vec<RuleSet>,
+    listing: Option<Vec<Value>>,
+}
+
+/// The agent's driver. Remembers each family's last write, to tell on a
+/// resync whether the sets or the kernel changed since.
 #[derive(Default)]
 pub struct Nftables {
-    written: [Option<Vec<Value>>; 2],
+    written: [Option<Written>; 2],
 }
 
 impl Nftables {
@@ -295,11 +302,16 @@ impl Firewall for Nftables {
             apply(&replace_table(v6, sets))?;
             return Ok(vec![format!("removed table {} {name}", proto(v6))]);
         }
-        if now.is_some() && now == *slot {
+        if let Some(w) = slot.as_ref()
+            && w.sets == sets
+            && now.is_some()
+            && now == w.listing
+        {
             return Ok(Vec::new());
         }
         apply(&replace_table(v6, sets))?;
-        *slot = list(&["list", "table", proto(v6), name])?;
+        let listing = list(&["list", "table", proto(v6), name])?;
+        *slot = Some(Written { sets: sets.to_vec(), listing });
         let chains: Vec<&str> = sets
             .iter()
             .map(|s| match s {
