@@ -77,7 +77,9 @@ impl Netns {
 
     /// A command that will run inside this namespace (`ip netns exec`).
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
+        // `ip` from this process's PATH: a caller may give the program another PATH.
+        let ip = flannel_shared::firewall::find_in_path("ip").unwrap_or_else(|| "ip".into());
+        let mut c = Command::new(ip);
         c.args(["netns", "exec", &self.name, program]);
         c
     }
