@@ -379,6 +379,57 @@ fn ip_masq_rules_follow_upstream_when_flanneld_does_not_masquerade() {
     node.assert_clean();
 }
 
+#[test]
+fn ip_masq_with_nftables_when_asked_and_by_default_without_iptables() {
+    let node = Node::with_env(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.12.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    );
+    let table = || {
+        String::from_utf8_lossy(&node.ns.run("nft", &["list", "table", "inet", "cni_plugins_masquerade"]).stdout)
+            .into_owned()
+    };
+    let nat = || String::from_utf8_lossy(&node.ns.run("iptables-save", &["-t", "nat"]).stdout).into_owned();
+
+    // Asked for: delegate.ipMasqBackend, the bridge plugin's key.
+    let mut conf = node.conf("1.0.0");
+    conf["delegate"]["ipMasqBackend"] = "nftables".into();
+    let pod = Netns::new("cp");
+    let netns = pod.path().to_str().unwrap().to_string();
+    let res = node.cni("ADD", "n1", Some(&netns), "eth0", &conf).expect_ok().json();
+    let t = table();
+    assert!(t.contains("ip saddr 10.244.12.2 ip daddr != 10.244.12.0/24 masquerade comment"), "{t}");
+    assert!(t.contains(", net: cbr0, if: eth0, id: n1"), "{t}");
+    assert!(!nat().contains("CNI-"), "no iptables rule in nftables mode: {}", nat());
+    conf["prevResult"] = res;
+    node.cni("CHECK", "n1", Some(&netns), "eth0", &conf).expect_ok();
+    let out = node.ns.run("nft", &["flush", "chain", "inet", "cni_plugins_masquerade", "masq_checks"]);
+    assert!(out.status.success());
+    let out = node.cni("CHECK", "n1", Some(&netns), "eth0", &conf);
+    assert_eq!(out.code(), 102, "{}", out.stdout);
+    assert!(out.json()["details"].as_str().unwrap().contains("ipMasq"), "{}", out.stdout);
+    node.cni("DEL", "n1", Some(&netns), "eth0", &conf).expect_ok();
+
+    // Not asked for, on a node without iptables: nftables, and DEL follows what ADD used.
+    let bin = node.dir.join("nft-only-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let nft = flannel_shared::firewall::find_in_path("nft").unwrap();
+    std::os::unix::fs::symlink(nft, bin.join("nft")).unwrap();
+    let pod2 = Netns::new("cp");
+    let netns2 = pod2.path().to_str().unwrap().to_string();
+    let plain = node.conf("1.0.0");
+    let env = [
+        ("CNI_CONTAINERID", "n2"),
+        ("CNI_NETNS", netns2.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("PATH", bin.to_str().unwrap()),
+    ];
+    node.cni_raw("ADD", &env, plain.to_string().as_bytes()).expect_ok();
+    assert!(table().contains("id: n2"), "{}", table());
+    node.cni("DEL", "n2", Some(&netns2), "eth0", &plain).expect_ok();
+    assert!(!table().contains("id: n"), "rules left behind: {}", table());
+    node.assert_clean();
+}
+
 /// The POSTROUTING jump of one container's masquerade chain, as iptables-save prints it.
 fn rules_line(node: &Node, cid: &str) -> String {
     let rules = String::from_utf8_lossy(&node.ns.run("iptables-save", &["-t", "nat"]).stdout).into_owned();
