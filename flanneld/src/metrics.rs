@@ -124,7 +124,7 @@ impl Metrics {
             return Err("subnet.env not written");
         }
         if !self.rules_in_place.load(Ordering::Relaxed) {
-            return Err("iptables rules not in place");
+            return Err("firewall rules (iptables or nftables) not in place");
         }
         if !self.peers_synced.load(Ordering::Relaxed) {
             return Err("peers from the first lease listing not programmed yet");

@@ -510,7 +510,7 @@ fn rules_follow_the_flags_and_a_failing_firewall_holds_readiness() {
         *bed.fw.failing.borrow_mut() = true;
         bed.fw.present.borrow_mut().clear();
         a.ensure_rules();
-        assert_eq!(bed.metrics.readiness(), Err("iptables rules not in place"));
+        assert_eq!(bed.metrics.readiness(), Err("firewall rules (iptables or nftables) not in place"));
         assert_eq!(bed.metrics.iptables_errors.get(), 1);
         *bed.fw.failing.borrow_mut() = false;
         a.ensure_rules();
