@@ -251,3 +251,32 @@ fn a_node_without_nft_fails_at_start_naming_the_flag_and_the_package() {
     );
     assert!(nft(&c, 0, &["list", "ruleset"]).trim().is_empty(), "nothing written");
 }
+
+#[test]
+fn dual_stack_in_nftables_mode_writes_both_tables_and_carries_both_families() {
+    let mut c = Cluster::new("n6");
+    c.enable_ipv6();
+    c.put_config(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#,
+    );
+    for i in 0..2 {
+        c.add_node();
+        start_nft_agent(&mut c, i);
+    }
+    ready(&mut c);
+    c.add_pod(0);
+    c.add_pod(1);
+    assert!(pods_ping(&c));
+    let b6 = c.pods[1].ip6.expect("dual-stack pod").to_string();
+    let ok = wait_until(Duration::from_secs(5), || {
+        let out = c.pods[0].ns.run("ping", &["-6", "-c", "1", "-W", "2", &b6]);
+        out.status.success()
+    });
+    assert!(ok, "IPv6 between pods in nftables mode");
+    assert_eq!(nft(&c, 0, &["list", "tables"]).trim(), "table ip flannel-ipv4\ntable ip6 flannel-ipv6");
+    let t6 = nft(&c, 0, &["list", "table", "ip6", "flannel-ipv6"]);
+    let s6 = c.nodes[0].subnet6().unwrap();
+    assert!(t6.contains(&format!("ip6 saddr {s6} ip6 daddr fd00:10:244::/56 return")), "{t6}");
+    assert!(t6.contains("ip6 saddr fd00:10:244::/56 ip6 daddr != ff00::/8 masquerade fully-random"), "{t6}");
+    assert!(t6.contains("ip6 daddr fd00:10:244::/56 accept"), "{t6}");
+}
