@@ -84,6 +84,25 @@ impl Netns {
         c
     }
 
+    /// Re-runs this test binary's `test` inside the namespace (`ip netns exec`),
+    /// with `marker` set in its environment so the inner run knows it is the
+    /// one to do the work; panics with the inner run's output if it fails.
+    pub fn rerun_test_inside(&self, test: &str, marker: &str) {
+        let exe = std::env::current_exe().expect("the test binary");
+        let out = self
+            .command(exe.to_str().expect("utf-8 path"))
+            .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+            .env(marker, "1")
+            .output()
+            .expect("run the test inside the namespace");
+        assert!(
+            out.status.success(),
+            "inner run of {test} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs a program inside the namespace and returns its output (whatever the exit status).
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
         self.command(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"))

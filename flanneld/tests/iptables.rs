@@ -17,20 +17,7 @@ fn masq_and_forward_rules_are_installed_verified_and_repaired() {
         return child();
     }
     let ns = Netns::new("ipt");
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .arg(&exe)
-        .args(["--exact", "masq_and_forward_rules_are_installed_verified_and_repaired", "--nocapture"])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "child failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ns.rerun_test_inside("masq_and_forward_rules_are_installed_verified_and_repaired", CHILD);
     // Seen from outside: the rules live in the namespace (the masquerade set was removed at the end).
     let filter = save(&ns, "filter");
     assert!(filter.contains("-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD"), "{filter}");

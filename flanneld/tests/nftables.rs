@@ -12,21 +12,7 @@ use flannel_shared::firewall::{Firewall, Mode, PodMasq, RuleSet, iptables};
 const CHILD: &str = "FLANNELD_NFTABLES_TEST_CHILD";
 
 fn in_namespace(test: &str) {
-    let ns = Netns::new("nft");
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .arg(&exe)
-        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "child failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Netns::new("nft").rerun_test_inside(test, CHILD);
 }
 
 fn nft(args: &[&str]) -> String {

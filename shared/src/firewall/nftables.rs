@@ -228,9 +228,9 @@ pub fn apply(tx: &schema::Nftables<'_>) -> Result<(), FirewallError> {
     helper::apply_ruleset_with_args(tx, Some(NFT), &[] as &[&str]).map_err(|e| nft_err(&["-f", "-"], e))
 }
 
-/// `nft -j <args>`'s objects (metainfo and handles dropped, so two listings
-/// of the same rules compare equal); `None` when the object does not exist.
-fn list(args: &[&str]) -> Result<Option<Vec<Value>>, FirewallError> {
+/// `nft -j <args>`'s objects, handles included; `None` when the object
+/// listed does not exist.
+fn objects(args: &[&str]) -> Result<Option<Vec<Value>>, FirewallError> {
     let out = match helper::get_current_ruleset_raw(Some(NFT), args) {
         Ok(out) => out,
         Err(NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file or directory") => {
@@ -240,20 +240,19 @@ fn list(args: &[&str]) -> Result<Option<Vec<Value>>, FirewallError> {
     };
     let v: Value = serde_json::from_str(&out)
         .map_err(|e| FirewallError::Output { cmd: format!("{NFT} -j {}", args.join(" ")), msg: e.to_string() })?;
-    let mut objects: Vec<Value> = v
-        .get("nftables")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|o| o.get("metainfo").is_none())
-        .collect();
-    for o in &mut objects {
+    let all = v.get("nftables").and_then(Value::as_array).cloned().unwrap_or_default();
+    Ok(Some(all.into_iter().filter(|o| o.get("metainfo").is_none()).collect()))
+}
+
+/// [`objects`] without their handles, so two listings of the same rules compare equal.
+fn list(args: &[&str]) -> Result<Option<Vec<Value>>, FirewallError> {
+    let mut objects = objects(args)?;
+    for o in objects.iter_mut().flatten() {
         if let Some(inner) = o.as_object_mut().and_then(|m| m.values_mut().next()).and_then(Value::as_object_mut) {
             inner.remove("handle");
         }
     }
-    Ok(Some(objects))
+    Ok(objects)
 }
 
 /// What the driver last wrote for a family: the sets, and the table as read
@@ -350,12 +349,7 @@ pub fn forward_drop_chains() -> Result<Vec<String>, FirewallError> {
 /// nft itself: a switch to nftables mode works on nodes without the iptables
 /// binaries. Returns one line per chain removed.
 pub fn purge_iptables_nft(chains: &[&str]) -> Result<Vec<String>, FirewallError> {
-    // Unlike `list`, this needs the handles.
-    let raw = helper::get_current_ruleset_raw(Some(NFT), &["list", "ruleset"])
-        .map_err(|e| nft_err(&["list", "ruleset"], e))?;
-    let v: Value = serde_json::from_str(&raw)
-        .map_err(|e| FirewallError::Output { cmd: format!("{NFT} -j list ruleset"), msg: e.to_string() })?;
-    let all = v.get("nftables").and_then(Value::as_array).cloned().unwrap_or_default();
+    let all = objects(&["list", "ruleset"])?.unwrap_or_default();
     let fam = |s: &str| match s {
         "ip" => Some(NfFamily::IP),
         "ip6" => Some(NfFamily::IP6),
@@ -447,20 +441,9 @@ fn pod_table() -> Table<'static> {
 
 /// Handles of the rules in `masq_checks` whose comment starts with `prefix`.
 fn pod_rules(prefix: &str) -> Result<Vec<u32>, FirewallError> {
-    let args = ["list", "chain", "inet", POD_TABLE, POD_CHAIN];
-    let raw = match helper::get_current_ruleset_raw(Some(NFT), &args) {
-        Ok(raw) => raw,
-        Err(NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file or directory") => {
-            return Ok(Vec::new());
-        }
-        Err(e) => return Err(nft_err(&args, e)),
-    };
-    let v: Value = serde_json::from_str(&raw)
-        .map_err(|e| FirewallError::Output { cmd: format!("{NFT} -j {}", args.join(" ")), msg: e.to_string() })?;
-    Ok(v.get("nftables")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let rules = objects(&["list", "chain", "inet", POD_TABLE, POD_CHAIN])?.unwrap_or_default();
+    Ok(rules
+        .iter()
         .filter_map(|o| o.get("rule"))
         .filter(|r| r["comment"].as_str().is_some_and(|c| c.starts_with(prefix)))
         .filter_map(|r| r["handle"].as_u64().and_then(|h| u32::try_from(h).ok()))
