@@ -33,8 +33,7 @@ use crate::preflight::{self, PreflightError};
 use crate::reconcile::{self, Mode, RTPROT_FLANNEL};
 use crate::subnet::etcd::{self, EtcdManager};
 use crate::subnet::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
-use flannel_shared::firewall::iptables::Iptables;
-use flannel_shared::firewall::{self, Firewall, Mode as FirewallMode, RuleSet, nftables};
+use flannel_shared::firewall::{Firewall, RuleSet};
 
 /// Metric of the `--ip-blackhole-route` route: above cni0's connected route,
 /// so it only catches traffic while the bridge route is absent.
@@ -592,52 +591,6 @@ async fn signals() -> Result<impl std::future::Future<Output = Stop>, AgentError
     })
 }
 
-/// The firewall driver `EnableNFTables` asks for, after clearing away what the
-/// other mode left (a switch is an edit of net-conf.json and a restart).
-fn choose_firewall(opts: &Opts, cfg: &NetConfig) -> Result<Box<dyn Firewall>, AgentError> {
-    let mode = if cfg.enable_nftables { FirewallMode::Nftables } else { FirewallMode::Iptables };
-    let needed = opts.ip_masq || opts.iptables_forward_rules;
-    if needed && let Some(tool) = mode.missing_tool() {
-        let (flag, value) = ("EnableNFTables", cfg.enable_nftables);
-        return Err(AgentError::Config(format!(
-            "net-conf.json: {flag} is {value}, so the rules are written with {mode}, but `{tool}` is not on PATH: \
-             install the {} package{}",
-            mode.tools().1,
-            if value { "" } else { ", or set \"EnableNFTables\": true to use nftables" }
-        )));
-    }
-    let (removed, failed) = firewall::purge_other(mode);
-    for line in removed {
-        info!("switch to {mode}: {line}");
-    }
-    for line in failed {
-        warn!("switch to {mode}: {line}");
-    }
-    Ok(match mode {
-        FirewallMode::Iptables => {
-            let (fw, why) = Iptables::detect();
-            info!("iptables: writing with {} ({why})", fw.restore_command());
-            Box::new(fw)
-        }
-        FirewallMode::Nftables => {
-            info!("nftables: writing tables ip {} / ip6 {}", nftables::IPV4_TABLE, nftables::IPV6_TABLE);
-            if opts.iptables_forward_rules {
-                match nftables::forward_drop_chains() {
-                    Ok(drops) if !drops.is_empty() => warn!(
-                        "nftables: {} drop forwarded packets by policy; flannel's forward chain cannot override \
-                         another table's drop, so pod traffic between nodes is dropped until those chains accept it \
-                         (see the README, \"FORWARD policy DROP\")",
-                        drops.join(", ")
-                    ),
-                    Ok(_) => {}
-                    Err(e) => warn!("nftables: cannot check other tables' forward policies: {e}"),
-                }
-            }
-            Box::new(nftables::Nftables::new())
-        }
-    })
-}
-
 /// Starts an agent with `backend` and follows the manager's peer watch until a signal.
 async fn run_with<M: SubnetManager, B: Backend>(
     opts: Opts,
@@ -646,7 +599,7 @@ async fn run_with<M: SubnetManager, B: Backend>(
     cfg: &NetConfig,
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
-    let firewall = choose_firewall(&opts, cfg)?;
+    let firewall = crate::firewall::choose(&opts, cfg).map_err(AgentError::Config)?;
     let kernel = Netlink::connect()?;
     let parts = Parts { mgr, kernel, backend, firewall };
     let agent = Agent::start(opts, parts, cfg, metrics.clone(), Path::new("/proc")).await?;
