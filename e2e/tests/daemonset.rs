@@ -57,12 +57,13 @@ fn ping_mesh(c: &Cluster, podman: &Podman, agents: &[String]) {
     }
 }
 
-fn daemonset_on(backend: &str) {
+fn daemonset_on(backend: &str, nftables: bool) {
     let ds = DaemonSet::load();
     let mut net_conf: Value =
         serde_json::from_str(ds.config_file("net-conf.json").expect("net-conf.json in the ConfigMap"))
             .expect("net-conf.json is JSON");
     net_conf["Backend"]["Type"] = backend.into();
+    net_conf["EnableNFTables"] = nftables.into();
     let cni_conf: Value =
         serde_json::from_str(ds.config_file("cni-conf.json").expect("cni-conf.json in the ConfigMap"))
             .expect("cni-conf.json is JSON");
@@ -147,16 +148,34 @@ fn daemonset_on(backend: &str) {
     assert_eq!(own.1["PublicIP"], c.nodes[0].ip.to_string());
     ping_mesh(&c, &podman, &agents);
     c.assert_idle();
+
+    // The rules, written from inside the container with the manifest's capabilities.
+    for (i, n) in c.nodes.iter().enumerate() {
+        let tables = run_in(&n.ns, "nft", &["list", "tables"]);
+        let saved = run_in(&n.ns, "iptables-save", &[]);
+        if nftables {
+            assert!(tables.contains("table ip flannel-ipv4"), "node{}: {tables}", i + 1);
+            assert!(!saved.contains("FLANNEL"), "node{}: iptables rules in nftables mode:\n{saved}", i + 1);
+        } else {
+            assert!(saved.contains("-A FLANNEL-POSTRTG") && saved.contains("-A FLANNEL-FWD"), "node{}: {saved}", i + 1);
+            assert!(!tables.contains("flannel-ipv4"), "node{}: {tables}", i + 1);
+        }
+    }
 }
 
 #[test]
 fn daemonset_from_the_image_vxlan() {
-    daemonset_on("vxlan");
+    daemonset_on("vxlan", false);
+}
+
+#[test]
+fn daemonset_from_the_image_vxlan_nftables() {
+    daemonset_on("vxlan", true);
 }
 
 #[test]
 fn daemonset_from_the_image_host_gw() {
-    daemonset_on("host-gw");
+    daemonset_on("host-gw", false);
 }
 
 /// The offline build (scripts/image.sh) and the registry build
