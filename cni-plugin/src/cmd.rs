@@ -111,6 +111,12 @@ fn pod_routes(conf: &PluginConf, fams: &[Family]) -> Vec<RouteSpec> {
     routes
 }
 
+/// How an attachment's masquerade is written: as its ADD recorded, else as the
+/// configuration asks, else the host's default.
+fn masq_mode(conf: &PluginConf, saved: Option<&state::SavedState>) -> MasqMode {
+    saved.and_then(state::SavedState::ip_masq_backend).or(conf.ip_masq_backend).unwrap_or_else(MasqMode::host_default)
+}
+
 fn pod_masq<'a>(network: &'a str, container_id: &'a str, ifname: &'a str) -> PodMasq<'a> {
     PodMasq { network, container_id, ifname }
 }
@@ -312,8 +318,8 @@ async fn add_inner(
     let pod_link = dataplane::configure_pod(pod, &env.ifname, &addr_list, &kernel_routes).await?;
 
     // 3. Per-pod masquerading when flanneld does not masquerade itself.
-    let masq_mode = ip_masq.then(|| conf.ip_masq_backend.unwrap_or_else(MasqMode::host_default));
-    if let Some(mode) = masq_mode {
+    let masq_with = ip_masq.then(|| masq_mode(conf, None));
+    if let Some(mode) = masq_with {
         undo.masq = Some((mode, addr_list.iter().map(|a| a.addr()).collect()));
         pod_masq(&conf.name, &env.container_id, &env.ifname).setup(mode, &addr_list).map_err(|e| {
             CniError::new(code::IPTABLES_FAILURE, format!("failed to set up ipMasq with {mode}"))
@@ -329,7 +335,7 @@ async fn add_inner(
         bridge: &conf.bridge,
         mtu,
         ip_masq,
-        ip_masq_backend: masq_mode.map(|m| m.to_string()),
+        ip_masq_backend: masq_with.map(|m| m.to_string()),
         is_gateway: conf.is_gateway,
         is_default_gateway: conf.is_default_gateway,
         hairpin_mode: conf.hairpin,
@@ -443,9 +449,9 @@ pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
         .unwrap_or(false);
     if ip_masq {
         let mut ips = saved.ips();
-        ips.extend(released.iter().copied().filter(|ip| !saved.ips().contains(ip)));
-        let mode = saved.ip_masq_backend().or(conf.ip_masq_backend).unwrap_or_else(MasqMode::host_default);
-        if let Err(e) = pod_masq(&name, &env.container_id, &ifname).teardown(mode, &ips) {
+        let known = ips.clone();
+        ips.extend(released.iter().copied().filter(|ip| !known.contains(ip)));
+        if let Err(e) = pod_masq(&name, &env.container_id, &ifname).teardown(masq_mode(conf, Some(&saved)), &ips) {
             log.warn(&e.to_string());
         }
     }
@@ -654,8 +660,7 @@ pub fn check(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
     let ip_masq = conf.ip_masq.or_else(|| SubnetEnv::read(&conf.subnet_file).ok().map(|s| !s.ipmasq)).unwrap_or(false);
     if ip_masq {
         let saved = state::load(&state_path(conf, &env.container_id));
-        let mode =
-            saved.and_then(|s| s.ip_masq_backend()).or(conf.ip_masq_backend).unwrap_or_else(MasqMode::host_default);
+        let mode = masq_mode(conf, saved.as_ref());
         let addrs: Vec<IpNet> = pod_ips.iter().map(|ip| ip.address).collect();
         drift.extend(pod_masq(&conf.name, &env.container_id, &env.ifname).missing(mode, &addrs));
     }
@@ -706,7 +711,7 @@ pub fn gc(conf: &PluginConf, log: &mut Log) -> Result<()> {
             store.release_ip(&guard, a.ip).map_err(ipam_err)?;
             let saved = state::load(&state_path(conf, &a.container_id));
             if let Some(s) = saved.filter(|s| s.ip_masq.unwrap_or(false)) {
-                let mode = s.ip_masq_backend().or(conf.ip_masq_backend).unwrap_or_else(MasqMode::host_default);
+                let mode = masq_mode(conf, Some(&s));
                 if let Err(e) = pod_masq(&conf.name, &a.container_id, &a.ifname).teardown(mode, &[a.ip]) {
                     log.warn(&e.to_string());
                 }

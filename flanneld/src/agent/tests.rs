@@ -96,9 +96,6 @@ impl Firewall for FakeFirewall {
     fn mode(&self) -> Mode {
         Mode::Iptables
     }
-    fn describe(&self, set: &RuleSet) -> String {
-        format!("{set:?}")
-    }
     fn sync(&mut self, v6: bool, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
         if *self.failing.borrow() {
             return Err(FirewallError::Command { cmd: "fake".into(), msg: "refused".into() });

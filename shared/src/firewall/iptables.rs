@@ -237,11 +237,6 @@ impl Firewall for Iptables {
         Mode::Iptables
     }
 
-    fn describe(&self, set: &RuleSet) -> String {
-        let t = render(set);
-        format!("{} in table {}", t.chain, t.table)
-    }
-
     fn sync(&mut self, v6: bool, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
         let f = self.flavour(v6);
         let mut changes = Vec::new();

@@ -153,8 +153,6 @@ pub enum FirewallError {
 pub trait Firewall {
     /// For log lines (`iptables`, `nftables`).
     fn mode(&self) -> Mode;
-    /// What `set` is called in this driver's terms (`FLANNEL-POSTRTG in table nat`).
-    fn describe(&self, set: &RuleSet) -> String;
     /// Makes this driver's rules of one family exactly `sets` (those of the
     /// family's kinds not in `sets` are removed). Returns one line per change
     /// made; none when everything was in place.
@@ -164,9 +162,6 @@ pub trait Firewall {
 impl<T: Firewall + ?Sized> Firewall for Box<T> {
     fn mode(&self) -> Mode {
         (**self).mode()
-    }
-    fn describe(&self, set: &RuleSet) -> String {
-        (**self).describe(set)
     }
     fn sync(&mut self, v6: bool, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
         (**self).sync(v6, sets)

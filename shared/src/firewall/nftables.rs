@@ -133,6 +133,14 @@ fn rule(fam: NfFamily, table: &'static str, chain: &'static str, expr: Vec<State
     Rule { family: fam, table: table.into(), chain: chain.into(), expr: expr.into(), ..Rule::default() }
 }
 
+/// The chain of flannel's table that holds `set`.
+fn chain_of(set: &RuleSet) -> &'static str {
+    match set {
+        RuleSet::Masq { .. } => POSTRTG_CHAIN,
+        RuleSet::Forward { .. } => FORWARD_CHAIN,
+    }
+}
+
 /// The chain and rules of one set, in flannel's table for its family.
 pub fn render(set: &RuleSet) -> (Chain<'static>, Vec<Rule<'static>>) {
     let v6 = !set.is_ipv4();
@@ -140,7 +148,7 @@ pub fn render(set: &RuleSet) -> (Chain<'static>, Vec<Rule<'static>>) {
     match *set {
         RuleSet::Masq { network, subnet, random_fully } => {
             let (n, s) = (network.network(), subnet.network());
-            let chain = base_chain(fam, table, POSTRTG_CHAIN, NfChainType::NAT, NfHook::Postrouting, PRIORITY_SRCNAT);
+            let chain = base_chain(fam, table, chain_of(set), NfChainType::NAT, NfHook::Postrouting, PRIORITY_SRCNAT);
             let mark = Expression::BinaryOperation(Box::new(BinaryOperation::AND(
                 Expression::Named(NamedExpression::Meta(Meta { key: MetaKey::Mark })),
                 Expression::Number(KUBE_MARK_MASQ),
@@ -183,7 +191,7 @@ pub fn render(set: &RuleSet) -> (Chain<'static>, Vec<Rule<'static>>) {
         }
         RuleSet::Forward { network } => {
             let n = network.network();
-            let chain = base_chain(fam, table, FORWARD_CHAIN, NfChainType::Filter, NfHook::Forward, PRIORITY_FILTER);
+            let chain = base_chain(fam, table, chain_of(set), NfChainType::Filter, NfHook::Forward, PRIORITY_FILTER);
             let r = |expr| rule(fam, table, FORWARD_CHAIN, expr);
             let rules = vec![
                 r(vec![saddr(v6, Operator::EQ, prefix(n)), Statement::Accept(None)]),
@@ -280,15 +288,6 @@ impl Firewall for Nftables {
         Mode::Nftables
     }
 
-    fn describe(&self, set: &RuleSet) -> String {
-        let v6 = !set.is_ipv4();
-        let chain = match set {
-            RuleSet::Masq { .. } => POSTRTG_CHAIN,
-            RuleSet::Forward { .. } => FORWARD_CHAIN,
-        };
-        format!("chain {chain} in table {} {}", proto(v6), table_name(v6))
-    }
-
     fn sync(&mut self, v6: bool, sets: &[RuleSet]) -> Result<Vec<String>, FirewallError> {
         let name = table_name(v6);
         let now = list(&["list", "table", proto(v6), name])?;
@@ -311,13 +310,7 @@ impl Firewall for Nftables {
         apply(&replace_table(v6, sets))?;
         let listing = list(&["list", "table", proto(v6), name])?;
         *slot = Some(Written { sets: sets.to_vec(), listing });
-        let chains: Vec<&str> = sets
-            .iter()
-            .map(|s| match s {
-                RuleSet::Masq { .. } => POSTRTG_CHAIN,
-                RuleSet::Forward { .. } => FORWARD_CHAIN,
-            })
-            .collect();
+        let chains: Vec<&str> = sets.iter().map(chain_of).collect();
         Ok(vec![format!("wrote table {} {name} (chains {})", proto(v6), chains.join(", "))])
     }
 }
@@ -435,6 +428,12 @@ pub fn pod_comment(network: &str, ifname: &str, container_id: &str) -> String {
     c
 }
 
+/// The part of [`pod_comment`] that identifies the attachment: the two hashes
+/// (the readable rest may have been truncated, or written by another version).
+fn instance_prefix(comment: &str) -> &str {
+    &comment[..2 * 16 + 1]
+}
+
 fn pod_table() -> Table<'static> {
     Table { family: NfFamily::INet, name: POD_TABLE.into(), handle: None }
 }
@@ -466,7 +465,7 @@ fn delete_pod_rules(b: &mut Batch<'static>, handles: &[u32]) {
 /// attachment), replacing rules an earlier ADD of it left.
 pub fn pod_setup(p: &PodMasq<'_>, addrs: &[IpNet]) -> Result<(), FirewallError> {
     let comment = pod_comment(p.network, p.ifname, p.container_id);
-    let stale = pod_rules(&comment[..33])?;
+    let stale = pod_rules(instance_prefix(&comment))?;
     let fam = NfFamily::INet;
     let mut b = Batch::new();
     b.add(NfListObject::Table(pod_table()));
@@ -522,7 +521,7 @@ pub fn pod_missing(p: &PodMasq<'_>, addrs: &[IpNet]) -> Vec<String> {
 /// Removes the attachment's rules; none being there is fine (DEL is idempotent).
 pub fn pod_teardown(network: &str, ifname: &str, container_id: &str) -> Result<(), FirewallError> {
     let comment = pod_comment(network, ifname, container_id);
-    let handles = pod_rules(&comment[..33])?;
+    let handles = pod_rules(instance_prefix(&comment))?;
     if handles.is_empty() {
         return Ok(());
     }
