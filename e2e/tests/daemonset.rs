@@ -95,14 +95,18 @@ fn daemonset_on(backend: &str, nftables: bool) {
         // The cluster's helpers read subnet.env where the agent container writes it.
         std::os::unix::fs::symlink(host_path(node, "/run/flannel/subnet.env"), node.subnet_file()).unwrap();
         // A container's /proc/sys is read-only: forwarding is the node's to turn on
-        // (kubeadm's preflight checks it). Without it the agent stops at once, saying so.
+        // (kubeadm's preflight checks it). Without it the agent starts, as upstream
+        // does, and says loudly what is wrong and how to fix it.
         if i == 0 {
             run_in(&node.ns, "sysctl", &["-qw", "net.ipv4.ip_forward=0"]);
             let name = kubelet.start_agent(node, &args);
-            let exited = wait_until(Duration::from_secs(30), || podman.state(&name).as_deref() == Some("exited"));
-            let log = podman.logs(&name);
-            assert!(exited && log.contains("net.ipv4.ip_forward") && log.contains("sysctl -w"), "{log}");
-            podman.check(&["rm", &name]);
+            let warned = wait_until(Duration::from_secs(30), || {
+                let log = podman.logs(&name);
+                log.contains("net.ipv4.ip_forward is off") && log.contains("sysctl -w")
+            });
+            assert!(warned, "{:?}: {}", podman.state(&name), podman.logs(&name));
+            assert_eq!(podman.state(&name).as_deref(), Some("running"), "{}", podman.logs(&name));
+            podman.check(&["rm", "-f", &name]);
         }
         run_in(&node.ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         agents.push(kubelet.start_agent(node, &args));

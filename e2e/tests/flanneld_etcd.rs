@@ -361,8 +361,13 @@ fn bad_or_missing_network_config_stops_the_agent_naming_the_field() {
 #[test]
 fn flags_come_from_the_environment_too() {
     let bin = e2e::cluster::bin_path("flanneld");
+    // Upstream's form: `v0.1.0` on stderr.
     let out = std::process::Command::new(&bin).arg("--version").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("flanneld "));
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), format!("v{}\n", env!("CARGO_PKG_VERSION")));
+    let out = std::process::Command::new(&bin).arg("--subnet-lease-renew-margin=1440").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--subnet-lease-renew-margin"));
     // FLANNELD_<FLAG> is read like the flag: a bad value is refused naming the flag.
     let out = std::process::Command::new(&bin).env("FLANNELD_PUBLIC_IP", "not-an-ip").output().unwrap();
     assert!(!out.status.success());
@@ -446,11 +451,24 @@ fn uplink_by_regex_reach_or_address() {
     ns.ip(&["addr", "add", "198.51.100.1/24", "dev", "ext0"]);
     ns.ip(&["link", "set", "ext0", "up"]);
     ns.ip(&["link", "set", "ext1", "up"]);
-    let cases: [(&[&str], &str); 4] = [
+    ns.ip(&["link", "add", "alt0", "type", "veth", "peer", "name", "alt1"]);
+    ns.ip(&["addr", "add", "203.0.113.9/24", "dev", "alt0"]);
+    ns.ip(&["link", "set", "alt0", "up"]);
+    ns.ip(&["link", "set", "alt1", "up"]);
+    // Upstream's order, each falling through when nothing matches: every --iface,
+    // then every --iface-regex, then --iface-can-reach; a regex is one value
+    // (commas and counted repetitions included); --public-ip alone picks the
+    // interface holding it.
+    let cases: [(&[&str], &str); 9] = [
         (&["--iface-regex=^ext"], "198.51.100.1"),
+        (&["--iface-regex=^ext[0-9]{1,3}$"], "198.51.100.1"),
+        (&["--iface-regex=^eth[0-9]{1,3}$"], "192.0.2.1"),
+        (&["--iface-regex=^198\\.51\\.100\\.[0-9]{1,3}$"], "198.51.100.1"),
         (&["--iface-can-reach=198.51.100.77"], "198.51.100.1"),
         (&["--iface=192.0.2.1"], "192.0.2.1"),
         (&["--iface=nope0", "--iface=ext0"], "198.51.100.1"),
+        (&["--iface=nope0", "--iface-regex=(", "--iface-regex=^alt0$"], "203.0.113.9"),
+        (&["--public-ip=198.51.100.1"], "198.51.100.1"),
     ];
     for (flags, want) in cases {
         c.start_agent(0, flags);
@@ -464,9 +482,13 @@ fn uplink_by_regex_reach_or_address() {
         assert!(ok, "{flags:?}: {}", c.nodes[0].log());
         c.stop_agent(0);
     }
-    c.start_agent(0, &["--iface=nope0"]);
+    c.start_agent(0, &["--iface=nope0", "--iface-regex=^nope"]);
     assert!(wait_until(Duration::from_secs(10), || !c.nodes[0].agent_running()));
-    assert!(c.nodes[0].log().contains("none of --iface nope0 exists here"), "{}", c.nodes[0].log());
+    let log = c.nodes[0].log();
+    assert!(
+        log.contains("no interface matches") && log.contains("--iface nope0") && log.contains("--iface-regex ^nope"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -595,4 +617,29 @@ fn blackhole_route_for_the_node_subnet() {
         !out.status.success() && stderr.contains("Invalid argument") && !stdout.contains("eth0"),
         "{stdout}{stderr}"
     );
+}
+
+/// Where upstream starts, we start: `bridge-nf-call-iptables=0` and IP
+/// forwarding that cannot be turned on are warnings naming the sysctl (and a
+/// metric), not refusals; readiness does not depend on them. A missing
+/// br_netfilter is refused in iptables mode only, as upstream.
+#[test]
+fn sysctls_off_start_with_a_warning_and_a_metric() {
+    let mut c = Cluster::new("fs");
+    c.put_config(VXLAN);
+    c.add_node();
+    e2e::cluster::run_in(&c.nodes[0].ns, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=0"]);
+    c.start_agent(0, &[]);
+    assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
+    let log = c.nodes[0].log();
+    assert!(log.contains("net.bridge.bridge-nf-call-iptables is 0") && log.contains("sysctl -w"), "{log}");
+    let (_, metrics) = c.nodes[0].http_get("/metrics").expect("metrics");
+    assert!(
+        metrics.contains(r#"flannel_node_prerequisite_unmet{sysctl="net.bridge.bridge-nf-call-iptables"} 1"#),
+        "{metrics}"
+    );
+    // Left as the node has it.
+    let v = e2e::cluster::run_in(&c.nodes[0].ns, "sysctl", &["-n", "net.bridge.bridge-nf-call-iptables"]);
+    assert_eq!(v.trim(), "0");
+    e2e::cluster::run_in(&c.nodes[0].ns, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"]);
 }

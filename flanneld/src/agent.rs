@@ -124,8 +124,8 @@ pub async fn load_config<M: SubnetManager>(mgr: &mut M) -> Result<NetConfig, Age
     Ok(cfg)
 }
 
-/// The pod network's families on this uplink; turns on IPv6 forwarding when dual-stack.
-fn families(cfg: &NetConfig, uplink: &Uplink, proc: &Path) -> Result<Vec<FamilyNet>, AgentError> {
+/// The pod network's families on this uplink.
+fn families(cfg: &NetConfig, uplink: &Uplink) -> Result<Vec<FamilyNet>, AgentError> {
     let v4 = cfg.ipv4.clone().ok_or_else(|| AgentError::Config("network config: Network: missing".into()))?;
     let mut fams = vec![FamilyNet::v4(v4, uplink)];
     if let Some(f6) = &cfg.ipv6 {
@@ -135,9 +135,6 @@ fn families(cfg: &NetConfig, uplink: &Uplink, proc: &Path) -> Result<Vec<FamilyN
                 uplink.name
             ))
         })?;
-        if preflight::enable_ipv6_forward(proc)? {
-            info!("enabled net.ipv6.conf.all.forwarding (dual-stack pods are routed through this host)");
-        }
         info!("dual-stack: IPv6 network {}, public IPv6 {:?}", f6.network, uplink.public_ipv6);
         fams.push(fam);
     }
@@ -155,9 +152,18 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         proc: &Path,
     ) -> Result<Self, AgentError> {
         let Parts { mut mgr, kernel: k, mut backend, firewall: fw } = parts;
+        let report = preflight::check(proc, cfg)?;
+        for key in &report.enabled {
+            info!("enabled {key} (pods' traffic is routed through this host)");
+        }
+        for u in &report.unmet {
+            warn!("node prerequisite: {}", u.message);
+            metrics.prerequisite_unmet(&u.sysctl);
+        }
         // Subscribed before the first write, so nothing done to our state from here on goes unseen.
         let kernel = k.watch(metrics.clone());
-        let uplink = backend::find_uplink(&k, &opts).await?;
+        let stored = mgr.stored_public_ips().await;
+        let uplink = backend::find_uplink(&k, &opts, stored).await?;
         info!(
             "uplink {} ({}), public IP {}, MTU {}, backend {}",
             uplink.name,
@@ -166,7 +172,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             uplink.mtu,
             cfg.backend.kind.as_str()
         );
-        let fams = families(cfg, &uplink, proc)?;
+        let fams = families(cfg, &uplink)?;
         backend::teardown_others(&k, &cfg.backend).await?;
         let mut data = Vec::with_capacity(fams.len());
         for fam in &fams {
@@ -269,7 +275,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
 
     fn schedule_renew(&mut self, lease: &OwnLease) {
         let left = lease.expiration.duration_since(SystemTime::now()).unwrap_or_default();
-        let margin = Duration::from_secs(self.opts.subnet_lease_renew_margin * 60);
+        let margin = Duration::from_secs(self.opts.subnet_lease_renew_margin.max(1) as u64 * 60);
         // A margin longer than the lease itself would renew in a tight loop: renew at half-life then.
         let wait = if margin < left { left - margin } else { left / 2 };
         self.next_renew = Instant::now() + wait;
@@ -623,7 +629,7 @@ pub async fn run_kube(opts: Opts, metrics: Arc<Metrics>) -> Result<(), AgentErro
     let client = crate::subnet::kube::connect(&opts).await?;
     let node = crate::subnet::kube::node_name(&client).await?;
     info!("Kubernetes subnet manager for node {node}");
-    let mgr = crate::subnet::kube::KubeManager::new(client, node, &opts);
+    let mgr = crate::subnet::kube::KubeManager::new(client, node, &opts)?;
     run(opts, mgr, metrics).await
 }
 

@@ -11,7 +11,7 @@ use clap::{ArgAction, Parser};
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "flanneld",
-    version,
+    disable_version_flag = true,
     args_override_self = true,
     about = "flannel node agent: subnet leases and the VXLAN / host-gw data path"
 )]
@@ -37,10 +37,12 @@ pub struct Opts {
     pub etcd_password: Option<String>,
 
     /// Interface (name or IP) for inter-host traffic; repeat to give fallbacks in order.
-    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    /// Never split on commas (upstream's flag is repeatable; `FLANNELD_IFACE` is one value).
+    #[arg(long, env = "FLANNELD_IFACE")]
     pub iface: Vec<String>,
-    /// Regex matched against interface names and IPs; repeat to give fallbacks in order.
-    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    /// Regex matched against interface IPv4 addresses, then names; repeat to give fallbacks
+    /// in order, tried after every --iface. One pattern per flag: `^eth[0-9]{1,3}$` stays whole.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX")]
     pub iface_regex: Vec<String>,
     /// Use the interface of the route to this address.
     #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
@@ -53,9 +55,9 @@ pub struct Opts {
 
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
     pub subnet_file: PathBuf,
-    /// Renew the lease this many minutes before it expires.
-    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60)]
-    pub subnet_lease_renew_margin: u64,
+    /// Renew the lease this many minutes before it expires, from 1 to 1439 (as upstream).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60, allow_negative_numbers = true)]
+    pub subnet_lease_renew_margin: i64,
     /// Lifetime of the etcd lease in seconds (upstream fixes it at 24 h).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value_t = 24 * 3600, hide = true)]
     pub subnet_lease_ttl: i64,
@@ -101,12 +103,32 @@ pub struct Opts {
     #[arg(long, env = "FLANNELD_RECONCILE_INTERVAL", default_value_t = 60)]
     pub reconcile_interval: u64,
 
+    /// Print the version (upstream's form, `v0.1.0`, on stderr) and exit.
+    #[arg(long, action = ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub version: bool,
+
     /// Log verbosity: 0 = info, 1-2 = debug, 3+ = trace.
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
 }
 
+/// The version as upstream prints it.
+pub fn version() -> String {
+    format!("v{}", env!("CARGO_PKG_VERSION"))
+}
+
 impl Opts {
+    /// Checks upstream makes after parsing, with upstream's ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..24 * 60).contains(&self.subnet_lease_renew_margin) {
+            return Err(format!(
+                "--subnet-lease-renew-margin {}: out of range, must be from 1 to 1439 minutes",
+                self.subnet_lease_renew_margin
+            ));
+        }
+        Ok(())
+    }
+
     pub fn etcd_key(&self, rest: &str) -> String {
         format!("{}/{rest}", self.etcd_prefix.trim_end_matches('/'))
     }
@@ -145,5 +167,24 @@ mod tests {
         assert_eq!(o.iptables_resync, 7);
         let e = Opts::try_parse_from(["flanneld", "--public-ip=300.1.1.1"]).unwrap_err().to_string();
         assert!(e.contains("--public-ip"), "{e}");
+        assert!(o.validate().is_ok());
+    }
+
+    #[test]
+    fn iface_values_are_never_split_on_commas() {
+        let o = Opts::try_parse_from(["flanneld", "--iface-regex=^eth[0-9]{1,3}$", "--iface-regex", "^ens,x"]).unwrap();
+        assert_eq!(o.iface_regex, ["^eth[0-9]{1,3}$", "^ens,x"]);
+        let o = Opts::try_parse_from(["flanneld", "--iface=eth0,eth1"]).unwrap();
+        assert_eq!(o.iface, ["eth0,eth1"]);
+    }
+
+    #[test]
+    fn renew_margin_has_upstreams_range_and_version_its_form() {
+        for (m, ok) in [("0", false), ("-5", false), ("1", true), ("1439", true), ("1440", false)] {
+            let o = Opts::try_parse_from(["flanneld", &format!("--subnet-lease-renew-margin={m}")]).unwrap();
+            assert_eq!(o.validate().is_ok(), ok, "{m}");
+        }
+        assert!(Opts::try_parse_from(["flanneld", "--version"]).unwrap().version);
+        assert!(version().starts_with('v') && version()[1..].split('.').count() == 3, "{}", version());
     }
 }

@@ -1,6 +1,5 @@
 //! `flanneld`: the node agent binary.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -17,11 +16,6 @@ use flanneld::metrics::Metrics;
 use flanneld::preflight;
 
 async fn run(opts: Opts) -> Result<(), AgentError> {
-    let proc = Path::new("/proc");
-    preflight::check_br_netfilter(proc)?;
-    if preflight::enable_ip_forward(proc)? {
-        info!("enabled net.ipv4.ip_forward (pods' traffic is routed through this host)");
-    }
     let metrics = Arc::new(Metrics::default());
     if opts.healthz_port != 0 {
         let addr = std::net::SocketAddr::new(opts.healthz_ip, opts.healthz_port);
@@ -35,6 +29,14 @@ async fn run(opts: Opts) -> Result<(), AgentError> {
 
 fn main() -> ExitCode {
     let opts = Opts::parse();
+    if opts.version {
+        eprintln!("{}", flanneld::config::version());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = opts.validate() {
+        eprintln!("flanneld: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let level = match opts.verbosity {
         0 => tracing::Level::INFO,
         1 | 2 => tracing::Level::DEBUG,
@@ -49,7 +51,7 @@ fn main() -> ExitCode {
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
         .with(filter)
         .init();
-    info!("flanneld {} starting", env!("CARGO_PKG_VERSION"));
+    info!("flanneld {} starting", flanneld::config::version());
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

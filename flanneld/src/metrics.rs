@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -39,6 +40,8 @@ pub struct Metrics {
     pub rules_in_place: AtomicBool,
     /// The peers known from the first full lease listing are in the kernel.
     pub peers_synced: AtomicBool,
+    /// Node prerequisites found unmet at start (1 per sysctl; see the log).
+    unmet: Family<Vec<(String, String)>, Gauge>,
     /// Mirrors [`Metrics::readiness`], set when encoding.
     ready: Gauge,
     registry: Registry,
@@ -67,6 +70,7 @@ impl Default for Metrics {
             subnet_env_written: AtomicBool::new(false),
             rules_in_place: AtomicBool::new(false),
             peers_synced: AtomicBool::new(false),
+            unmet: Family::default(),
             ready: Gauge::default(),
             registry: Registry::with_prefix("flannel"),
         };
@@ -101,6 +105,11 @@ impl Default for Metrics {
             m.vtep_recreations.clone(),
         );
         r.register(
+            "node_prerequisite_unmet",
+            "1 for each node sysctl found wrong at start; the agent runs, the log says what breaks",
+            m.unmet.clone(),
+        );
+        r.register(
             "ready",
             "1 when the lease is held, subnet.env written, rules in place and the known peers programmed",
             m.ready.clone(),
@@ -115,6 +124,11 @@ pub fn count(n: usize) -> i64 {
 }
 
 impl Metrics {
+    /// Records a prerequisite that is not met (`sysctl` dotted).
+    pub fn prerequisite_unmet(&self, sysctl: &str) {
+        self.unmet.get_or_create(&vec![("sysctl".to_string(), sysctl.to_string())]).set(1);
+    }
+
     /// What /readyz checks, with the reason when not ready.
     pub fn readiness(&self) -> Result<(), &'static str> {
         if !self.lease_held.load(Ordering::Relaxed) {

@@ -58,7 +58,7 @@ fn setup() -> (KubeManager, Mock) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
     let opts = Opts::parse_from(["flanneld", "--kube-subnet-mgr"]);
-    let mut m = KubeManager::new(client, "node1".into(), &opts);
+    let mut m = KubeManager::new(client, "node1".into(), &opts).unwrap();
     m.pod_cidr_poll = Duration::from_millis(10);
     (m, handle)
 }
@@ -92,9 +92,10 @@ fn late_pod_cidr_annotations_and_network_up() {
             let mut n = node("node1", 2, Some("10.244.1.0/24"), None, "192.0.2.1");
             n["metadata"]["annotations"][format!("{P}/public-ip-overwrite")] = json!("203.0.113.1");
             respond(send, 200, &n);
-            // Annotations: a strategic-merge patch of the Node, never a replace.
+            // Annotations: a strategic-merge patch through the status subresource, as
+            // upstream (the ClusterRole has no `nodes` patch), never a replace.
             let (req, send) = next(&mut h).await;
-            assert_eq!((req.method(), req.uri().path()), (&Method::PATCH, "/api/v1/nodes/node1"));
+            assert_eq!((req.method(), req.uri().path()), (&Method::PATCH, "/api/v1/nodes/node1/status"));
             assert_eq!(req.headers()["content-type"], "application/strategic-merge-patch+json");
             let patch = body_json(req).await;
             let ann = &patch["metadata"]["annotations"];

@@ -69,6 +69,7 @@ async fn vtep(nl: &Netlink, name: &str, local: &str, uplink: u32) -> u32 {
         uplink: Some(uplink),
         mtu: None,
         gbp: false,
+        learning: false,
         mac: None,
     })
     .await

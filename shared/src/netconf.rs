@@ -33,10 +33,14 @@ pub struct Backend {
     pub port: u16,
     /// vxlan: peers on the same L2 subnet get direct routes instead of the overlay.
     pub direct_routing: bool,
-    /// VXLAN device MTU; uplink MTU - 50 when absent.
+    /// The *underlay* MTU the backend plans for, as upstream reads `Backend.MTU`:
+    /// the VXLAN device (and FLANNEL_MTU) gets this minus the encapsulation
+    /// overhead. The uplink's MTU when absent.
     pub mtu: Option<u32>,
     /// Group-based policy extension (vxlan only).
     pub gbp: bool,
+    /// Kernel MAC learning on the VXLAN device (vxlan only; upstream's `Learning`, off by default).
+    pub learning: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -302,6 +306,7 @@ impl NetConfig {
                 Some(m) => Some(m as u32),
             },
             gbp: get_bool(&backend, "gbp", "Backend.GBP")?.unwrap_or(false),
+            learning: get_bool(&backend, "learning", "Backend.Learning")?.unwrap_or(false),
         };
         let enable_nftables = get_bool(&top, "enablenftables", "EnableNFTables")?.unwrap_or(false);
         Ok(NetConfig { ipv4, ipv6, backend, enable_nftables })
@@ -326,7 +331,15 @@ mod tests {
         assert_eq!(f.subnets().count(), 255);
         assert_eq!(
             c.backend,
-            Backend { kind: BackendType::Vxlan, vni: 1, port: 8472, direct_routing: false, mtu: None, gbp: false }
+            Backend {
+                kind: BackendType::Vxlan,
+                vni: 1,
+                port: 8472,
+                direct_routing: false,
+                mtu: None,
+                gbp: false,
+                learning: false
+            }
         );
         assert!(!c.enable_nftables);
         // No Backend at all: vxlan.
@@ -366,6 +379,7 @@ mod tests {
             (r#"{"Network":"10.0.0.0/30"}"#, "Network"),
             (r#"{"Network":"banana"}"#, "Network"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"MTU":100}}"#, "Backend.MTU"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Learning":1}}"#, "Backend.Learning"),
             (r#"{"Network":"10.0.0.0/16","EnableIPv6":true}"#, "IPv6Network"),
             (r#"{"Network":"10.0.0.0/16","EnableNFTables":"yes"}"#, "EnableNFTables"),
             (r#"[1,2]"#, "(document)"),

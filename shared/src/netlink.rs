@@ -422,6 +422,8 @@ pub struct VxlanSpec<'a> {
     pub uplink: Option<u32>,
     pub mtu: Option<u32>,
     pub gbp: bool,
+    /// Kernel MAC learning (net-conf `Backend.Learning`; off by default: flanneld programs FDB and ARP itself).
+    pub learning: bool,
     /// A MAC to keep (e.g. restored from our own lease) instead of a random one.
     pub mac: Option<[u8; 6]>,
 }
@@ -566,9 +568,9 @@ impl Netlink {
         self.handle.link().del(index).execute().await.map_err(map_err(format!("delete link #{index}")))
     }
 
-    /// Creates a VXLAN device with learning off (flanneld programs FDB and ARP itself).
+    /// Creates a VXLAN device (learning as `spec.learning`; flanneld programs FDB and ARP itself either way).
     pub async fn create_vxlan(&self, spec: &VxlanSpec<'_>) -> Result<()> {
-        let mut b = LinkVxlan::new(spec.name, spec.vni).port(spec.port).learning(false);
+        let mut b = LinkVxlan::new(spec.name, spec.vni).port(spec.port).learning(spec.learning);
         if let Some(i) = spec.uplink {
             b = b.dev(i);
         }

@@ -58,6 +58,7 @@ fn vxlan_overlay_between_two_nodes() {
                 uplink: Some(uplink.index),
                 mtu: Some(uplink.mtu - 50),
                 gbp: false,
+                learning: false,
                 mac: None,
             };
             nl.create_vxlan(&spec).await.unwrap();
@@ -124,6 +125,7 @@ fn vxlan_overlay_between_two_nodes() {
             uplink: Some(uplink.index),
             mtu: None,
             gbp: false,
+            learning: false,
             mac: Some(keep),
         })
         .await

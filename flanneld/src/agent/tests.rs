@@ -131,8 +131,16 @@ impl Bed {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("flanneld-agent-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(dir.join("proc/sys/net/ipv6/conf/all")).unwrap();
-        std::fs::write(dir.join("proc/sys/net/ipv6/conf/all/forwarding"), "1").unwrap();
+        for f in [
+            "sys/net/ipv6/conf/all/forwarding",
+            "sys/net/ipv4/ip_forward",
+            "sys/net/bridge/bridge-nf-call-iptables",
+            "sys/net/bridge/bridge-nf-call-ip6tables",
+        ] {
+            let p = dir.join("proc").join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "1").unwrap();
+        }
         Bed {
             dir,
             kernel: FakeKernel::node("192.0.2.1/24"),
@@ -540,5 +548,27 @@ fn the_loop_applies_events_and_stops_on_request() {
         drop(tx);
         let e = a.run(rx, std::future::pending()).await.unwrap_err();
         assert_eq!(e.to_string(), "lease watch stopped");
+    });
+}
+
+/// `Backend.MTU` is the underlay's MTU, as upstream reads it: the VTEP and
+/// FLANNEL_MTU get it minus VXLAN's 50 bytes. `Learning` reaches the device.
+#[test]
+fn backend_mtu_is_the_underlay_mtu_and_learning_is_honoured() {
+    rt().block_on(async {
+        for (conf, mtu, learning) in [
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":1400}}"#, 1350, false),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","Learning":true}}"#, 1450, true),
+            (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","mtu":9000,"learning":false}}"#, 8950, false),
+        ] {
+            let bed = Bed::new();
+            let mgr = FakeManager::granting(&["10.244.7.0/24"]);
+            let cfg = NetConfig::parse(conf, |_| {}).unwrap();
+            let _a = bed.agent(&mgr, Vxlan::new(&cfg.backend), conf, &[]).await;
+            let vtep = bed.kernel.link("flannel.1").expect("flannel.1 created");
+            assert_eq!(vtep.mtu, mtu, "{conf}");
+            assert_eq!(vtep.vxlan.unwrap().learning, learning, "{conf}");
+            assert!(bed.subnet_env().contains(&format!("FLANNEL_MTU={mtu}\n")), "{conf}: {}", bed.subnet_env());
+        }
     });
 }

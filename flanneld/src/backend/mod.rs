@@ -24,7 +24,7 @@ use crate::kernel::Kernel;
 use crate::reconcile::Mode;
 use crate::subnet::{OwnLease, SubnetManager};
 
-pub use uplink::{Uplink, find_uplink};
+pub use uplink::{PublicIps, Uplink, find_uplink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

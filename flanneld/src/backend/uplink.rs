@@ -8,6 +8,8 @@ use regex_lite::Regex;
 use flannel_shared::IpNet;
 use flannel_shared::netlink::{Address, Link, RT_TABLE_MAIN};
 
+use tracing::info;
+
 use super::BackendError;
 use crate::config::Opts;
 use crate::kernel::Kernel;
@@ -40,82 +42,121 @@ pub(super) fn usable_v6(a: &Address) -> Option<Ipv6Addr> {
     }
 }
 
+/// An IPv4 address upstream would use on an interface: global or link-local unicast.
 fn usable_v4(a: &Address) -> Option<Ipv4Addr> {
     match a.net.addr() {
-        IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_link_local() => Some(v4),
+        IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() && !v4.is_multicast() && !v4.is_broadcast() => {
+            Some(v4)
+        }
         _ => None,
     }
 }
 
-/// Picks the uplink as upstream does: `--iface` (names or IPs, first found
-/// wins), else `--iface-regex`, else the interface of the route to
-/// `--iface-can-reach`, else the interface of the default route.
-pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts) -> Result<Uplink, BackendError> {
+/// Where the public addresses come from: flags, or (Kubernetes) our Node's
+/// `node-public-ip` / `node-public-ipv6` annotations, which win over the flags as upstream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PublicIps {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// One way of naming the uplink, tried in upstream's order.
+enum Want<'a> {
+    /// `--iface`: a name, or an address held by the interface.
+    Iface(&'a str),
+    /// `--iface-regex`: matched against interfaces' IPv4 addresses, then names.
+    Regex(&'a str),
+    /// `--iface-can-reach`: the interface of the route to it.
+    CanReach(IpAddr),
+    /// None of those: the interface holding the public IP, when one is given.
+    PublicIp(IpAddr),
+    /// None of those and no public IP: the interface of the default route.
+    DefaultRoute,
+}
+
+/// Picks the uplink as upstream's `main.go` does: each `--iface` in order
+/// (a name, or an address on it), then each `--iface-regex`, then
+/// `--iface-can-reach`, each falling through to the next when nothing
+/// matches (a bad regex is one that matches nothing). Without any of them:
+/// the interface holding `--public-ip` (or `--public-ipv6`) when given,
+/// else the interface of the default route. Values are never split on commas:
+/// a regex like `^eth[0-9]{1,3}$` is one pattern.
+pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts, stored: PublicIps) -> Result<Uplink, BackendError> {
     let links = nl.links().await?;
     let addrs = nl.addresses(None).await?;
     let v4_of = |index: u32| addrs.iter().filter(move |a| a.index == index).filter_map(usable_v4);
 
-    let mut chosen: Option<(&Link, Option<Ipv4Addr>)> = None;
-    if !opts.iface.is_empty() {
-        for want in &opts.iface {
-            chosen = match want.parse::<IpAddr>() {
-                Ok(ip) => addrs
-                    .iter()
-                    .find(|a| a.net.addr() == ip)
-                    .and_then(|a| links.iter().find(|l| l.index == a.index))
-                    .map(|l| (l, if let IpAddr::V4(v4) = ip { Some(v4) } else { None })),
-                Err(_) => links.iter().find(|l| &l.name == want).map(|l| (l, None)),
-            };
-            if chosen.is_some() {
-                break;
-            }
+    // Annotated addresses win over the flags (upstream's GetStoredPublicIP).
+    let public = PublicIps { v4: stored.v4.or(opts.public_ip), v6: stored.v6.or(opts.public_ipv6) };
+    let named = !opts.iface.is_empty() || !opts.iface_regex.is_empty() || opts.iface_can_reach.is_some();
+    let mut wants: Vec<(Want, String)> = Vec::new();
+    let public_ip = public.v4.map(IpAddr::V4).or(public.v6.map(IpAddr::V6));
+    if !named {
+        match public_ip {
+            Some(ip) => wants.push((Want::PublicIp(ip), format!("the public IP {ip}"))),
+            None => wants.push((Want::DefaultRoute, "the default route".into())),
         }
-        if chosen.is_none() {
-            return Err(BackendError::Uplink(format!("none of --iface {} exists here", opts.iface.join(","))));
-        }
-    } else if !opts.iface_regex.is_empty() {
-        for pat in &opts.iface_regex {
-            let re = Regex::new(pat).map_err(|e| BackendError::Uplink(format!("--iface-regex {pat:?}: {e}")))?;
-            // Addresses first, then names; an interface without a usable IPv4 address cannot carry traffic.
-            chosen = links
-                .iter()
-                .find_map(|l| v4_of(l.index).find(|ip| re.is_match(&ip.to_string())).map(|ip| (l, Some(ip))))
-                .or_else(|| {
-                    links
-                        .iter()
-                        .find(|l| l.name != "lo" && re.is_match(&l.name) && v4_of(l.index).next().is_some())
-                        .map(|l| (l, None))
-                });
-            if chosen.is_some() {
-                break;
-            }
-        }
-        if chosen.is_none() {
-            return Err(BackendError::Uplink(format!(
-                "no interface name or address matches --iface-regex {}",
-                opts.iface_regex.join(",")
-            )));
-        }
-    } else {
-        let (dst, what) = match opts.iface_can_reach {
-            Some(ip) => (ip, format!("--iface-can-reach {ip}")),
-            None => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), "the default route".to_string()),
-        };
-        let routes = nl.routes(dst.is_ipv4(), Some(RT_TABLE_MAIN)).await?;
-        let best = routes
-            .iter()
-            .filter(|r| {
-                r.oif.is_some() && r.dst.contains(dst) && (opts.iface_can_reach.is_some() || r.dst.prefix() == 0)
-            })
-            .max_by_key(|r| (r.dst.prefix(), std::cmp::Reverse(r.metric)));
-        let oif = best.and_then(|r| r.oif).ok_or_else(|| {
-            BackendError::Uplink(format!("no route for {what}; pass --iface to name the interface for node traffic"))
-        })?;
-        chosen = links.iter().find(|l| l.index == oif).map(|l| (l, None));
     }
-    let (link, ip) = chosen.ok_or_else(|| BackendError::Uplink("the chosen interface vanished".into()))?;
-    let ip = ip.or_else(|| v4_of(link.index).next()).ok_or_else(|| {
-        BackendError::Uplink(format!("{} has no IPv4 address; give --public-ip or another --iface", link.name))
+    wants.extend(opts.iface.iter().map(|i| (Want::Iface(i), format!("--iface {i}"))));
+    wants.extend(opts.iface_regex.iter().map(|r| (Want::Regex(r), format!("--iface-regex {r}"))));
+    wants.extend(opts.iface_can_reach.map(|ip| (Want::CanReach(ip), format!("--iface-can-reach {ip}"))));
+
+    let mut chosen: Option<(&Link, Ipv4Addr)> = None;
+    let mut tried = Vec::new();
+    for (want, what) in &wants {
+        let found: Result<(&Link, Option<Ipv4Addr>), String> = match want {
+            Want::PublicIp(ip) => by_address(&links, &addrs, *ip).ok_or_else(|| format!("no interface here has {ip}")),
+            Want::Iface(name) => match name.parse::<IpAddr>() {
+                Ok(ip) => by_address(&links, &addrs, ip).ok_or_else(|| format!("no interface here has {ip}")),
+                Err(_) => {
+                    links.iter().find(|l| &l.name == name).map(|l| (l, None)).ok_or_else(|| "no such interface".into())
+                }
+            },
+            Want::Regex(pat) => match Regex::new(pat) {
+                Err(e) => Err(format!("not a valid regex: {e}")),
+                // Addresses first, then names, as upstream; among matching names the
+                // first with an IPv4 address (upstream takes the first and gives up
+                // when it has none: a veth pair `ext0`/`ext1` would stop it).
+                Ok(re) => links
+                    .iter()
+                    .find_map(|l| v4_of(l.index).find(|ip| re.is_match(&ip.to_string())).map(|ip| (l, Some(ip))))
+                    .or_else(|| {
+                        let mut names = links.iter().filter(|l| re.is_match(&l.name));
+                        names.clone().find(|l| v4_of(l.index).next().is_some()).or(names.next()).map(|l| (l, None))
+                    })
+                    .ok_or_else(|| {
+                        let all: Vec<String> = links
+                            .iter()
+                            .map(|l| format!("{}:{:?}", l.name, v4_of(l.index).collect::<Vec<_>>()))
+                            .collect();
+                        format!("matches none of the interfaces ({})", all.join(", "))
+                    }),
+            },
+            Want::CanReach(dst) => route_oif(nl, &links, *dst, false).await?,
+            Want::DefaultRoute => route_oif(nl, &links, IpAddr::V4(Ipv4Addr::UNSPECIFIED), true).await?,
+        };
+        match found {
+            Ok((link, ip)) => match ip.or_else(|| v4_of(link.index).next()) {
+                Some(ip) => {
+                    info!("uplink {} ({ip}) from {what}", link.name);
+                    chosen = Some((link, ip));
+                    break;
+                }
+                None => tried.push(format!("{what}: {} has no IPv4 address", link.name)),
+            },
+            Err(why) => tried.push(format!("{what}: {why}")),
+        }
+        if named {
+            info!("could not use {}", tried.last().map(String::as_str).unwrap_or_default());
+        }
+    }
+    let (link, ip) = chosen.ok_or_else(|| {
+        let hint = if named {
+            "no interface matches the interfaces, regexes or address given"
+        } else {
+            "no interface to use; pass --iface to name the interface for node traffic"
+        };
+        BackendError::Uplink(format!("{hint} ({})", tried.join("; ")))
     })?;
     let nets =
         addrs.iter().filter(|a| a.index == link.index && usable_v4(a).is_some()).map(|a| a.net.network()).collect();
@@ -127,9 +168,36 @@ pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts) -> Result<Uplink, Backe
         mtu: link.mtu,
         ip,
         nets,
-        public_ip: opts.public_ip.unwrap_or(ip),
+        public_ip: public.v4.unwrap_or(ip),
         ip6,
         nets6: v6.iter().map(|a| a.net.network()).collect(),
-        public_ipv6: opts.public_ipv6.or(ip6),
+        public_ipv6: public.v6.or(ip6),
+    })
+}
+
+/// The interface holding `ip`, and `ip` when it is an IPv4 address (the tunnel's source).
+fn by_address<'a>(links: &'a [Link], addrs: &[Address], ip: IpAddr) -> Option<(&'a Link, Option<Ipv4Addr>)> {
+    let a = addrs.iter().find(|a| a.net.addr() == ip)?;
+    let link = links.iter().find(|l| l.index == a.index)?;
+    Some((link, if let IpAddr::V4(v4) = ip { Some(v4) } else { None }))
+}
+
+/// The interface of the most specific main-table route to `dst` (`default`: the default route only).
+async fn route_oif<'a, K: Kernel>(
+    nl: &K,
+    links: &'a [Link],
+    dst: IpAddr,
+    default: bool,
+) -> Result<Result<(&'a Link, Option<Ipv4Addr>), String>, BackendError> {
+    let routes = nl.routes(dst.is_ipv4(), Some(RT_TABLE_MAIN)).await?;
+    let best = routes
+        .iter()
+        .filter(|r| r.oif.is_some() && r.dst.contains(dst) && (!default || r.dst.prefix() == 0))
+        .max_by_key(|r| (r.dst.prefix(), std::cmp::Reverse(r.metric)));
+    Ok(match best.and_then(|r| r.oif) {
+        None => Err("no route".into()),
+        Some(oif) => {
+            links.iter().find(|l| l.index == oif).map(|l| (l, None)).ok_or_else(|| "route's interface vanished".into())
+        }
     })
 }

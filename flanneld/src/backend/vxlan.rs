@@ -25,6 +25,13 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 /// The same with an outer IPv6 header.
 pub const VXLAN6_OVERHEAD: u32 = 70;
 
+/// The MTU of the network the tunnel runs over: `Backend.MTU` when given
+/// (upstream's meaning: the underlay's MTU, so a copied `"MTU":1400` makes a
+/// 1350 device), else the uplink's.
+pub fn underlay_mtu(cfg: &BackendConfig, uplink: &Uplink) -> u32 {
+    cfg.mtu.unwrap_or(uplink.mtu)
+}
+
 /// The device's name for a family.
 pub fn device_name(vni: u32, v6: bool) -> String {
     if v6 { format!("flannel-v6.{vni}") } else { format!("flannel.{vni}") }
@@ -62,7 +69,8 @@ impl Vxlan {
             vni: self.cfg.vni,
             port: self.cfg.port,
             gbp: self.cfg.gbp,
-            mtu: self.cfg.mtu.unwrap_or(uplink.mtu.saturating_sub(overhead)),
+            learning: self.cfg.learning,
+            mtu: underlay_mtu(&self.cfg, uplink).saturating_sub(overhead),
         })
     }
 }
@@ -156,6 +164,7 @@ pub struct VtepSpec {
     pub vni: u32,
     pub port: u16,
     pub gbp: bool,
+    pub learning: bool,
     pub mtu: u32,
 }
 
@@ -177,8 +186,8 @@ impl VtepSpec {
         if v.uplink.is_some_and(|i| i != uplink.index) {
             diffs.push(format!("dev #{:?} (want {})", v.uplink, uplink.name));
         }
-        if v.learning {
-            diffs.push("learning on".into());
+        if v.learning != self.learning {
+            diffs.push(format!("learning {}", if v.learning { "on" } else { "off" }));
         }
         if v.gbp != self.gbp {
             diffs.push(format!("gbp {}", v.gbp));
@@ -221,6 +230,7 @@ pub async fn ensure_vtep<K: Kernel>(
                 uplink: Some(uplink.index),
                 mtu: Some(spec.mtu),
                 gbp: spec.gbp,
+                learning: spec.learning,
                 mac,
             })
             .await?;

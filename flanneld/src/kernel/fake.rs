@@ -166,7 +166,7 @@ impl Kernel for FakeKernel {
                 port: spec.port,
                 local: spec.local,
                 uplink: spec.uplink,
-                learning: false,
+                learning: spec.learning,
                 gbp: spec.gbp,
             }),
         });

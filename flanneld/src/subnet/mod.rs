@@ -87,6 +87,12 @@ pub trait SubnetManager {
     /// The VtepMAC this node advertised before (for the IPv6 VTEP when `v6`),
     /// so a rebuilt VXLAN device keeps it.
     async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr, v6: bool) -> Option<String>;
+    /// Public addresses stored for this node outside the flags (Kubernetes: our
+    /// Node's `node-public-ip` / `node-public-ipv6` annotations); they pick the
+    /// uplink and are advertised, as upstream's `GetStoredPublicIP`.
+    async fn stored_public_ips(&mut self) -> crate::backend::PublicIps {
+        crate::backend::PublicIps::default()
+    }
     /// Starts the peer watch: the first listing as a `Snapshot`, then `Added` and
     /// `Removed` as leases change; a broken watch is listed again (another
     /// `Snapshot`) after a backoff. Runs until `tx` is closed.

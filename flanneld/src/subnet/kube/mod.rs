@@ -5,7 +5,7 @@
 //! `kube-subnet-manager`), and peers are learnt from a Node watcher.
 //! Every write is a strategic-merge patch, never a replace.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +26,7 @@ mod node;
 pub use node::{NodeView, PeerNode, node_lease, pod_cidr, pod_cidr_of};
 
 use super::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
+use crate::backend::PublicIps;
 use crate::config::Opts;
 use crate::metrics::Metrics;
 
@@ -90,22 +91,46 @@ pub struct Keys {
     pub public_ipv6: String,
     pub subnet_manager: String,
     pub public_ip_overwrite: String,
+    pub public_ipv6_overwrite: String,
     pub node_public_ip: String,
+    pub node_public_ipv6: String,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Keys {
-        let p = prefix.trim_end_matches('/');
-        Keys {
-            backend_type: format!("{p}/backend-type"),
-            backend_data: format!("{p}/backend-data"),
-            public_ip: format!("{p}/public-ip"),
-            backend_v6_data: format!("{p}/backend-v6-data"),
-            public_ipv6: format!("{p}/public-ipv6"),
-            subnet_manager: format!("{p}/kube-subnet-manager"),
-            public_ip_overwrite: format!("{p}/public-ip-overwrite"),
-            node_public_ip: format!("{p}/node-public-ip"),
+    /// Keys under `--kube-annotation-prefix`, read as upstream reads it: at most
+    /// one `/`; without one, `/` is appended (`example.com` -> `example.com/backend-type`);
+    /// with one, the part after it is a name prefix joined with `-`
+    /// (`example.com/net` -> `example.com/net-backend-type`); the result must look
+    /// like `fqdn/[0-9a-z-_]*` (upstream's own pattern, matched the same way).
+    pub fn new(prefix: &str) -> Result<Keys, SubnetError> {
+        let bad = |why: &str| SubnetError::Refused(format!("--kube-annotation-prefix {prefix:?}: {why}"));
+        let mut p = prefix.to_string();
+        match p.matches('/').count() {
+            0 => p.push('/'),
+            1 => {}
+            _ => return Err(bad("can contain at most one slash")),
         }
+        if !p.ends_with('/') && !p.ends_with('-') {
+            p.push('-');
+        }
+        // Upstream's pattern, unanchored at the start as upstream matches it.
+        let re = regex_lite::Regex::new(r"(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?$").expect("valid pattern");
+        if !re.is_match(&p) {
+            return Err(bad("must be in the form fqdn/[0-9a-z-_]*"));
+        }
+        let k = |name: &str| format!("{p}{name}");
+        Ok(Keys {
+            backend_type: k("backend-type"),
+            backend_data: k("backend-data"),
+            public_ip: k("public-ip"),
+            backend_v6_data: k("backend-v6-data"),
+            public_ipv6: k("public-ipv6"),
+            subnet_manager: k("kube-subnet-manager"),
+            public_ip_overwrite: k("public-ip-overwrite"),
+            public_ipv6_overwrite: k("public-ipv6-overwrite"),
+            node_public_ip: k("node-public-ip"),
+            node_public_ipv6: k("node-public-ipv6"),
+        })
     }
 }
 
@@ -147,14 +172,14 @@ pub struct KubeManager {
 }
 
 impl KubeManager {
-    pub fn new(client: Client, node: String, opts: &Opts) -> KubeManager {
-        KubeManager {
+    pub fn new(client: Client, node: String, opts: &Opts) -> Result<KubeManager, SubnetError> {
+        Ok(KubeManager {
             client,
             node,
-            keys: Keys::new(&opts.kube_annotation_prefix),
+            keys: Keys::new(&opts.kube_annotation_prefix)?,
             net_config_path: opts.net_config_path.clone(),
             pod_cidr_poll: Duration::from_secs(2),
-        }
+        })
     }
 
     fn nodes(&self) -> Api<Node> {
@@ -240,6 +265,39 @@ impl SubnetManager for KubeManager {
         data.get("VtepMAC")?.as_str().map(String::from)
     }
 
+    async fn stored_public_ips(&mut self) -> PublicIps {
+        let node = match self.nodes().get(&self.node).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("get node {} for its {} annotation: {e}", self.node, self.keys.node_public_ip);
+                return PublicIps::default();
+            }
+        };
+        let read = |key: &str| {
+            let v = node.annotation(key)?;
+            match v.parse::<IpAddr>() {
+                Ok(ip) => {
+                    info!("public IP {ip} from the {key} annotation of node {}", self.node);
+                    Some(ip)
+                }
+                Err(_) => {
+                    warn!("node {}: annotation {key}={v:?} is not an IP address; ignored", self.node);
+                    None
+                }
+            }
+        };
+        PublicIps {
+            v4: read(&self.keys.node_public_ip).and_then(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            }),
+            v6: read(&self.keys.node_public_ipv6).and_then(|ip| match ip {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            }),
+        }
+    }
+
     async fn acquire(&mut self, c: &Claim<'_>) -> Result<OwnLease, SubnetError> {
         let (family, attrs) = (c.family, c.attrs);
         let api = self.nodes();
@@ -278,18 +336,27 @@ impl SubnetManager for KubeManager {
             }
             None => None,
         };
+        // `node-public-ip(v6)` already chose the uplink and our address (stored_public_ips);
+        // `public-ip(v6)-overwrite` replaces only what peers are told, as upstream.
         let mut attrs = attrs.clone();
-        for key in [&self.keys.public_ip_overwrite, &self.keys.node_public_ip] {
-            if let Some(ip) = node.annotation(key).and_then(|v| v.parse::<Ipv4Addr>().ok()) {
-                info!("public IP {ip} from the {key} annotation");
-                attrs.public_ip = ip;
-                break;
-            }
+        let overwrite = &self.keys.public_ip_overwrite;
+        if let Some(ip) = node.annotation(overwrite).and_then(|v| v.parse::<Ipv4Addr>().ok()) {
+            info!("public IP {ip} from the {overwrite} annotation");
+            attrs.public_ip = ip;
         }
+        let overwrite6 = &self.keys.public_ipv6_overwrite;
+        if attrs.public_ipv6.is_some()
+            && let Some(ip) = node.annotation(overwrite6).and_then(|v| v.parse::<Ipv6Addr>().ok())
+        {
+            info!("public IPv6 {ip} from the {overwrite6} annotation");
+            attrs.public_ipv6 = Some(ip);
+        }
+        // Through the status subresource, as upstream: the ClusterRole grants
+        // `nodes/status` patch and no `nodes` patch.
         let patch = annotations_patch(&self.keys, &attrs);
-        api.patch(&self.node, &PatchParams::default(), &Patch::Strategic(&patch))
+        api.patch_status(&self.node, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
-            .map_err(|e| api_err(&format!("annotate node {}", self.node), e))?;
+            .map_err(|e| api_err(&format!("annotate node {} (nodes/status patch)", self.node), e))?;
         info!("node {} has podCIDR {subnet}; annotations published", self.node);
         Ok(OwnLease { subnet, subnet6, attrs, expiration: SystemTime::now() + Duration::from_secs(24 * 3600), id: 1 })
     }
@@ -331,9 +398,33 @@ mod tests {
         .unwrap()
     }
 
+    /// `--kube-annotation-prefix` as upstream's newAnnotations reads it.
+    #[test]
+    fn annotation_prefix_forms_and_validation() {
+        let cases = [
+            ("flannel.alpha.coreos.com", "flannel.alpha.coreos.com/backend-type"),
+            ("flannel.alpha.coreos.com/", "flannel.alpha.coreos.com/backend-type"),
+            ("example.com/net", "example.com/net-backend-type"),
+            ("example.com/net-", "example.com/net-backend-type"),
+            ("k8s.example.org/flannel_2", "k8s.example.org/flannel_2-backend-type"),
+        ];
+        for (prefix, want) in cases {
+            let k = Keys::new(prefix).unwrap_or_else(|e| panic!("{prefix}: {e}"));
+            assert_eq!(k.backend_type, want, "{prefix}");
+            assert!(
+                k.node_public_ipv6.ends_with("node-public-ipv6")
+                    && k.public_ipv6_overwrite.ends_with("public-ipv6-overwrite")
+            );
+        }
+        for bad in ["a/b/c", "nodots", "nodots/x", "example.com/UPPER", "example.com/a.b", ""] {
+            let e = Keys::new(bad).err().unwrap_or_else(|| panic!("{bad:?} must be refused")).to_string();
+            assert!(e.contains("--kube-annotation-prefix"), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn leases_from_nodes() {
-        let k = Keys::new("flannel.alpha.coreos.com");
+        let k = Keys::new("flannel.alpha.coreos.com").unwrap();
         let n = node(
             "n2",
             Some("10.244.2.0/24"),
@@ -341,6 +432,7 @@ mod tests {
                 ("flannel.alpha.coreos.com/backend-type", "vxlan"),
                 ("flannel.alpha.coreos.com/backend-data", r#"{"VNI":1,"VtepMAC":"0e:00:00:00:00:02"}"#),
                 ("flannel.alpha.coreos.com/public-ip", "192.0.2.2"),
+                ("flannel.alpha.coreos.com/kube-subnet-manager", "true"),
             ],
         );
         let l = node_lease(&n, &k).unwrap();

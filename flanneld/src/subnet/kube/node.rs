@@ -135,8 +135,14 @@ pub fn pod_cidr_of(node: &impl NodeView, v4: bool) -> Option<IpNet> {
         .map(|n| n.network())
 }
 
-/// A peer's lease from its Node: podCIDR plus our annotations; None until both are there.
+/// A peer's lease from its Node: podCIDR plus our annotations; None until both
+/// are there, and None for a Node whose `kube-subnet-manager` annotation is not
+/// `"true"` (upstream ignores those: their annotations were not written by a
+/// kube-subnet-manager flannel).
 pub fn node_lease(node: &impl NodeView, keys: &Keys) -> Option<Lease> {
+    if node.annotation(&keys.subnet_manager) != Some("true") {
+        return None;
+    }
     let subnet = pod_cidr(node)?;
     let public_ip: Ipv4Addr = node.annotation(&keys.public_ip)?.parse().ok()?;
     let backend_type = node.annotation(&keys.backend_type)?.to_string();
@@ -164,7 +170,7 @@ mod tests {
     /// does not need are not kept.
     #[test]
     fn peer_node_reads_what_a_lease_needs_only() {
-        let keys = Keys::new("flannel.alpha.coreos.com");
+        let keys = Keys::new("flannel.alpha.coreos.com").unwrap();
         let v = json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": "n2", "resourceVersion": "42", "labels": {"a": "b"},
@@ -172,7 +178,8 @@ mod tests {
                 "annotations": {
                     "flannel.alpha.coreos.com/backend-type": "vxlan",
                     "flannel.alpha.coreos.com/backend-data": r#"{"VNI":1,"VtepMAC":"0e:00:00:00:00:02"}"#,
-                    "flannel.alpha.coreos.com/public-ip": "192.0.2.2"}},
+                    "flannel.alpha.coreos.com/public-ip": "192.0.2.2",
+                    "flannel.alpha.coreos.com/kube-subnet-manager": "true"}},
             "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24", "fd00:10:244:2::/64"]},
             "status": {"images": [{"names": ["x"], "sizeBytes": 1}], "conditions": [{"type": "Ready", "status": "True"}]},
         });
@@ -183,6 +190,17 @@ mod tests {
         assert_eq!(pod_cidr_of(&peer, false).unwrap().to_string(), "fd00:10:244:2::/64");
         assert_eq!(peer.metadata.resource_version.as_deref(), Some("42"));
         assert!(peer.metadata.labels.is_none() && peer.metadata.managed_fields.is_none());
+        // Annotations not written by a kube-subnet-manager flannel: no peer, as upstream.
+        let mut other = peer.clone();
+        other.metadata.annotations.as_mut().unwrap().remove("flannel.alpha.coreos.com/kube-subnet-manager");
+        assert!(node_lease(&other, &keys).is_none());
+        other
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("flannel.alpha.coreos.com/kube-subnet-manager".into(), "false".into());
+        assert!(node_lease(&other, &keys).is_none());
         // A Node without spec (just registered) is no peer, not an error.
         let bare: PeerNode = serde_json::from_value(json!({"metadata": {"name": "n9"}})).unwrap();
         assert!(node_lease(&bare, &keys).is_none());
