@@ -5,7 +5,8 @@
 #   Debian's reference CNI plugins (portmap, the benchmark baseline)
 #   etcd-client's build: protoc AND the well-known .proto files (libprotobuf-dev
 #     is only a Recommends of protobuf-compiler, and we install without those)
-#   the cluster: etcd-server, etcd-client (etcdctl); openssl for the TLS test's CA
+#   the cluster: etcd-server, etcd-client (etcdctl); openssl for the TLS tests' CAs; curl, the client
+#     of the real-kube-apiserver tests (scripts/test-kube-apiserver.sh)
 #   the image (scripts/image.sh): mmdebstrap, buildah; podman runs the DaemonSet's
 #     containers in the e2e test (crun, conmon come with it); containerd + runc
 #     (ctr) take the same archive and are the e2e nodes' CRI runtime; busybox-static
@@ -14,7 +15,7 @@ set -euo pipefail
 
 packages=(iproute2 iptables nftables iputils-ping tcpdump conntrack kmod procps
           containernetworking-plugins protobuf-compiler libprotobuf-dev
-          etcd-server etcd-client openssl
+          etcd-server etcd-client openssl curl
           mmdebstrap buildah podman uidmap ca-certificates containerd runc busybox-static)
 missing=()
 for p in "${packages[@]}"; do

@@ -8,6 +8,7 @@ pub mod cri;
 pub mod daemonset;
 pub mod images;
 pub mod kube_api;
+pub mod kube_apiserver;
 pub mod kubeproxy;
 pub mod manifest;
 pub mod ns;
