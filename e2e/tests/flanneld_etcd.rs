@@ -643,3 +643,52 @@ fn sysctls_off_start_with_a_warning_and_a_metric() {
     assert_eq!(v.trim(), "0");
     e2e::cluster::run_in(&c.nodes[0].ns, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"]);
 }
+
+/// Steady state on a real kernel: a peer's lease re-put unchanged (what a
+/// renewal or a Node heartbeat looks like to the agent) runs no pass and
+/// writes nothing; a real change (a VtepMAC, as after a reinstall) reaches
+/// the kernel as that peer's own writes, whose notifications wake no pass,
+/// and leaves the kernel as a full pass would have it.
+#[test]
+fn unchanged_leases_run_no_pass_and_a_change_runs_only_its_writes() {
+    let mut c = cluster(3, VXLAN);
+    c.assert_idle();
+    // The peer whose lease we play with is stopped, so it does not put its own back.
+    let peer_subnet = c.nodes[1].subnet().unwrap();
+    c.stop_agent(1);
+    let runs = || c.nodes[0].metric("flannel_reconcile_runs_total").unwrap();
+    let before = runs();
+    let mentions = || c.nodes[0].log().matches(&format!("peer lease {peer_subnet}")).count();
+    let mentioned = mentions();
+    let (_, value) = c.leases().into_iter().find(|(s, _)| *s == peer_subnet).unwrap();
+    let key = format!("/coreos.com/network/subnets/{}", peer_subnet.replace('/', "-"));
+    for _ in 0..10 {
+        c.etcdctl(&["put", "--ignore-lease", &key, &value.to_string()]);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(runs(), before, "unchanged lease values ran a pass:\n{}", c.nodes[0].log());
+    assert_eq!(mentions(), mentioned, "unchanged lease values were logged:\n{}", c.nodes[0].log());
+
+    let mut changed = value.clone();
+    changed["BackendData"]["VtepMAC"] = Value::from("0e:11:22:33:44:55");
+    c.etcdctl(&["put", "--ignore-lease", &key, &changed.to_string()]);
+    let fdb = || {
+        let out = c.nodes[0].ns.run("bridge", &["fdb", "show", "dev", "flannel.1"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let peer_ip = value["PublicIP"].as_str().unwrap().to_string();
+    let arrived = wait_until(Duration::from_secs(5), || {
+        fdb().lines().any(|l| l.starts_with("0e:11:22:33:44:55") && l.contains(&format!("dst {peer_ip}")))
+    });
+    assert!(arrived, "{}\n{}", fdb(), c.nodes[0].log());
+    assert!(matches_leases(&c, 0, true).is_ok(), "{:?}", matches_leases(&c, 0, true));
+    assert!(!fdb().contains(value["BackendData"]["VtepMAC"].as_str().unwrap()), "stale FDB entry left: {}", fdb());
+    // Our own writes' notifications must not wake a pass.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(runs(), before, "a one-peer change ran a full pass:\n{}", c.nodes[0].log());
+    assert_eq!(mentions(), mentioned + 1, "one line per real change:\n{}", c.nodes[0].log());
+    // A foreign change still wakes one: the echo bookkeeping hides only our own writes.
+    c.nodes[0].ns.ip(&["neigh", "del", &peer_subnet.replace("/24", ""), "dev", "flannel.1"]);
+    assert!(wait_until(Duration::from_secs(5), || runs() > before), "a foreign ARP delete woke no pass");
+    assert!(wait_until(Duration::from_secs(5), || matches_leases(&c, 0, true).is_ok()));
+}

@@ -28,7 +28,7 @@ use crate::config::Opts;
 use crate::kernel::Kernel;
 use crate::kernel::watch::{Interest, KernelWatch};
 use crate::metrics::{self, Metrics};
-use crate::peers::PeerTable;
+use crate::peers::{Change, Known, PeerTable};
 use crate::preflight::{self, PreflightError};
 use crate::reconcile::{self, Mode, RTPROT_FLANNEL};
 use crate::subnet::etcd::{self, EtcdManager};
@@ -41,6 +41,19 @@ const BLACKHOLE_METRIC: u32 = 4096;
 
 /// How long a burst of kernel notifications may take to arrive before the pass it wakes.
 const KERNEL_SETTLE: Duration = Duration::from_millis(50);
+
+/// Above this many changed peers in one batch, one full pass (three dumps) is
+/// cheaper than writing them one by one blind.
+const INCREMENTAL_MAX: usize = 256;
+
+/// Lease changes not yet in the kernel.
+#[derive(Debug, Default)]
+struct Pending {
+    /// A full pass is due (a listing, our lease re-claimed, a failed write).
+    all: bool,
+    /// Changed peers, with what each was before the first change of the batch.
+    peers: std::collections::BTreeMap<IpNet, Option<Box<Known>>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -87,6 +100,7 @@ pub struct Agent<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> {
     attrs: LeaseAttrs,
     own: Option<OwnLease>,
     peers: PeerTable,
+    pending: Pending,
     last_skipped: Vec<(IpNet, String)>,
     renew_backoff: Backoff,
     next_renew: Instant,
@@ -199,6 +213,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             attrs,
             own: None,
             peers: PeerTable::default(),
+            pending: Pending::default(),
             last_skipped: Vec::new(),
             renew_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             next_renew: Instant::now(),
@@ -374,10 +389,101 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         self.metrics.rules_in_place.store(ok, Ordering::Relaxed);
     }
 
-    /// Applies one lease event; returns whether our own lease needs claiming again.
+    /// Applies one lease event to the peer table and notes what the kernel
+    /// now lacks; returns whether our own lease needs claiming again.
     pub fn on_event(&mut self, ev: LeaseEvent) -> bool {
         let own = self.own.as_ref().map(|l| (l.subnet, &l.attrs));
-        self.peers.apply(ev, own)
+        let out = self.peers.apply(ev, own);
+        match out.change {
+            Change::None => {}
+            Change::All => self.pending.all = true,
+            Change::Peer { subnet, old } => {
+                self.pending.peers.entry(subnet).or_insert(old);
+            }
+        }
+        out.lost
+    }
+
+    /// Brings the kernel up to date with the events so far: nothing when they
+    /// changed nothing, the changed peers' own entries when a few changed, a
+    /// full pass after a listing or an error.
+    pub async fn sync(&mut self) {
+        if self.pending.all || self.pending.peers.len() > INCREMENTAL_MAX {
+            self.reconcile().await;
+        } else if !self.pending.peers.is_empty() {
+            self.apply_changes().await;
+        }
+    }
+
+    /// The incremental path: each changed peer's routes, ARP and FDB entries,
+    /// planned from the same desired state as the full pass, written without
+    /// reading the kernel. Their notifications are announced to the kernel
+    /// watch so they wake no pass; a failure leaves a full pass due.
+    async fn apply_changes(&mut self) {
+        let changes = std::mem::take(&mut self.pending.peers);
+        let m = self.metrics.clone();
+        let backend_type = self.backend.kind().as_str();
+        let mut ok = true;
+        let (mut routes, mut neighbours, mut fdb) = (0i64, 0i64, 0i64);
+        // The changed peers' old reasons for being left out go; their new ones are said once.
+        let subnets_of = |k: &Known| [Some(k.lease.subnet), k.lease.subnet6];
+        let changed: std::collections::HashSet<IpNet> = changes
+            .iter()
+            .flat_map(|(s, old)| {
+                let now = self.peers.get(s).map(subnets_of).unwrap_or_default();
+                let was = old.as_deref().map(subnets_of).unwrap_or_default();
+                now.into_iter().chain(was).flatten().chain([*s])
+            })
+            .collect();
+        self.last_skipped.retain(|(s, _)| !changed.contains(s));
+        for fam in &self.fams {
+            let Some(mode) = self.backend.mode(fam, &self.uplink) else { continue };
+            let refuse = |ip| self.backend.refuse(fam, &self.uplink, ip);
+            let mut ops = Vec::new();
+            for (subnet, old) in &changes {
+                let was = old.as_ref().and_then(|k| k.peer(fam, backend_type, refuse).ok());
+                let now = match self.peers.get(subnet).map(|k| k.peer(fam, backend_type, refuse)) {
+                    Some(Ok(p)) => Some(p),
+                    Some(Err(Some((s, why)))) => {
+                        warn!("peer {s} not programmed: {why}");
+                        self.last_skipped.push((s, why));
+                        None
+                    }
+                    _ => None,
+                };
+                let plan = reconcile::plan_peer(&mode, was.as_ref(), now.as_ref(), !fam.v6);
+                ops.extend(plan.ops);
+                (routes, neighbours, fdb) = (routes + plan.routes, neighbours + plan.neighbours, fdb + plan.fdb);
+            }
+            let vtep = match mode {
+                Mode::Vxlan { vtep, .. } => Some(vtep),
+                Mode::HostGw { .. } => None,
+            };
+            self.kernel.expect(ops.iter().filter_map(|op| op.echo(vtep)));
+            match reconcile::run_ops(&self.k, &ops, vtep).await {
+                Ok(done) => {
+                    m.reconcile_changes.inc_by(ops.len() as u64);
+                    debug!("peer changes{}: {done:?}", fam.label());
+                }
+                Err(e) => {
+                    ok = false;
+                    m.reconcile_errors.inc();
+                    error!("applying peer changes{}: {e}", fam.label());
+                }
+            }
+        }
+        // Sorted as the full pass keeps it, so it does not say them all again.
+        self.last_skipped.sort();
+        m.peers.set(metrics::count(self.peers.len()));
+        m.skipped_peers.set(metrics::count(self.last_skipped.len()));
+        m.routes.inc_by(routes);
+        m.neighbours.inc_by(neighbours);
+        m.fdb_entries.inc_by(fdb);
+        if !ok {
+            self.pending.all = true;
+            let d = self.retry_backoff.delay();
+            self.retry_at = Some(Instant::now() + d);
+        }
     }
 
     /// One full pass: the backend's devices present, then routes/ARP/FDB from the peers.
@@ -385,6 +491,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         let started = Instant::now();
         // Changes signalled so far are covered by this pass: it reads the kernel afresh.
         self.kernel.clear();
+        self.pending = Pending::default();
         let m = self.metrics.clone();
         m.reconcile_runs.inc();
         if let Err(e) = self.ensure_backend().await {
@@ -468,6 +575,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             debug!("reconcile pass incomplete; next pass in {d:?}");
             self.retry_at = Some(Instant::now() + d);
         }
+        skipped.sort();
         if skipped != self.last_skipped {
             for (s, why) in &skipped {
                 warn!("peer {s} not programmed: {why}");
@@ -532,7 +640,9 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         if self.own.as_ref().is_some_and(|l| l.id == 0) { self.reclaim().await } else { self.renew().await }
     }
 
-    /// A batch of lease events (drained so a burst costs one pass), then a pass.
+    /// A batch of lease events (drained so a burst is applied at once), then
+    /// whatever the kernel needs for them ([`Agent::sync`]): nothing for events
+    /// that changed nothing.
     async fn on_events(&mut self, first: LeaseEvent, events: &mut mpsc::Receiver<LeaseEvent>) {
         let mut lost = self.on_event(first);
         while let Ok(ev) = events.try_recv() {
@@ -540,8 +650,9 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         }
         if lost {
             self.reclaim().await;
+            self.pending.all = true;
         }
-        self.reconcile().await;
+        self.sync().await;
     }
 
     /// The event loop; returns when `stop` fires, leaving kernel state and the lease in place.

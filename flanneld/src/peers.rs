@@ -1,5 +1,10 @@
 //! The peers' leases as the agent knows them, kept from the subnet manager's
 //! events, and what one backend family makes of them.
+//!
+//! Each lease is decoded once, when its event arrives (the VTEP MACs out of
+//! the backend data JSON), not on every pass. An event that changes nothing
+//! (a Node heartbeat, an etcd lease renewal re-putting the same value) is
+//! reported as [`Change::None`]: no log line, no pass, no kernel write.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,10 +19,83 @@ use crate::backend::FamilyNet;
 use crate::reconcile::Peer;
 use crate::subnet::LeaseEvent;
 
+/// A peer's lease and what the backends need of it, decoded once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Known {
+    pub lease: Lease,
+    /// `BackendData.VtepMAC` (vxlan), parsed.
+    mac: Option<[u8; 6]>,
+    /// `BackendV6Data.VtepMAC` (dual-stack vxlan), parsed.
+    mac6: Option<[u8; 6]>,
+}
+
+impl Known {
+    pub fn new(lease: Lease) -> Known {
+        let mac = lease.vxlan_data().and_then(|d| parse_mac(&d.vtep_mac));
+        let mac6 = lease.vxlan_v6_data().and_then(|d| parse_mac(&d.vtep_mac));
+        Known { lease, mac, mac6 }
+    }
+
+    /// What `fam` makes of this lease on a node running `backend_type`, or why it cannot be programmed.
+    /// `None` without a reason: nothing to say (another backend's lease, reported once with IPv4).
+    pub fn peer(
+        &self,
+        fam: &FamilyNet,
+        backend_type: &str,
+        refuse: impl Fn(IpAddr) -> Option<String>,
+    ) -> Result<Peer, Option<(IpNet, String)>> {
+        let l = &self.lease;
+        if l.attrs.backend_type != backend_type {
+            let why = format!("backend {} (this node runs {backend_type})", l.attrs.backend_type);
+            return Err((!fam.v6).then_some((l.subnet, why)));
+        }
+        let (subnet, public_ip, vtep_mac) = if fam.v6 {
+            match (l.subnet6, l.attrs.public_ipv6) {
+                (Some(s), Some(ip)) => (s, IpAddr::V6(ip), self.mac6),
+                _ => return Err(Some((l.subnet, "no IPv6 half in its lease (an IPv4-only node)".to_string()))),
+            }
+        } else {
+            (l.subnet, IpAddr::V4(l.attrs.public_ip), self.mac)
+        };
+        if let Some(why) = refuse(public_ip) {
+            return Err(Some((subnet, why)));
+        }
+        Ok(Peer { subnet, public_ip, vtep_mac })
+    }
+}
+
+/// What one event did to the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing the data path depends on.
+    None,
+    /// One peer was added, changed or removed; `old` is what it was before.
+    Peer { subnet: IpNet, old: Option<Box<Known>> },
+    /// Everything may have changed (a full listing).
+    All,
+}
+
+/// What the agent must do after an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub change: Change,
+    /// Our own lease needs claiming again (gone, or taken over).
+    pub lost: bool,
+}
+
+impl Outcome {
+    fn none() -> Outcome {
+        Outcome { change: Change::None, lost: false }
+    }
+    fn lost() -> Outcome {
+        Outcome { change: Change::None, lost: true }
+    }
+}
+
 /// Every lease but ours, by subnet.
 #[derive(Debug, Default)]
 pub struct PeerTable {
-    leases: BTreeMap<IpNet, Lease>,
+    leases: BTreeMap<IpNet, Known>,
     /// Whether a full listing has arrived (readiness waits for it to be programmed).
     listed: bool,
 }
@@ -35,7 +113,7 @@ impl PeerTable {
         self.listed
     }
 
-    pub fn get(&self, subnet: &IpNet) -> Option<&Lease> {
+    pub fn get(&self, subnet: &IpNet) -> Option<&Known> {
         self.leases.get(subnet)
     }
 
@@ -44,41 +122,50 @@ impl PeerTable {
         self.leases.remove(subnet);
     }
 
-    /// Applies one event given our own lease (subnet and what we advertise);
-    /// returns whether our lease needs claiming again (gone, or taken over).
-    pub fn apply(&mut self, ev: LeaseEvent, own: Option<(IpNet, &LeaseAttrs)>) -> bool {
+    /// Applies one event given our own lease (subnet and what we advertise).
+    pub fn apply(&mut self, ev: LeaseEvent, own: Option<(IpNet, &LeaseAttrs)>) -> Outcome {
         let is_ours = |l: &Lease| own.is_some_and(|(s, a)| s == l.subnet && *a == l.attrs);
         match ev {
             LeaseEvent::Snapshot(all) => {
                 let lost = own.is_some_and(|(s, _)| !all.iter().any(|l| l.subnet == s && is_ours(l)));
-                self.leases =
-                    all.into_iter().filter(|l| Some(l.subnet) != own.map(|o| o.0)).map(|l| (l.subnet, l)).collect();
+                self.leases = all
+                    .into_iter()
+                    .filter(|l| Some(l.subnet) != own.map(|o| o.0))
+                    .map(|l| (l.subnet, Known::new(l)))
+                    .collect();
                 debug!("lease snapshot: {} peers", self.leases.len());
                 self.listed = true;
-                lost
+                Outcome { change: Change::All, lost }
             }
             LeaseEvent::Added(l) => {
                 if own.is_some_and(|(s, _)| s == l.subnet) {
                     if is_ours(&l) {
-                        return false;
+                        return Outcome::none();
                     }
                     warn!("our subnet {} was taken over by {}", l.subnet, l.attrs.public_ip);
                     debug!("theirs: {:?}; ours: {:?}", l.attrs, own.map(|o| o.1));
-                    return true;
+                    return Outcome::lost();
+                }
+                if self.leases.get(&l.subnet).is_some_and(|k| k.lease == l) {
+                    return Outcome::none();
                 }
                 info!("peer lease {} -> {} ({})", l.subnet, l.attrs.public_ip, l.attrs.backend_type);
-                self.leases.insert(l.subnet, l);
-                false
+                let subnet = l.subnet;
+                let old = self.leases.insert(subnet, Known::new(l)).map(Box::new);
+                Outcome { change: Change::Peer { subnet, old }, lost: false }
             }
             LeaseEvent::Removed(s) => {
                 if own.is_some_and(|(o, _)| o == s) {
                     warn!("our lease on {s} disappeared from the store");
-                    return true;
+                    return Outcome::lost();
                 }
-                if self.leases.remove(&s).is_some() {
-                    info!("peer lease {s} removed");
+                match self.leases.remove(&s) {
+                    Some(old) => {
+                        info!("peer lease {s} removed");
+                        Outcome { change: Change::Peer { subnet: s, old: Some(Box::new(old)) }, lost: false }
+                    }
+                    None => Outcome::none(),
                 }
-                false
             }
         }
     }
@@ -94,31 +181,12 @@ impl PeerTable {
     ) -> (Vec<Peer>, Vec<(IpNet, String)>) {
         let mut skipped = Vec::new();
         let mut peers = Vec::with_capacity(self.leases.len());
-        for l in self.leases.values() {
-            if l.attrs.backend_type != backend_type {
-                if !fam.v6 {
-                    skipped
-                        .push((l.subnet, format!("backend {} (this node runs {backend_type})", l.attrs.backend_type)));
-                }
-                continue;
+        for k in self.leases.values() {
+            match k.peer(fam, backend_type, &refuse) {
+                Ok(p) => peers.push(p),
+                Err(Some(why)) => skipped.push(why),
+                Err(None) => {}
             }
-            let (subnet, public_ip, data) = if fam.v6 {
-                match (l.subnet6, l.attrs.public_ipv6) {
-                    (Some(s), Some(ip)) => (s, IpAddr::V6(ip), l.vxlan_v6_data()),
-                    _ => {
-                        skipped.push((l.subnet, "no IPv6 half in its lease (an IPv4-only node)".to_string()));
-                        continue;
-                    }
-                }
-            } else {
-                (l.subnet, IpAddr::V4(l.attrs.public_ip), l.vxlan_data())
-            };
-            if let Some(why) = refuse(public_ip) {
-                skipped.push((subnet, why));
-                continue;
-            }
-            let vtep_mac = data.and_then(|d| parse_mac(&d.vtep_mac));
-            peers.push(Peer { subnet, public_ip, vtep_mac });
         }
         (peers, skipped)
     }

@@ -224,6 +224,142 @@ pub async fn apply_family<K: Kernel>(
     Ok(done)
 }
 
+/// One kernel write of the incremental path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    SetNeighbour(IpAddr, [u8; 6]),
+    SetFdb([u8; 6], IpAddr),
+    ReplaceRoute(Route),
+    DelRoute(Route),
+    DelNeighbour(IpAddr),
+    DelFdb([u8; 6], IpAddr),
+}
+
+/// The notification a write of ours comes back as (see `kernel::watch`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Echo {
+    Route(IpNet),
+    Neighbour { index: u32, fdb: bool },
+}
+
+impl Op {
+    /// What the kernel will notify for this write; `vtep` is the device ARP/FDB entries live on.
+    pub fn echo(&self, vtep: Option<u32>) -> Option<Echo> {
+        match self {
+            Op::ReplaceRoute(r) | Op::DelRoute(r) => Some(Echo::Route(r.dst)),
+            Op::SetNeighbour(..) | Op::DelNeighbour(_) => vtep.map(|index| Echo::Neighbour { index, fdb: false }),
+            Op::SetFdb(..) | Op::DelFdb(..) => vtep.map(|index| Echo::Neighbour { index, fdb: true }),
+        }
+    }
+}
+
+/// The writes that take one peer from `old` to `new` (either absent: added or
+/// removed), and how the counts of routes, neighbours and FDB entries change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerPlan {
+    pub ops: Vec<Op>,
+    pub routes: i64,
+    pub neighbours: i64,
+    pub fdb: i64,
+}
+
+/// Plans one peer's change from the same [`desired`] the full pass uses, so
+/// the two cannot disagree on what is correct: only entries that differ are
+/// written (every write is a real change the kernel notifies once), in the
+/// full pass's order: ARP/FDB before the routes that use them, stale routes
+/// before the entries they used. Nothing is read from the kernel.
+pub fn plan_peer(mode: &Mode, old: Option<&Peer>, new: Option<&Peer>, v4: bool) -> PeerPlan {
+    let was = desired(mode, old.cloned().as_slice());
+    let want = desired(mode, new.cloned().as_slice());
+    let mut ops = Vec::new();
+    for (ip, mac) in &want.neighbours {
+        if was.neighbours.get(ip) != Some(mac) {
+            ops.push(Op::SetNeighbour(*ip, *mac));
+        }
+    }
+    for (mac, dst) in &want.fdb {
+        if was.fdb.get(mac) != Some(dst) {
+            ops.push(Op::SetFdb(*mac, *dst));
+        }
+    }
+    for r in &want.routes {
+        let prev = was.routes.iter().find(|h| h.dst == r.dst);
+        if prev.is_some_and(|h| same_route(h, r)) {
+            continue;
+        }
+        // IPv6 will not replace a route by one through another device (see apply_family).
+        if !v4 && let Some(h) = prev.filter(|h| h.oif != r.oif) {
+            ops.push(Op::DelRoute(h.clone()));
+        }
+        ops.push(Op::ReplaceRoute(r.clone()));
+    }
+    for h in &was.routes {
+        if !want.routes.iter().any(|r| r.dst == h.dst) {
+            ops.push(Op::DelRoute(h.clone()));
+        }
+    }
+    for ip in was.neighbours.keys() {
+        if !want.neighbours.contains_key(ip) {
+            ops.push(Op::DelNeighbour(*ip));
+        }
+    }
+    for (mac, dst) in &was.fdb {
+        if want.fdb.get(mac) != Some(dst) {
+            ops.push(Op::DelFdb(*mac, *dst));
+        }
+    }
+    let delta = |a: usize, b: usize| a as i64 - b as i64;
+    PeerPlan {
+        ops,
+        routes: delta(want.routes.len(), was.routes.len()),
+        neighbours: delta(want.neighbours.len(), was.neighbours.len()),
+        fdb: delta(want.fdb.len(), was.fdb.len()),
+    }
+}
+
+/// Runs planned writes in order. A delete of something already gone is not an error.
+pub async fn run_ops<K: Kernel>(nl: &K, ops: &[Op], vtep: Option<u32>) -> Result<Applied, NetlinkError> {
+    let mut done = Applied::default();
+    let no_vtep = || NetlinkError::Other { op: "ARP/FDB entry".into(), msg: "no VXLAN device to put it on".into() };
+    for op in ops {
+        match op {
+            Op::SetNeighbour(ip, mac) => {
+                nl.replace_neighbour(vtep.ok_or_else(no_vtep)?, *ip, *mac).await?;
+                done.neighbours_set += 1;
+            }
+            Op::SetFdb(mac, dst) => {
+                nl.replace_fdb(vtep.ok_or_else(no_vtep)?, *mac, *dst).await?;
+                done.fdb_set += 1;
+            }
+            Op::ReplaceRoute(r) => {
+                nl.replace_route(r).await?;
+                done.routes_added += 1;
+            }
+            Op::DelRoute(r) => {
+                if nl.del_route(r).await.map(|()| true).or_else(gone)? {
+                    done.routes_removed += 1;
+                }
+            }
+            Op::DelNeighbour(ip) => {
+                if nl.del_neighbour(vtep.ok_or_else(no_vtep)?, *ip).await.map(|()| true).or_else(gone)? {
+                    done.neighbours_removed += 1;
+                }
+            }
+            Op::DelFdb(mac, dst) => {
+                if nl.del_fdb(vtep.ok_or_else(no_vtep)?, *mac, *dst).await.map(|()| true).or_else(gone)? {
+                    done.fdb_removed += 1;
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// A delete that found nothing: fine, the entry is gone either way.
+fn gone(e: NetlinkError) -> Result<bool, NetlinkError> {
+    if e.is_not_found() { Ok(false) } else { Err(e) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -572,3 +572,116 @@ fn backend_mtu_is_the_underlay_mtu_and_learning_is_honoured() {
         }
     });
 }
+
+/// Sends `evs` through the agent's batch path (what the event loop does).
+async fn feed<B: Backend>(a: &mut Agent<FakeManager, FakeKernel, B, FakeFirewall>, evs: Vec<LeaseEvent>) {
+    let (tx, mut rx) = mpsc::channel(evs.len().max(1));
+    for ev in evs {
+        tx.send(ev).await.unwrap();
+    }
+    let first = rx.recv().await.unwrap();
+    a.on_events(first, &mut rx).await;
+}
+
+/// After an incremental step, a full pass must find nothing to change.
+async fn full_pass_is_a_noop<B: Backend>(a: &mut Agent<FakeManager, FakeKernel, B, FakeFirewall>, bed: &Bed) {
+    let (writes, changes) = (bed.kernel.with(|s| s.writes), bed.metrics.reconcile_changes.get());
+    let (routes, neigh, fdb) = (bed.metrics.routes.get(), bed.metrics.neighbours.get(), bed.metrics.fdb_entries.get());
+    a.reconcile().await;
+    assert_eq!(bed.kernel.with(|s| s.writes), writes, "the full pass had to write after the incremental one");
+    assert_eq!(bed.metrics.reconcile_changes.get(), changes);
+    // The gauges the incremental path kept up agree with the full pass's counts.
+    assert_eq!(
+        (bed.metrics.routes.get(), bed.metrics.neighbours.get(), bed.metrics.fdb_entries.get()),
+        (routes, neigh, fdb)
+    );
+}
+
+/// A Node heartbeat (or an etcd renewal re-putting the same value) changes
+/// nothing: no pass, no write. A real change costs that peer's writes only,
+/// and leaves nothing for the full pass to do.
+#[test]
+fn unchanged_leases_cost_nothing_and_a_change_costs_one_peer() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        let mut a = bed.vxlan(&mgr).await;
+        let peers: Vec<Lease> =
+            (2..40u8).map(|i| peer(&format!("10.244.{i}.0/24"), &format!("192.0.2.{i}"), i)).collect();
+        feed(&mut a, vec![LeaseEvent::Snapshot(peers.clone())]).await;
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL).len(), 38);
+        let runs = bed.metrics.reconcile_runs.get();
+        let writes = bed.kernel.with(|s| s.writes);
+
+        // Heartbeats: the same leases again, and removals of Nodes that were never peers.
+        let mut beats: Vec<LeaseEvent> = peers.iter().cloned().map(LeaseEvent::Added).collect();
+        beats.push(LeaseEvent::Removed(net("10.244.200.0/24")));
+        beats.push(LeaseEvent::Added(echo(&a)));
+        feed(&mut a, beats).await;
+        assert_eq!(bed.metrics.reconcile_runs.get(), runs, "a heartbeat ran a pass");
+        assert_eq!(bed.kernel.with(|s| s.writes), writes, "a heartbeat wrote to the kernel");
+
+        // A peer reinstalled: new VtepMAC. Its ARP and FDB entries change, its route stays.
+        feed(&mut a, vec![LeaseEvent::Added(peer("10.244.7.0/24", "192.0.2.7", 77))]).await;
+        assert_eq!(bed.metrics.reconcile_runs.get(), runs, "one peer's change ran a full pass");
+        // ARP replaced, FDB added, the stale FDB entry removed.
+        assert_eq!(bed.kernel.with(|s| s.writes), writes + 3);
+        let mac = [0x0e, 9, 9, 9, 9, 77];
+        bed.kernel.with(|s| {
+            let gw: std::net::IpAddr = "10.244.7.0".parse().unwrap();
+            assert_eq!(s.neighbours.iter().find(|n| n.ip == Some(gw)).and_then(|n| n.mac), Some(mac));
+            let fdb: Vec<_> = s.fdb.iter().filter(|n| n.ip == Some("192.0.2.7".parse().unwrap())).collect();
+            assert_eq!(fdb.len(), 1);
+            assert_eq!(fdb[0].mac, Some(mac));
+        });
+        full_pass_is_a_noop(&mut a, &bed).await;
+
+        // A new peer, one gone, one moved to another address, in one batch.
+        let runs = bed.metrics.reconcile_runs.get();
+        let writes = bed.kernel.with(|s| s.writes);
+        feed(
+            &mut a,
+            vec![
+                LeaseEvent::Added(peer("10.244.50.0/24", "192.0.2.50", 50)),
+                LeaseEvent::Removed(net("10.244.3.0/24")),
+                LeaseEvent::Added(peer("10.244.4.0/24", "192.0.2.104", 4)),
+            ],
+        )
+        .await;
+        assert_eq!(bed.metrics.reconcile_runs.get(), runs);
+        // New: ARP + FDB + route; gone: route + ARP + FDB; moved: FDB set + stale FDB removed.
+        assert_eq!(bed.kernel.with(|s| s.writes), writes + 8);
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL).len(), 38);
+        assert_eq!(bed.metrics.peers.get(), 38);
+        full_pass_is_a_noop(&mut a, &bed).await;
+
+        // A peer switching to another backend is dropped from the kernel at once.
+        feed(&mut a, vec![LeaseEvent::Added(host_gw_peer("10.244.5.0/24", "192.0.2.5"))]).await;
+        assert!(!bed.kernel.routes_by(RTPROT_FLANNEL).iter().any(|r| r.starts_with("10.244.5.0/24")));
+        full_pass_is_a_noop(&mut a, &bed).await;
+    });
+}
+
+/// host-gw: a peer's new address moves its route, nothing else is written.
+#[test]
+fn host_gw_peer_change_is_incremental() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.1.0/24"]);
+        let mut a = bed.agent(&mgr, HostGw, HOST_GW_CONF, &[]).await;
+        let peers = vec![host_gw_peer("10.244.2.0/24", "192.0.2.2"), host_gw_peer("10.244.3.0/24", "192.0.2.3")];
+        feed(&mut a, vec![LeaseEvent::Snapshot(peers.clone())]).await;
+        let runs = bed.metrics.reconcile_runs.get();
+        let writes = bed.kernel.with(|s| s.writes);
+        feed(&mut a, peers.into_iter().map(LeaseEvent::Added).collect()).await;
+        assert_eq!((bed.metrics.reconcile_runs.get(), bed.kernel.with(|s| s.writes)), (runs, writes));
+        feed(&mut a, vec![LeaseEvent::Added(host_gw_peer("10.244.3.0/24", "192.0.2.33"))]).await;
+        assert_eq!(bed.kernel.with(|s| s.writes), writes + 1);
+        assert!(bed.kernel.routes_by(RTPROT_FLANNEL).iter().any(|r| r.starts_with("10.244.3.0/24 via 192.0.2.33")));
+        // A peer off our L2 is refused here as in the full pass.
+        feed(&mut a, vec![LeaseEvent::Added(host_gw_peer("10.244.4.0/24", "198.51.100.4"))]).await;
+        assert!(!bed.kernel.routes_by(RTPROT_FLANNEL).iter().any(|r| r.starts_with("10.244.4.0/24")));
+        full_pass_is_a_noop(&mut a, &bed).await;
+        assert_eq!(bed.metrics.reconcile_runs.get(), runs + 1);
+    });
+}

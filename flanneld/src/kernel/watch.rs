@@ -3,10 +3,16 @@
 //! setting of a VTEP) wakes the agent for a reconcile pass at once, so the
 //! periodic pass is only a safety net and an idle agent does no work.
 //!
-//! Our own writes come back here too; they cost one more pass, which finds
-//! nothing to do and writes nothing, so they cannot loop.
+//! Our own writes come back here too. Those of a full pass cost one more
+//! pass, which finds nothing to do and writes nothing, so they cannot loop.
+//! Those of the incremental path (one peer changed) are announced first with
+//! [`KernelWatch::expect`] and swallowed when they arrive, so a peer change
+//! costs its few writes and no pass. An announced echo that never comes is
+//! dropped after [`ECHO_TTL`]; until then it could hide one foreign change of
+//! the same kind, which the periodic pass then repairs.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -16,7 +22,27 @@ use flannel_shared::IpNet;
 use flannel_shared::netlink::{KernelEvent, Monitor};
 
 use crate::metrics::Metrics;
-use crate::reconcile::RTPROT_FLANNEL;
+use crate::reconcile::{Echo, RTPROT_FLANNEL};
+
+/// How long an announced echo of our own write is waited for.
+pub const ECHO_TTL: Duration = Duration::from_secs(2);
+
+/// Notifications our own incremental writes will cause.
+#[derive(Debug, Default)]
+struct Echoes(Vec<(Echo, Instant)>);
+
+impl Echoes {
+    /// Whether `ev` is one of ours (consuming it).
+    fn take(&mut self, ev: &KernelEvent, now: Instant) -> bool {
+        self.0.retain(|(_, at)| now.duration_since(*at) < ECHO_TTL);
+        let pos = self.0.iter().position(|(e, _)| match (e, ev) {
+            (Echo::Route(d), KernelEvent::Route { dst, protocol }) => d == dst && *protocol == RTPROT_FLANNEL,
+            (Echo::Neighbour { index: i, fdb: f }, KernelEvent::Neighbour { index, fdb }) => i == index && f == fdb,
+            _ => false,
+        });
+        pos.map(|p| self.0.remove(p)).is_some()
+    }
+}
 
 /// What the agent owns, as far as notifications can tell.
 #[derive(Clone, Debug, Default)]
@@ -47,6 +73,7 @@ impl Interest {
 /// A running subscription; [`KernelWatch::changed`] yields once per burst of relevant changes.
 pub struct KernelWatch {
     interest: Arc<Mutex<Interest>>,
+    echoes: Arc<Mutex<Echoes>>,
     rx: mpsc::Receiver<()>,
     task: Option<JoinHandle<()>>,
 }
@@ -56,21 +83,22 @@ impl KernelWatch {
     /// [`KernelWatch::changed`] never fires and the periodic pass does all the work.
     pub fn start(metrics: Arc<Metrics>) -> KernelWatch {
         let interest = Arc::new(Mutex::new(Interest::default()));
+        let echoes = Arc::new(Mutex::new(Echoes::default()));
         let (tx, rx) = mpsc::channel(1);
         let task = match Monitor::subscribe() {
-            Ok(monitor) => Some(tokio::spawn(forward(monitor, interest.clone(), tx, metrics))),
+            Ok(monitor) => Some(tokio::spawn(forward(monitor, interest.clone(), echoes.clone(), tx, metrics))),
             Err(e) => {
                 warn!("kernel change notifications unavailable ({e}); relying on the periodic reconcile pass");
                 None
             }
         };
-        KernelWatch { interest, rx, task }
+        KernelWatch { interest, echoes, rx, task }
     }
 
     /// A watch that never fires (a kernel without notifications, as in the agent's unit tests).
     pub fn inert() -> KernelWatch {
         let (_, rx) = mpsc::channel(1);
-        KernelWatch { interest: Arc::new(Mutex::new(Interest::default())), rx, task: None }
+        KernelWatch { interest: Default::default(), echoes: Default::default(), rx, task: None }
     }
 
     /// What the agent owns, as last set.
@@ -80,6 +108,12 @@ impl KernelWatch {
 
     pub fn set_interest(&self, interest: Interest) {
         *self.interest.lock().unwrap_or_else(|p| p.into_inner()) = interest;
+    }
+
+    /// Announces the notifications writes about to be made will cause, so they wake no pass.
+    pub fn expect(&self, echoes: impl IntoIterator<Item = Echo>) {
+        let now = Instant::now();
+        self.echoes.lock().unwrap_or_else(|p| p.into_inner()).0.extend(echoes.into_iter().map(|e| (e, now)));
     }
 
     /// Waits for a relevant change (forever without a subscription).
@@ -103,10 +137,16 @@ impl Drop for KernelWatch {
     }
 }
 
-async fn forward(mut monitor: Monitor, interest: Arc<Mutex<Interest>>, tx: mpsc::Sender<()>, metrics: Arc<Metrics>) {
+async fn forward(
+    mut monitor: Monitor,
+    interest: Arc<Mutex<Interest>>,
+    echoes: Arc<Mutex<Echoes>>,
+    tx: mpsc::Sender<()>,
+    metrics: Arc<Metrics>,
+) {
     while let Some(ev) = monitor.next().await {
         let relevant = interest.lock().unwrap_or_else(|p| p.into_inner()).touched_by(&ev);
-        if !relevant {
+        if !relevant || echoes.lock().unwrap_or_else(|p| p.into_inner()).take(&ev, Instant::now()) {
             continue;
         }
         metrics.kernel_changes.inc();
@@ -151,5 +191,22 @@ mod tests {
         assert!(i.touched_by(&route("192.168.0.0/24", RTPROT_FLANNEL)));
         assert!(!i.touched_by(&route("192.168.0.0/24", 3)));
         assert!(!i.touched_by(&route("0.0.0.0/0", 3)));
+    }
+
+    #[test]
+    fn announced_echoes_are_swallowed_once_and_expire() {
+        let mut e = Echoes::default();
+        let t0 = Instant::now();
+        e.0.push((Echo::Route(net("10.244.3.0/24")), t0));
+        e.0.push((Echo::Neighbour { index: 7, fdb: true }, t0));
+        let route = |dst: &str, protocol: u8| KernelEvent::Route { dst: net(dst), protocol };
+        // Someone else's route to the same place is not ours.
+        assert!(!e.take(&route("10.244.3.0/24", 3), t0));
+        assert!(!e.take(&KernelEvent::Neighbour { index: 7, fdb: false }, t0));
+        assert!(e.take(&route("10.244.3.0/24", RTPROT_FLANNEL), t0));
+        assert!(!e.take(&route("10.244.3.0/24", RTPROT_FLANNEL), t0), "each echo is swallowed once");
+        // Expired: the next FDB change wakes a pass again.
+        assert!(!e.take(&KernelEvent::Neighbour { index: 7, fdb: true }, t0 + ECHO_TTL));
+        assert!(e.0.is_empty());
     }
 }
