@@ -35,10 +35,10 @@ archive=$out/flannel-rs.tar
 mkdir -p "$out"
 
 echo "== release binaries"
-cargo build --release --bin flanneld --bin flannel
+cargo build --release --bin flanneld --bin install-conf --bin flannel
 # The image's copies without symbol tables (3 MB of flanneld's 16 MB); target/ keeps its own.
 mkdir -p "$out/bin"
-for b in flanneld flannel; do strip --strip-all -o "$out/bin/$b" "target/release/$b"; done
+for b in flanneld install-conf flannel; do strip --strip-all -o "$out/bin/$b" "target/release/$b"; done
 
 # Reproducible file times: the commit's, else now.
 SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || date +%s)
@@ -57,7 +57,9 @@ mmdebstrap --quiet --variant=essential --hook-dir=/usr/share/mmdebstrap/hooks/me
   --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
   --dpkgopt='path-exclude=/usr/share/info/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
   --dpkgopt='path-exclude=/usr/lib/x86_64-linux-gnu/gconv/*' \
-  --customize-hook="copy-in $out/bin/flanneld /usr/local/bin" \
+  --customize-hook='mkdir -p "$1/opt/bin"' \
+  --customize-hook="copy-in $out/bin/flanneld /opt/bin" \
+  --customize-hook="copy-in $out/bin/install-conf /opt/bin" \
   --customize-hook="copy-in $out/bin/flannel /" \
   --customize-hook='bash scripts/image-slim.sh "$1"' \
   bookworm "$out/rootfs.tar" "${srcs[@]}"
@@ -70,7 +72,7 @@ rm -rf "$store"
 b() { buildah --root "$store/root" --runroot "$store/run" --storage-driver vfs "$@"; }
 ctr=$(b from --quiet scratch)
 b add --quiet "$ctr" "$out/rootfs.tar" /
-b config --entrypoint '["/usr/local/bin/flanneld"]' --cmd '' \
+b config --entrypoint '["/opt/bin/flanneld"]' --cmd '' \
   --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   --os linux --arch amd64 \
   --label org.opencontainers.image.title=flannel-rs \

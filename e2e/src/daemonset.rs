@@ -169,10 +169,12 @@ pub fn installed_flannel_conf(node: &Node, conflist_path: &str) -> (Value, Value
     (conflist, conf)
 }
 
-/// `dst` of an init container's `cp` (its last argument).
+/// `dst` of an init container that copies a file (`cp ... src dst` or
+/// upstream's `/opt/bin/install-conf src dst`): its last argument.
 pub fn copy_destination(c: &Container) -> &str {
-    assert_eq!(c.command, ["cp"], "{}: expected a cp init container", c.name);
-    c.args.last().map(String::as_str).unwrap_or_else(|| panic!("{}: cp without arguments", c.name))
+    let copies = c.command == ["cp"] || c.command.first().is_some_and(|p| p.ends_with("/install-conf"));
+    assert!(copies, "{}: expected a cp or install-conf init container, not {:?}", c.name, c.command);
+    c.args.last().map(String::as_str).unwrap_or_else(|| panic!("{}: copy without arguments", c.name))
 }
 
 /// Whether `p` is an executable regular file.

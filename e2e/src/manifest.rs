@@ -200,16 +200,55 @@ mod tests {
         let ds = DaemonSet::load();
         assert!(ds.host_network);
         assert_eq!(ds.init.len(), 2);
-        assert_eq!(ds.agent.command, ["/usr/local/bin/flanneld"]);
+        // Upstream's layout: overlays and probes written for their DaemonSet apply to ours.
+        assert_eq!(ds.agent.command, ["/opt/bin/flanneld"]);
+        assert_eq!(ds.agent.args, ["--ip-masq", "--kube-subnet-mgr", "--healthz-port=8081"]);
+        assert_eq!(ds.init[1].command, ["/opt/bin/install-conf"]);
         assert!(ds.agent.env.contains(&("NODE_NAME".into(), "field:spec.nodeName".into())));
-        assert_eq!(ds.agent.readiness, Some(("/readyz".into(), 8471)));
-        assert_eq!(ds.agent.liveness, Some(("/healthz".into(), 8471)));
+        assert_eq!(ds.agent.readiness, Some(("/readyz".into(), 8081)));
+        assert_eq!(ds.agent.liveness, Some(("/healthz".into(), 8081)));
         assert!(ds.config_file("cni-conf.json").is_some_and(|c| c.contains("flannel")));
         assert!(ds.config_file("net-conf.json").is_some_and(|c| c.contains("Network")));
         assert_eq!(
             ds.volumes.get("xtables-lock"),
             Some(&Volume::HostPath { path: "/run/xtables.lock".into(), file: true })
         );
+    }
+
+    /// The ClusterRole grants exactly upstream's rules, and the DaemonSet keeps
+    /// upstream's names (selector, containers, volumes) so a kustomize overlay
+    /// or a `kubectl apply` over upstream's DaemonSet works unchanged.
+    #[test]
+    fn rbac_and_names_are_upstreams() {
+        let text = std::fs::read_to_string(path()).unwrap();
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+            .collect();
+        let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("no {k}"));
+        let rules = serde_json::json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+        ]);
+        assert_eq!(kind("ClusterRole")["rules"], rules);
+        assert_eq!(kind("ClusterRole")["metadata"]["name"], "flannel");
+        let ds = kind("DaemonSet");
+        assert_eq!(
+            (&ds["metadata"]["name"], &ds["metadata"]["namespace"]),
+            (&"kube-flannel-ds".into(), &"kube-flannel".into())
+        );
+        assert_eq!(ds["spec"]["selector"], serde_json::json!({"matchLabels": {"app": "flannel"}}));
+        let pod = &ds["spec"]["template"]["spec"];
+        let names = |v: &Value| {
+            v.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&pod["initContainers"]), ["install-cni-plugin", "install-cni"]);
+        assert_eq!(names(&pod["containers"]), ["kube-flannel"]);
+        for v in ["run", "cni-plugin", "cni", "flannel-cfg", "xtables-lock"] {
+            assert!(names(&pod["volumes"]).iter().any(|n| n == v), "volume {v}");
+        }
+        assert_eq!(pod["serviceAccountName"], "flannel");
+        assert_eq!(kind("ConfigMap")["metadata"]["name"], "kube-flannel-cfg");
     }
 
     #[test]

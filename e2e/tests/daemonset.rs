@@ -203,7 +203,10 @@ fn both_image_builds_match_the_manifest() {
     let agent = ds.agent.command.first().expect("agent command");
     let plugin_init = init_copying_into(&ds, CNI_BIN_DIR);
     let plugin_src = &plugin_init.args[plugin_init.args.len() - 2];
-    for (bin, dst) in [("flanneld", agent.as_str()), ("flannel", plugin_src.as_str())] {
+    let install_conf = init_copying_into(&ds, CNI_CONF_DIR).command.first().expect("install-cni command");
+    for (bin, dst) in
+        [("flanneld", agent.as_str()), ("flannel", plugin_src.as_str()), ("install-conf", install_conf.as_str())]
+    {
         let dst = Path::new(dst);
         assert_eq!(dst.file_name().and_then(|f| f.to_str()), Some(bin), "{} is not the {bin} binary", dst.display());
         let dir = dst.parent().and_then(|d| d.to_str()).expect("dir");

@@ -110,6 +110,14 @@ pub struct Opts {
     /// Log verbosity: 0 = info, 1-2 = debug, 3+ = trace.
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
+
+    /// klog's per-file verbosity and backtrace flags, which upstream's flanneld
+    /// accepts: taken so a unit or manifest that passes them still starts, and
+    /// ignored with a warning (tracing has no per-file levels).
+    #[arg(long, env = "FLANNELD_VMODULE", hide = true)]
+    pub vmodule: Option<String>,
+    #[arg(long = "log_backtrace_at", env = "FLANNELD_LOG_BACKTRACE_AT", hide = true)]
+    pub log_backtrace_at: Option<String>,
 }
 
 /// The version as upstream prints it.
@@ -176,6 +184,9 @@ mod tests {
         assert_eq!(o.iface_regex, ["^eth[0-9]{1,3}$", "^ens,x"]);
         let o = Opts::try_parse_from(["flanneld", "--iface=eth0,eth1"]).unwrap();
         assert_eq!(o.iface, ["eth0,eth1"]);
+        // klog's flags are accepted, as upstream's flanneld accepts them.
+        let o = Opts::try_parse_from(["flanneld", "--vmodule=kube*=4", "--log_backtrace_at=main.go:1"]).unwrap();
+        assert_eq!(o.vmodule.as_deref(), Some("kube*=4"));
     }
 
     #[test]

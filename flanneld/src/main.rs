@@ -52,6 +52,9 @@ fn main() -> ExitCode {
         .with(filter)
         .init();
     info!("flanneld {} starting", flanneld::config::version());
+    if opts.vmodule.is_some() || opts.log_backtrace_at.is_some() {
+        tracing::warn!("--vmodule and --log_backtrace_at (klog's) are accepted and ignored; -v sets the level");
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
