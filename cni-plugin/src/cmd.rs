@@ -460,9 +460,23 @@ pub fn del(env: &Env, conf: &PluginConf, log: &mut Log) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(format_args!("cannot remove {}", spath.display()), e)),
     }
+    remove_state_temps(&spath);
     reap.run(log)?;
     log.info(&format!("DEL done: released {released:?}"));
     Ok(())
+}
+
+/// Removes temp files an ADD killed while saving this attachment's state left
+/// beside it (`.<id>.tmp.<pid>`, see `write_file_atomic`): named after the
+/// container, they are this attachment's, and its ADD is over once DEL runs.
+fn remove_state_temps(spath: &Path) {
+    let (Some(dir), Some(name)) = (spath.parent(), spath.file_name()) else { return };
+    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Links a DEL still has to delete.

@@ -5,6 +5,17 @@
 //! change happens under an exclusive `flock` on `<dataDir>/<network>/lock`.
 //! A node that switches from upstream flannel to this plugin keeps its live
 //! allocations, and the round-robin continues where host-local stopped.
+//!
+//! Crash safety (a runtime may SIGKILL the plugin at any instruction): a
+//! reservation appears with its content or not at all. It is written to a
+//! temp file (`.reserve-<ip>`, not an address, so host-local ignores it) and
+//! made visible with `link(2)`, which cannot overwrite an existing
+//! reservation; host-local's own `O_EXCL` create-then-write can leave an
+//! empty file when killed. Every writer holds the lock for its whole write,
+//! so under the lock an empty or unreadable reservation, or a leftover temp
+//! file, belongs to a dead writer: it is removed when found (every DEL and GC
+//! reads the store; a full range looks once more before saying so).
+//! `last_reserved_ip.*` is replaced with a rename, never seen half written.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -15,6 +26,8 @@ use std::path::{Path, PathBuf};
 use flannel_shared::IpNet;
 
 const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
+/// Temp files of writes in progress (or of writers killed mid-way).
+const TEMP_PREFIX: &str = ".reserve-";
 const LINE_BREAK: &str = "\r\n";
 /// The boot the store's reservations were made in. Not an address, so
 /// host-local (which only reads address files and `last_reserved_ip.*`) ignores it.
@@ -135,16 +148,32 @@ impl Store {
         Ok(Locked { store: self })
     }
 
-    /// Every address file in the store.
+    /// Every address file in the store. Reservations a killed writer left
+    /// empty (or unreadable), and its temp files, are removed on the way:
+    /// under the lock no live writer can be mid-way through one.
     pub fn allocations(&self, _guard: &Locked<'_>) -> Result<Vec<Allocation>, IpamError> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_at(&self.dir))? {
             let entry = entry.map_err(io_at(&self.dir))?;
             let name = entry.file_name();
+            if name.to_string_lossy().starts_with(TEMP_PREFIX) {
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
             let Some(ip) = name.to_str().and_then(|n| n.parse::<IpAddr>().ok()) else { continue };
-            // A file removed by a concurrent host-local (outside our lock) is simply gone.
-            let Ok(content) = fs::read_to_string(entry.path()) else { continue };
+            let content = match fs::read(entry.path()) {
+                Ok(c) => c,
+                // Removed by a concurrent host-local that ignores the lock: simply gone.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => Vec::new(),
+            };
+            let content = String::from_utf8_lossy(&content);
             let content = content.trim();
+            if content.is_empty() || content.chars().any(|c| c.is_control() && c != '\r' && c != '\n') {
+                // A dead writer's reservation: nobody can DEL it by container ID.
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
             let (id, ifname) = match content.split_once(LINE_BREAK).or_else(|| content.split_once('\n')) {
                 Some((id, ifname)) => (id.trim(), ifname.trim()),
                 None => (content, ""),
@@ -170,32 +199,40 @@ impl Store {
         s.trim().parse().ok()
     }
 
+    /// Reserves `ip` if free: content first, in a temp file, then `link(2)`
+    /// to the address's name (EEXIST: taken), so the reservation is never
+    /// visible without its container ID.
     fn try_reserve(&self, ip: IpAddr, id: &str, ifname: &str, range: &Range) -> Result<bool, IpamError> {
         let path = self.dir.join(ip.to_string());
-        let mut f = match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(f) => f,
+        let tmp = self.dir.join(format!("{TEMP_PREFIX}{ip}"));
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            f.write_all(format!("{}{LINE_BREAK}{ifname}", id.trim()).as_bytes())
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_at(&tmp)(e));
+        }
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(io_at(&path)(e)),
-        };
-        if let Err(e) = f.write_all(format!("{}{LINE_BREAK}{ifname}", id.trim()).as_bytes()) {
-            let _ = fs::remove_file(&path);
-            return Err(io_at(&path)(e));
         }
         self.write_last_reserved(range, ip)?;
         Ok(true)
     }
 
-    /// Records the round-robin position. Overwrites in place and trims instead of
-    /// truncating to zero first: on ext4 a truncate-to-zero forces a writeback
-    /// on close, which made this one small write the slowest step of an ADD.
+    /// Records the round-robin position: written beside and renamed over, so a
+    /// reader never sees a torn address. No fsync: it is a hint (an unreadable
+    /// one restarts the round robin at the first address).
     fn write_last_reserved(&self, range: &Range, ip: IpAddr) -> Result<(), IpamError> {
-        use std::os::unix::fs::FileExt;
-        let path = self.dir.join(format!("{LAST_RESERVED_PREFIX}{}", range.id));
-        let text = ip.to_string();
-        let f = OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io_at(&path))?;
-        f.write_all_at(text.as_bytes(), 0).map_err(io_at(&path))?;
-        f.set_len(text.len() as u64).map_err(io_at(&path))?;
-        Ok(())
+        let name = format!("{LAST_RESERVED_PREFIX}{}", range.id);
+        let path = self.dir.join(&name);
+        let tmp = self.dir.join(format!("{TEMP_PREFIX}{name}"));
+        fs::write(&tmp, ip.to_string()).map_err(io_at(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_at(&path))
     }
 
     /// Addresses in the store, from file names alone (no reads).
@@ -265,6 +302,13 @@ impl Store {
             if self.try_reserve(ip, id, ifname, range)? {
                 return Ok(ip);
             }
+        }
+        // Full by names alone: reservations a killed writer left empty count
+        // there. Reading every entry removes those; then look once more.
+        let before = used.len();
+        let live = self.allocations(guard)?.len();
+        if live < before {
+            return self.allocate(guard, range, id, ifname, requested, false);
         }
         Err(IpamError::Exhausted(range.subnet, range.capacity()))
     }
@@ -417,6 +461,39 @@ mod tests {
         assert_eq!(store.allocate(&g, &r, "new", "eth0", None, false).unwrap().to_string(), "10.244.1.2");
         assert_eq!(store.sweep_earlier_boot(&g, "boot-b").unwrap(), None);
         assert_eq!(store.allocations(&g).unwrap().len(), 1);
+    }
+
+    /// What a writer killed mid-way leaves (host-local's empty `O_EXCL` file,
+    /// our temp file) is found under the lock and freed; a full range looks
+    /// again before saying so.
+    #[test]
+    fn a_dead_writers_leftovers_are_reclaimed() {
+        let t = TempDir::new("dead");
+        let store = Store::open(&t.0.join("n")).unwrap();
+        let g = store.lock().unwrap();
+        let r = range("10.9.0.1/29"); // .2 - .6 usable
+        for i in 0..4 {
+            store.allocate(&g, &r, &format!("c{i}"), "eth0", None, false).unwrap();
+        }
+        fs::write(t.0.join("n/10.9.0.6"), "").unwrap();
+        fs::write(t.0.join("n/.reserve-10.9.0.6"), "c9\r\neth0").unwrap();
+        // Full by names: the empty one is reclaimed and handed out.
+        assert_eq!(store.allocate(&g, &r, "new", "eth0", None, false).unwrap().to_string(), "10.9.0.6");
+        assert_eq!(fs::read_to_string(t.0.join("n/10.9.0.6")).unwrap(), "new\r\neth0");
+        assert!(!t.0.join("n/.reserve-10.9.0.6").exists());
+        // Any read of the store (DEL, GC) frees empty reservations too.
+        store.release(&g, "new", "eth0").unwrap();
+        fs::write(t.0.join("n/10.9.0.6"), "  \n").unwrap();
+        assert_eq!(store.allocations(&g).unwrap().len(), 4);
+        assert!(!t.0.join("n/10.9.0.6").exists());
+        // No temp file is left by a normal reservation, and last_reserved_ip is whole.
+        store.allocate(&g, &r, "x", "eth0", None, false).unwrap();
+        let names: Vec<String> = fs::read_dir(t.0.join("n"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.starts_with(TEMP_PREFIX)), "{names:?}");
+        assert_eq!(fs::read_to_string(t.0.join("n/last_reserved_ip.0")).unwrap(), "10.9.0.6");
     }
 
     #[test]

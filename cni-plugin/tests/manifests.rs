@@ -70,7 +70,8 @@ fn manifest_objects_are_valid_and_consistent() {
             }
         }
     }
-    let want = ["nodes/status:patch", "nodes:get", "nodes:list", "nodes:patch", "nodes:watch", "pods:get"];
+    // Upstream's rules: annotations go through nodes/status, so no nodes patch.
+    let want = ["nodes/status:patch", "nodes:get", "nodes:list", "nodes:watch", "pods:get"];
     assert_eq!(perms, want.iter().map(|s| s.to_string()).collect());
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
     let subj = &binding.subjects.unwrap()[0];
@@ -91,7 +92,6 @@ fn manifest_objects_are_valid_and_consistent() {
     assert_eq!(pod.service_account_name, sa.metadata.name);
     let tol = pod.tolerations.unwrap();
     assert!(tol.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.effect.as_deref() == Some("NoSchedule")));
-    assert!(tol.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.effect.as_deref() == Some("NoExecute")));
     let volumes = pod.volumes.unwrap();
     let vol_names: BTreeSet<String> = volumes.iter().map(|v| v.name.clone()).collect();
     let cfg_vol = volumes.iter().find(|v| v.config_map.is_some()).unwrap();
@@ -111,12 +111,15 @@ fn manifest_objects_are_valid_and_consistent() {
     let args = main.args.clone().unwrap();
     assert!(args.contains(&"--ip-masq".into()) && args.contains(&"--kube-subnet-mgr".into()));
     let port = args.iter().find_map(|a| a.strip_prefix("--healthz-port=")).expect("health port flag");
+    // The probes name the port, as upstream's do; it must be the flag's.
+    let named = main.ports.iter().flatten().find(|p| p.name.as_deref() == Some("healthz")).expect("healthz port");
+    assert_eq!(named.container_port.to_string(), port);
     let probe_port = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
         let g = p.as_ref().unwrap().http_get.as_ref().unwrap();
-        (g.path.clone().unwrap(), serde_json::to_value(&g.port).unwrap().to_string())
+        (g.path.clone().unwrap(), serde_json::to_value(&g.port).unwrap())
     };
-    assert_eq!(probe_port(&main.liveness_probe), ("/healthz".to_string(), port.to_string()));
-    assert_eq!(probe_port(&main.readiness_probe), ("/readyz".to_string(), port.to_string()));
+    assert_eq!(probe_port(&main.liveness_probe), ("/healthz".to_string(), serde_json::json!("healthz")));
+    assert_eq!(probe_port(&main.readiness_probe), ("/readyz".to_string(), serde_json::json!("healthz")));
     let caps = main.security_context.as_ref().unwrap().capabilities.as_ref().unwrap().add.clone().unwrap();
     assert_eq!(caps, ["NET_ADMIN", "NET_RAW"]);
     let env: BTreeSet<String> = main.env.iter().flatten().map(|e| e.name.clone()).collect();

@@ -350,9 +350,80 @@ pub fn pod_teardown(network: &str, container_id: &str, ip: IpAddr) -> Result<(),
     Ok(())
 }
 
+/// Removes an attachment's masquerade in one family whatever addresses it
+/// had: every `POSTROUTING` rule jumping to its chain (found in `-S`, deleted
+/// by its exact spec, so a rule someone inserts meanwhile is never hit), then
+/// the chain. What a DEL uses when an ADD was killed before it saved its
+/// addresses, or a DEL after freeing them. Nothing to do when the tool is absent.
+pub fn pod_teardown_chain(network: &str, container_id: &str, v4: bool) -> Result<(), FirewallError> {
+    let chain = pod_chain(network, container_id);
+    let bin = if v4 { "iptables" } else { "ip6tables" };
+    let Ok(listing) = run(bin, &["-w", "5", "-t", "nat", "-S", "POSTROUTING"], None) else { return Ok(()) };
+    for line in listing.lines() {
+        let Some(spec) = line.strip_prefix("-A POSTROUTING ") else { continue };
+        let words = split_rule(spec);
+        if !words.windows(2).any(|w| w[0] == "-j" && w[1] == chain) {
+            continue;
+        }
+        let mut args = vec!["-D", "POSTROUTING"];
+        args.extend(words.iter().map(String::as_str));
+        // Already gone (a concurrent DEL) is fine; one still there makes -X below fail, loudly.
+        let _ = nat(v4, &args);
+    }
+    if nat(v4, &["-F", &chain]).is_ok() {
+        nat(v4, &["-X", &chain])?;
+    }
+    Ok(())
+}
+
+/// Whether the attachment's chain exists in one family (ip6tables may be absent: no).
+pub fn pod_chain_exists(network: &str, container_id: &str, v4: bool) -> bool {
+    nat(v4, &["-S", &pod_chain(network, container_id)]).is_ok()
+}
+
+/// Splits a rule as `iptables -S` prints it: words, double-quoted ones (comments) whole.
+fn split_rule(spec: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let (mut quoted, mut escaped, mut any) = (false, false, false);
+    for c in spec.chars() {
+        match c {
+            _ if escaped => {
+                cur.push(c);
+                escaped = false;
+            }
+            '\\' if quoted => escaped = true,
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            ' ' if !quoted => {
+                if any || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                any = false;
+            }
+            _ => cur.push(c),
+        }
+    }
+    if any || !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rules_split_as_iptables_prints_them() {
+        let w = split_rule(r#"-s 10.244.1.5/32 -m comment --comment "name: \"cbr0\" id: \"abc\"" -j CNI-0123"#);
+        assert_eq!(
+            w,
+            ["-s", "10.244.1.5/32", "-m", "comment", "--comment", r#"name: "cbr0" id: "abc""#, "-j", "CNI-0123"]
+        );
+    }
 
     #[test]
     fn rules_are_upstreams() {

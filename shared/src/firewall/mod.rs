@@ -61,11 +61,20 @@ impl PodMasq<'_> {
     }
 
     /// Removes the masquerade of the attachment (`ips` are its addresses, which
-    /// the iptables rules are keyed by); what is already gone is fine.
+    /// the iptables rules are keyed by); what is already gone is fine. In
+    /// iptables mode whatever still jumps to the attachment's chain goes too,
+    /// addresses known or not (an ADD killed before it saved them).
     pub fn teardown(&self, mode: Mode, ips: &[IpAddr]) -> Result<(), FirewallError> {
         match mode {
             Mode::Iptables => {
-                ips.iter().try_for_each(|ip| iptables::pod_teardown(self.network, self.container_id, *ip))
+                ips.iter().try_for_each(|ip| iptables::pod_teardown(self.network, self.container_id, *ip))?;
+                iptables::pod_teardown_chain(self.network, self.container_id, true)?;
+                if ips.iter().any(|ip| ip.is_ipv6())
+                    || iptables::pod_chain_exists(self.network, self.container_id, false)
+                {
+                    iptables::pod_teardown_chain(self.network, self.container_id, false)?;
+                }
+                Ok(())
             }
             Mode::Nftables => nftables::pod_teardown(self.network, self.ifname, self.container_id),
         }
