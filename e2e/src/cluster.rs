@@ -18,6 +18,8 @@ use crate::{Netns, TempDir, wait_until};
 /// etcd's address on the underlay.
 pub const ETCD_IP: &str = "192.0.2.254";
 pub const ETCD_URL: &str = "http://192.0.2.254:2379";
+/// The underlay's IPv6 address, where etcd listens too (IPv6-only clusters reach it there).
+pub const ETCD_IP6: &str = "2001:db8::fe";
 pub const PREFIX: &str = "/coreos.com/network";
 /// The agents' health/metrics port inside each node.
 pub const HEALTHZ_PORT: u16 = 8471;
@@ -117,6 +119,7 @@ pub fn flannel_conf(version: &str, subnet_file: &Path, state_dir: &Path, ipam_di
 /// A node: a namespace with `eth0` on the underlay and, when started, a flanneld.
 pub struct Node {
     pub ns: Netns,
+    /// 192.0.2.<n> on eth0 (not configured when the cluster is IPv6-only).
     pub ip: Ipv4Addr,
     /// 2001:db8::<n> on eth0 when the cluster has IPv6 on its underlay.
     pub ip6: Option<Ipv6Addr>,
@@ -346,8 +349,10 @@ pub struct Cluster {
     tls: Option<PathBuf>,
     /// etcd user and password once auth is enabled.
     auth: Option<(String, String)>,
-    /// Whether the underlay (and nodes added later) carry IPv6 too (2001:db8::/64).
+    /// Whether nodes added later carry IPv6 too (2001:db8::/64).
     ipv6: bool,
+    /// Whether nodes added later carry IPv6 only (no IPv4 address, etcd over IPv6).
+    ipv6_only: bool,
 }
 
 impl Cluster {
@@ -373,6 +378,7 @@ impl Cluster {
         // a node that cached the old one (another port's MAC) is then cut off from etcd.
         underlay.ip(&["link", "add", "br0", "address", "02:00:c0:00:02:fe", "type", "bridge"]);
         underlay.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]);
+        underlay.ip(&["addr", "add", &format!("{ETCD_IP6}/64"), "dev", "br0", "nodad"]);
         underlay.ip(&["link", "set", "br0", "up"]);
         let mut c = Cluster {
             underlay,
@@ -384,6 +390,7 @@ impl Cluster {
             tls: None,
             auth: None,
             ipv6: false,
+            ipv6_only: false,
         };
         if tls {
             c.tls = Some(make_certs(&c.dir.join("tls")));
@@ -396,9 +403,10 @@ impl Cluster {
         self.dir.path()
     }
 
-    /// etcd's client URL (https with TLS).
+    /// etcd's client URL for the agents (https with TLS; over IPv6 in an IPv6-only cluster).
     pub fn endpoint(&self) -> String {
-        if self.tls.is_some() { ETCD_URL.replacen("http:", "https:", 1) } else { ETCD_URL.to_string() }
+        let url = if self.ipv6_only { format!("http://[{ETCD_IP6}]:2379") } else { ETCD_URL.to_string() };
+        if self.tls.is_some() { url.replacen("http:", "https:", 1) } else { url }
     }
 
     /// Flags that connect a flanneld (or an etcdctl, with `etcdctl` = true) to this etcd.
@@ -425,10 +433,16 @@ impl Cluster {
         f
     }
 
-    /// Gives the underlay IPv6 (2001:db8::fe/64 on br0); nodes added afterwards get 2001:db8::<n>/64.
+    /// Nodes added afterwards also get 2001:db8::<n>/64 (the underlay has 2001:db8::fe).
     pub fn enable_ipv6(&mut self) {
-        self.underlay.ip(&["addr", "add", "2001:db8::fe/64", "dev", "br0", "nodad"]);
         self.ipv6 = true;
+    }
+
+    /// Nodes added afterwards get 2001:db8::<n>/64 and no IPv4 at all (their
+    /// default route is via the underlay's IPv6 address); agents reach etcd over IPv6.
+    pub fn ipv6_only(&mut self) {
+        self.ipv6 = true;
+        self.ipv6_only = true;
     }
 
     /// Turns on etcd authentication with a root user; etcdctl and agents started later use it.
@@ -444,7 +458,8 @@ impl Cluster {
         let data = self.dir.join("etcd");
         let log = File::options().create(true).append(true).open(self.dir.join("etcd.log")).expect("etcd log");
         let peer = "http://127.0.0.1:2380";
-        let url = self.endpoint();
+        let url = if self.tls.is_some() { ETCD_URL.replacen("http:", "https:", 1) } else { ETCD_URL.to_string() };
+        let url6 = url.replace(ETCD_IP, &format!("[{ETCD_IP6}]"));
         let mut tls_flags = Vec::new();
         if let Some(d) = &self.tls {
             tls_flags.push(format!("--cert-file={}", d.join("server.pem").display()));
@@ -457,7 +472,7 @@ impl Cluster {
             .command("etcd")
             .args(["--name", "e2e", "--data-dir"])
             .arg(&data)
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-client-urls", &format!("{url},{url6}"), "--advertise-client-urls", &url])
             .args(&tls_flags)
             .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
             .args(["--initial-cluster", &format!("e2e={peer}"), "--log-level", "warn"])
@@ -525,12 +540,18 @@ impl Cluster {
         let port = format!("u{}", i + 1);
         self.underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
         self.underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        if !self.ipv6_only {
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        }
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", "default", "via", ETCD_IP]);
         let ip6 = self.ipv6.then(|| Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, (i + 1) as u16));
         if let Some(v6) = ip6 {
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        }
+        if self.ipv6_only {
+            ns.ip(&["-6", "route", "add", "default", "via", ETCD_IP6, "dev", "eth0"]);
+        } else {
+            ns.ip(&["route", "add", "default", "via", ETCD_IP]);
         }
         let dir = self.dir.join(format!("node{}", i + 1));
         std::fs::create_dir_all(&dir).expect("node dir");
@@ -655,11 +676,13 @@ impl Cluster {
             .flatten()
             .filter_map(|e| e["address"].as_str()?.split('/').next()?.parse().ok())
             .collect();
+        let ip6 = ips.iter().find_map(|a| if let IpAddr::V6(v6) = a { Some(*v6) } else { None });
+        // An IPv6-only pod has no IPv4 address: `ip` is 0.0.0.0 then.
         let ip = ips
             .iter()
             .find_map(|a| if let IpAddr::V4(v4) = a { Some(*v4) } else { None })
-            .unwrap_or_else(|| panic!("no IPv4 address in CNI result {res}"));
-        let ip6 = ips.iter().find_map(|a| if let IpAddr::V6(v6) = a { Some(*v6) } else { None });
+            .or(ip6.and(Some(Ipv4Addr::UNSPECIFIED)))
+            .unwrap_or_else(|| panic!("no address in CNI result {res}"));
         self.pods.push(Pod { ns, node: i, ip, ip6, cid });
         self.pods.last().expect("just pushed")
     }

@@ -106,3 +106,76 @@ fn host_gw_dual_stack() {
     let nat6 = e2e::cluster::run_in(&c.nodes[0].ns, "ip6tables-save", &["-t", "nat"]);
     assert!(nat6.contains("-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8"), "{nat6}");
 }
+
+/// IPv6-only (`EnableIPv4: false`), as upstream: an underlay without IPv4
+/// (etcd reached over IPv6), an IPv6 lease in upstream's key form
+/// (`0.0.0.0-0&<v6>-64`, PublicIP 0.0.0.0), subnet.env with the IPv6 keys
+/// only, `flannel-v6.<VNI>` or IPv6 host-gw routes, IPv6-only pods from the
+/// plugin, and pods pinging across nodes.
+fn ipv6_only(backend: &str) {
+    let mut c = Cluster::new("v6");
+    c.ipv6_only();
+    c.put_config(&format!(
+        r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"{backend}"}}}}"#
+    ));
+    for i in 0..2 {
+        c.add_node();
+        assert!(!c.nodes[i].ns.ip(&["-4", "addr", "show", "dev", "eth0"]).contains("inet "), "eth0 has IPv4");
+        c.start_agent(i, &[]);
+    }
+    for i in 0..2 {
+        assert!(c.wait_ready(i, READY), "node{}: {}", i + 1, c.nodes[i].log());
+    }
+    for n in &c.nodes {
+        let env = n.subnet_env().unwrap();
+        assert!(!env.contains("FLANNEL_NETWORK") && !env.contains("FLANNEL_SUBNET="), "IPv4 keys: {env}");
+        assert!(env.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"), "{env}");
+        let s6 = n.subnet6().unwrap();
+        let key = format!("{PREFIX}/subnets/0.0.0.0-0&{}", s6.replace('/', "-"));
+        let raw = c.etcdctl(&["get", &key, "--print-value-only"]);
+        let v: serde_json::Value = serde_json::from_str(raw.trim()).unwrap_or_else(|e| panic!("{key}: {e}: {raw:?}"));
+        assert_eq!(
+            (v["PublicIP"].as_str(), v["PublicIPv6"].as_str()),
+            (Some("0.0.0.0"), Some(n.ip6.unwrap().to_string().as_str()))
+        );
+        if backend == "vxlan" {
+            assert!(env.contains("FLANNEL_MTU=1430\n"), "{env}");
+            let link = n.ns.ip_json(&["-d", "link", "show", "flannel-v6.1"]);
+            assert_eq!(link[0]["linkinfo"]["info_data"]["local6"], n.ip6.unwrap().to_string());
+            assert_eq!(v["BackendV6Data"]["VtepMAC"], link[0]["address"]);
+            assert!(n.ns.try_ip_json(&["link", "show", "flannel.1"]).is_none(), "no IPv4 VTEP");
+        }
+    }
+    for (i, j) in [(0, 1), (1, 0)] {
+        let peer6 = c.nodes[j].subnet6().unwrap();
+        let n = &c.nodes[i];
+        let ok = wait_until(Duration::from_secs(10), || n.flannel_routes6().iter().any(|r| r["dst"] == peer6.as_str()));
+        assert!(ok, "node{}: {:?}\n{}", i + 1, n.flannel_routes6(), n.log());
+        assert!(n.flannel_routes().is_empty(), "IPv4 routes on an IPv6-only node: {:?}", n.flannel_routes());
+    }
+    c.add_pod(0);
+    c.add_pod(1);
+    assert!(c.pods[0].ip.is_unspecified(), "an IPv6-only pod got IPv4 {}", c.pods[0].ip);
+    let b6 = c.pods[1].ip6.expect("pod IPv6").to_string();
+    let ok = wait_until(Duration::from_secs(10), || ping6(&c, 0, &b6) == Some(62));
+    assert!(ok, "-> {b6}\n{}\n{}", c.nodes[0].log(), c.nodes[1].log());
+    let a6 = c.pods[0].ip6.expect("pod IPv6").to_string();
+    assert_eq!(ping6(&c, 1, &a6), Some(62), "-> {a6}");
+    c.assert_idle();
+    // A restart keeps the IPv6 subnet (it is the lease's key here).
+    let s6 = c.nodes[0].subnet6();
+    c.start_agent(0, &[]);
+    assert!(c.wait_ready(0, READY), "{}", c.nodes[0].log());
+    assert_eq!(c.nodes[0].subnet6(), s6);
+    assert_eq!(c.leases().len(), 2, "{:?}", c.leases());
+}
+
+#[test]
+fn ipv6_only_vxlan() {
+    ipv6_only("vxlan");
+}
+
+#[test]
+fn ipv6_only_host_gw() {
+    ipv6_only("host-gw");
+}

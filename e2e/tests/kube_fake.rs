@@ -94,6 +94,7 @@ fn two_kube_mode_agents_publish_annotations_and_route_to_each_other() {
             format!("{P}/backend-type"): "vxlan",
             format!("{P}/backend-data"): r#"{"VNI":1,"VtepMAC":"0e:00:00:00:00:03"}"#,
             format!("{P}/public-ip"): "192.0.2.3",
+            format!("{P}/kube-subnet-manager"): "true",
         }),
     );
     let n = &c.nodes[0];
@@ -150,6 +151,7 @@ fn a_node_from_the_first_listing_losing_its_annotations_is_dropped() {
         format!("{P}/backend-type"): "vxlan",
         format!("{P}/backend-data"): r#"{"VNI":1,"VtepMAC":"0e:00:00:00:00:03"}"#,
         format!("{P}/public-ip"): "192.0.2.3",
+        format!("{P}/kube-subnet-manager"): "true",
     });
     api.put_node("n3", "10.244.3.0/24", annotated);
     let mut c = Cluster::new("ka");
@@ -165,4 +167,42 @@ fn a_node_from_the_first_listing_losing_its_annotations_is_dropped() {
     for n in &c.nodes {
         assert!(wait_until(Duration::from_secs(10), || !to_n3(n)), "{}: {:?}", n.ns.name(), n.flannel_routes());
     }
+}
+
+/// IPv6-only in Kubernetes mode: Nodes with an IPv6 podCIDR only, an
+/// underlay without IPv4; the agents publish the IPv6 half only and their
+/// pods (IPv6 only) reach each other.
+#[test]
+fn ipv6_only_from_pod_cidrs() {
+    let api = FakeApi::default();
+    api.put_node_cidrs("n1", &["fd00:10:244:1::/64"], json!({}));
+    api.put_node_cidrs("n2", &["fd00:10:244:2::/64"], json!({}));
+    let mut c = Cluster::new("k6");
+    c.ipv6_only();
+    start_agents(
+        &mut c,
+        &api,
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+    );
+    for i in 0..2 {
+        assert!(c.wait_ready(i, Duration::from_secs(30)), "{}", c.nodes[i].log());
+    }
+    let ann = api.node("n1")["metadata"]["annotations"].clone();
+    assert_eq!(ann[format!("{P}/public-ipv6")], "2001:db8::1");
+    assert!(ann.get(format!("{P}/public-ip")).is_none(), "an IPv4 half published: {ann}");
+    assert!(c.nodes[0].subnet_env().unwrap().contains("FLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64"));
+    let n = &c.nodes[0];
+    assert!(wait_until(Duration::from_secs(10), || n
+        .flannel_routes6()
+        .iter()
+        .any(|r| r["dst"] == "fd00:10:244:2::/64" && r["dev"] == "flannel-v6.1")));
+    c.add_pod(0);
+    c.add_pod(1);
+    let b6 = c.pods[1].ip6.expect("pod IPv6").to_string();
+    let ping6 = |c: &Cluster| {
+        let out = c.pods[0].ns.run("ping", &["-6", "-c", "1", "-W", "2", &b6]);
+        String::from_utf8_lossy(&out.stdout).contains("ttl=62")
+    };
+    assert!(wait_until(Duration::from_secs(10), || ping6(&c)));
+    c.assert_idle();
 }

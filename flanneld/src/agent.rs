@@ -8,11 +8,13 @@
 //! Restart and SIGTERM leave kernel state and the lease alone, so traffic
 //! keeps flowing while the agent is away.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
@@ -128,20 +130,17 @@ pub async fn load_config<M: SubnetManager>(mgr: &mut M) -> Result<NetConfig, Age
             Err(e) => return Err(e.into()),
         }
     };
-    let cfg =
-        NetConfig::parse(&text, |w| warn!("network config: {w}")).map_err(|e| AgentError::Config(e.to_string()))?;
-    if cfg.ipv4.is_none() {
-        return Err(AgentError::Config(
-            "network config: EnableIPv4: IPv6-only networks are not supported; keep IPv4 on (dual-stack works)".into(),
-        ));
-    }
-    Ok(cfg)
+    NetConfig::parse(&text, |w| warn!("network config: {w}")).map_err(|e| AgentError::Config(e.to_string()))
 }
 
-/// The pod network's families on this uplink.
+/// The pod network's families on this uplink: IPv4, IPv6, or both (IPv4 first).
 fn families(cfg: &NetConfig, uplink: &Uplink) -> Result<Vec<FamilyNet>, AgentError> {
-    let v4 = cfg.ipv4.clone().ok_or_else(|| AgentError::Config("network config: Network: missing".into()))?;
-    let mut fams = vec![FamilyNet::v4(v4, uplink)];
+    let mut fams = Vec::new();
+    if let Some(v4) = &cfg.ipv4 {
+        fams.push(FamilyNet::v4(v4.clone(), uplink).ok_or_else(|| {
+            AgentError::Config(format!("{} has no IPv4 address; give --public-ip or another --iface", uplink.name))
+        })?);
+    }
     if let Some(f6) = &cfg.ipv6 {
         let fam = FamilyNet::v6(f6.clone(), uplink).ok_or_else(|| {
             AgentError::Config(format!(
@@ -149,7 +148,8 @@ fn families(cfg: &NetConfig, uplink: &Uplink) -> Result<Vec<FamilyNet>, AgentErr
                 uplink.name
             ))
         })?;
-        info!("dual-stack: IPv6 network {}, public IPv6 {:?}", f6.network, uplink.public_ipv6);
+        let what = if cfg.ipv4.is_some() { "dual-stack" } else { "IPv6-only" };
+        info!("{what}: IPv6 network {}, public IPv6 {:?}", f6.network, uplink.public_ipv6);
         fams.push(fam);
     }
     Ok(fams)
@@ -177,28 +177,32 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         // Subscribed before the first write, so nothing done to our state from here on goes unseen.
         let kernel = k.watch(metrics.clone());
         let stored = mgr.stored_public_ips().await;
-        let uplink = backend::find_uplink(&k, &opts, stored).await?;
+        let uplink = backend::find_uplink(&k, &opts, stored, cfg.ipv4.is_some()).await?;
+        let addr = uplink.ip.map(IpAddr::V4).or(uplink.ip6.map(IpAddr::V6));
+        let public = uplink.public_ip.map(IpAddr::V4).or(uplink.public_ipv6.map(IpAddr::V6));
         info!(
             "uplink {} ({}), public IP {}, MTU {}, backend {}",
             uplink.name,
-            uplink.ip,
-            uplink.public_ip,
+            addr.map(|a| a.to_string()).unwrap_or_default(),
+            public.map(|a| a.to_string()).unwrap_or_default(),
             uplink.mtu,
             cfg.backend.kind.as_str()
         );
         let fams = families(cfg, &uplink)?;
         backend::teardown_others(&k, &cfg.backend).await?;
-        let mut data = Vec::with_capacity(fams.len());
+        let (mut data, mut data6) = (Value::Null, None);
         for fam in &fams {
-            data.push(backend.setup(&k, &mut mgr, fam, &uplink).await?);
+            let d = backend.setup(&k, &mut mgr, fam, &uplink).await?;
+            if fam.v6 { data6 = Some(d) } else { data = d }
         }
-        let mut data = data.into_iter();
+        // An IPv6-only lease says 0.0.0.0 for its IPv4 address, as upstream's does.
+        let has_v4 = fams.iter().any(|f| !f.v6);
         let attrs = LeaseAttrs {
-            public_ip: uplink.public_ip,
-            public_ipv6: fams.get(1).and(uplink.public_ipv6),
+            public_ip: uplink.public_ip.filter(|_| has_v4).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public_ipv6: data6.as_ref().and(uplink.public_ipv6),
             backend_type: backend.kind().as_str().to_string(),
-            backend_data: data.next().unwrap_or_default(),
-            backend_v6_data: data.next(),
+            backend_data: data,
+            backend_v6_data: data6,
         };
 
         let mut agent = Agent {
@@ -227,12 +231,12 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         let env = SubnetEnv::read(&agent.opts.subnet_file).ok();
         let prefer = env
             .as_ref()
-            .filter(|e| e.network == Some(agent.fams[0].config.network))
+            .filter(|e| e.network.is_some() && e.network == agent.family(false).map(|f| f.config.network))
             .and_then(|e| e.subnet)
             .map(|s| s.network());
         let prefer6 = env
             .as_ref()
-            .filter(|e| e.ipv6_network.is_some() && e.ipv6_network == agent.fams.get(1).map(|f| f.config.network))
+            .filter(|e| e.ipv6_network.is_some() && e.ipv6_network == agent.family(true).map(|f| f.config.network))
             .and_then(|e| e.ipv6_subnet)
             .map(|s| s.network());
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -250,8 +254,14 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         Ok(agent)
     }
 
+    /// What our lease is known by (its IPv4 subnet; the IPv6 one on an IPv6-only network).
     pub fn own_subnet(&self) -> Option<IpNet> {
-        self.own.as_ref().map(|l| l.subnet)
+        self.own.as_ref().map(|l| l.key())
+    }
+
+    /// The pod network's family `v6`, if configured.
+    fn family(&self, v6: bool) -> Option<&FamilyNet> {
+        self.fams.iter().find(|f| f.v6 == v6)
     }
 
     /// The pods' MTU: what fits through the backend in every family (an IPv6 tunnel has 20 bytes more overhead).
@@ -262,23 +272,23 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
     /// Claims (or re-claims) a subnet, then points the backend and subnet.env at it.
     async fn acquire(&mut self, prefer: Option<IpNet>, prefer6: Option<IpNet>) -> Result<(), SubnetError> {
         let claim = Claim {
-            family: &self.fams[0].config,
-            family6: self.fams.get(1).map(|f| &f.config),
+            family: self.fams.iter().find(|f| !f.v6).map(|f| &f.config),
+            family6: self.fams.iter().find(|f| f.v6).map(|f| &f.config),
             attrs: &self.attrs,
             prefer,
             prefer6,
         };
         let lease = self.mgr.acquire(&claim).await?;
-        let subnet = lease.subnet;
+        let subnet = lease.key();
         // The manager may have overridden the public IP (Kubernetes annotations).
         self.attrs = lease.attrs.clone();
         self.metrics.lease_held.store(true, Ordering::Relaxed);
         self.metrics.lease_expiry.set(unix_secs(lease.expiration));
         self.schedule_renew(&lease);
         if let Some(old) = self.own.replace(lease)
-            && old.subnet != subnet
+            && old.key() != subnet
         {
-            warn!("our subnet changed from {} to {subnet}; pods started earlier keep old addresses", old.subnet);
+            warn!("our subnet changed from {} to {subnet}; pods started earlier keep old addresses", old.key());
         }
         self.peers.forget(&subnet);
         if let Err(e) = self.ensure_backend().await {
@@ -294,16 +304,16 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         // A margin longer than the lease itself would renew in a tight loop: renew at half-life then.
         let wait = if margin < left { left - margin } else { left / 2 };
         self.next_renew = Instant::now() + wait;
-        debug!("lease on {} renews in {wait:?}", lease.subnet);
+        debug!("lease on {} renews in {wait:?}", lease.key());
     }
 
     fn write_subnet_env(&self) {
         let Some(own) = &self.own else { return };
         let gw = |s: &IpNet| s.nth(1).and_then(|ip| IpNet::new(ip, s.prefix()).ok());
         let env = SubnetEnv {
-            network: Some(self.fams[0].config.network),
-            subnet: gw(&own.subnet),
-            ipv6_network: self.fams.get(1).map(|f| f.config.network),
+            network: self.family(false).map(|f| f.config.network),
+            subnet: self.family(false).and(gw(&own.subnet)),
+            ipv6_network: self.family(true).map(|f| f.config.network),
             ipv6_subnet: own.subnet6.as_ref().and_then(gw),
             mtu: self.mtu(),
             ipmasq: self.opts.ip_masq,
@@ -315,7 +325,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         match env.write_atomic(path) {
             Ok(()) => {
                 self.metrics.subnet_env_written.store(true, Ordering::Relaxed);
-                info!("wrote {} (subnet {}, MTU {})", path.display(), own.subnet, self.mtu());
+                info!("wrote {} (subnet {}, MTU {})", path.display(), own.key(), self.mtu());
             }
             Err(e) => {
                 self.metrics.subnet_env_written.store(false, Ordering::Relaxed);
@@ -392,7 +402,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
     /// Applies one lease event to the peer table and notes what the kernel
     /// now lacks; returns whether our own lease needs claiming again.
     pub fn on_event(&mut self, ev: LeaseEvent) -> bool {
-        let own = self.own.as_ref().map(|l| (l.subnet, &l.attrs));
+        let own = self.own.as_ref().map(|l| (l.key(), &l.attrs));
         let out = self.peers.apply(ev, own);
         match out.change {
             Change::None => {}

@@ -54,13 +54,23 @@ impl Known {
                 (Some(s), Some(ip)) => (s, IpAddr::V6(ip), self.mac6),
                 _ => return Err(Some((l.subnet, "no IPv6 half in its lease (an IPv4-only node)".to_string()))),
             }
-        } else {
+        } else if l.has_ipv4() {
             (l.subnet, IpAddr::V4(l.attrs.public_ip), self.mac)
+        } else {
+            return Err(Some((l.key(), "no IPv4 half in its lease (an IPv6-only node)".to_string())));
         };
         if let Some(why) = refuse(public_ip) {
             return Err(Some((subnet, why)));
         }
         Ok(Peer { subnet, public_ip, vtep_mac })
+    }
+}
+
+/// The address a lease is reached at, for log lines (its IPv6 one when IPv6-only).
+fn public_of(l: &Lease) -> IpAddr {
+    match l.attrs.public_ipv6 {
+        Some(v6) if !l.has_ipv4() => IpAddr::V6(v6),
+        _ => IpAddr::V4(l.attrs.public_ip),
     }
 }
 
@@ -124,33 +134,33 @@ impl PeerTable {
 
     /// Applies one event given our own lease (subnet and what we advertise).
     pub fn apply(&mut self, ev: LeaseEvent, own: Option<(IpNet, &LeaseAttrs)>) -> Outcome {
-        let is_ours = |l: &Lease| own.is_some_and(|(s, a)| s == l.subnet && *a == l.attrs);
+        let is_ours = |l: &Lease| own.is_some_and(|(s, a)| s == l.key() && *a == l.attrs);
         match ev {
             LeaseEvent::Snapshot(all) => {
-                let lost = own.is_some_and(|(s, _)| !all.iter().any(|l| l.subnet == s && is_ours(l)));
+                let lost = own.is_some_and(|(s, _)| !all.iter().any(|l| l.key() == s && is_ours(l)));
                 self.leases = all
                     .into_iter()
-                    .filter(|l| Some(l.subnet) != own.map(|o| o.0))
-                    .map(|l| (l.subnet, Known::new(l)))
+                    .filter(|l| Some(l.key()) != own.map(|o| o.0))
+                    .map(|l| (l.key(), Known::new(l)))
                     .collect();
                 debug!("lease snapshot: {} peers", self.leases.len());
                 self.listed = true;
                 Outcome { change: Change::All, lost }
             }
             LeaseEvent::Added(l) => {
-                if own.is_some_and(|(s, _)| s == l.subnet) {
+                if own.is_some_and(|(s, _)| s == l.key()) {
                     if is_ours(&l) {
                         return Outcome::none();
                     }
-                    warn!("our subnet {} was taken over by {}", l.subnet, l.attrs.public_ip);
+                    warn!("our subnet {} was taken over by {}", l.key(), public_of(&l));
                     debug!("theirs: {:?}; ours: {:?}", l.attrs, own.map(|o| o.1));
                     return Outcome::lost();
                 }
-                if self.leases.get(&l.subnet).is_some_and(|k| k.lease == l) {
+                let subnet = l.key();
+                if self.leases.get(&subnet).is_some_and(|k| k.lease == l) {
                     return Outcome::none();
                 }
-                info!("peer lease {} -> {} ({})", l.subnet, l.attrs.public_ip, l.attrs.backend_type);
-                let subnet = l.subnet;
+                info!("peer lease {subnet} -> {} ({})", public_of(&l), l.attrs.backend_type);
                 let old = self.leases.insert(subnet, Known::new(l)).map(Box::new);
                 Outcome { change: Change::Peer { subnet, old }, lost: false }
             }

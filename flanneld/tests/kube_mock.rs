@@ -123,7 +123,7 @@ fn late_pod_cidr_annotations_and_network_up() {
             respond(send, 404, &json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"nodes \"node1\" not found"}));
         });
         let a = attrs();
-        let claim = Claim { family: &family, family6: None, attrs: &a, prefer: None, prefer6: None };
+        let claim = Claim { family: Some(&family), family6: None, attrs: &a, prefer: None, prefer6: None };
         let lease = m.acquire(&claim).await.unwrap();
         assert_eq!(lease.subnet.to_string(), "10.244.1.0/24");
         assert_eq!(lease.attrs.public_ip.to_string(), "203.0.113.1");
@@ -207,5 +207,41 @@ fn peers_from_the_node_watch_including_errors() {
         assert_eq!(all.len(), 2);
         assert!(metrics.watch_restarts.get() >= 1);
         server.abort();
+    });
+}
+
+/// IPv6-only (`EnableIPv4: false`): the Node's only podCIDR is IPv6; the lease
+/// has no IPv4 half and the patch publishes none (as upstream's vxlan).
+#[test]
+fn ipv6_only_node() {
+    rt().block_on(async {
+        let (mut m, mut h) = setup();
+        let conf = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#;
+        let family6 = NetConfig::parse(conf, |_| {}).unwrap().ipv6.unwrap();
+        let server = tokio::spawn(async move {
+            let (_, send) = next(&mut h).await;
+            let mut n = node("node1", 1, Some("fd00:10:244:1::/64"), None, "192.0.2.1");
+            n["status"] = json!({});
+            respond(send, 200, &n);
+            let (req, send) = next(&mut h).await;
+            assert_eq!((req.method(), req.uri().path()), (&Method::PATCH, "/api/v1/nodes/node1/status"));
+            let patch = body_json(req).await;
+            let ann = &patch["metadata"]["annotations"];
+            assert!(
+                ann.get(format!("{P}/public-ip")).is_none() && ann.get(format!("{P}/backend-data")).is_none(),
+                "{ann}"
+            );
+            assert_eq!(ann[format!("{P}/public-ipv6")], "2001:db8::1");
+            assert_eq!(ann[format!("{P}/kube-subnet-manager")], "true");
+            respond(send, 200, &n);
+        });
+        let a: LeaseAttrs = serde_json::from_value(json!({"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::1",
+            "BackendType":"vxlan","BackendData":null,"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}}))
+        .unwrap();
+        let claim = Claim { family: None, family6: Some(&family6), attrs: &a, prefer: None, prefer6: None };
+        let lease = m.acquire(&claim).await.unwrap();
+        assert_eq!(lease.subnet, flannel_shared::lease::no_ipv4());
+        assert_eq!(lease.key().to_string(), "fd00:10:244:1::/64");
+        server.await.unwrap();
     });
 }

@@ -51,7 +51,30 @@ pub struct Lease {
     pub attrs: LeaseAttrs,
 }
 
+/// The IPv4 half of an IPv6-only lease, as upstream keys it (`0.0.0.0-0&fd00:..::-64`).
+pub fn no_ipv4() -> IpNet {
+    IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).expect("0.0.0.0/0")
+}
+
+/// The subnet a lease is known by: its IPv4 subnet, or its IPv6 one when it has no IPv4 half.
+pub fn lease_key(subnet: IpNet, subnet6: Option<IpNet>) -> IpNet {
+    match subnet6 {
+        Some(s6) if subnet.prefix() == 0 => s6,
+        _ => subnet,
+    }
+}
+
 impl Lease {
+    /// See [`lease_key`].
+    pub fn key(&self) -> IpNet {
+        lease_key(self.subnet, self.subnet6)
+    }
+
+    /// Whether the lease has an IPv4 subnet (IPv6-only leases have `0.0.0.0/0`).
+    pub fn has_ipv4(&self) -> bool {
+        self.subnet.prefix() != 0
+    }
+
     pub fn vxlan_data(&self) -> Option<VxlanData> {
         serde_json::from_value(self.attrs.backend_data.clone()).ok()
     }
@@ -153,6 +176,10 @@ mod tests {
         assert_eq!(subnet_key_pair(&v4, v6.as_ref()), "10.244.1.0-24&fc00:0:0:1::-64");
         assert_eq!(parse_subnet_key("10.244.1.0-24&fc00:0:0:1::5-64"), None);
         assert_eq!(parse_subnet_key("10.244.1.0-24&10.1.0.0-16"), None);
+        // IPv6-only: upstream's key has an empty IPv4 half; the lease is known by its IPv6 subnet.
+        let (v4, v6) = parse_subnet_key_pair("/coreos.com/network/subnets/0.0.0.0-0&fd00:10:244:3::-64").unwrap();
+        assert_eq!((v4, lease_key(v4, v6).to_string()), (no_ipv4(), "fd00:10:244:3::/64".to_string()));
+        assert_eq!(subnet_key_pair(&no_ipv4(), v6.as_ref()), "0.0.0.0-0&fd00:10:244:3::-64");
         let hostgw: LeaseAttrs =
             serde_json::from_str(r#"{"PublicIP":"192.0.2.2","BackendType":"host-gw","BackendData":null}"#).unwrap();
         assert_eq!(hostgw.backend_type, "host-gw");

@@ -72,7 +72,7 @@ impl SubnetManager for FakeManager {
             None => Ok(lease_for(lease.subnet, &lease.attrs, Duration::from_secs(48 * 3600))),
         }
     }
-    async fn previous_vtep_mac(&mut self, _public_ip: std::net::Ipv4Addr, _v6: bool) -> Option<String> {
+    async fn previous_vtep_mac(&mut self, _public_ip: std::net::IpAddr, _v6: bool) -> Option<String> {
         self.store.borrow().previous_mac.clone()
     }
     fn spawn_watch(&self, _tx: mpsc::Sender<LeaseEvent>, _metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {

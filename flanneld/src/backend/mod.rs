@@ -51,15 +51,15 @@ pub struct FamilyNet {
 }
 
 impl FamilyNet {
-    /// IPv4 from the uplink.
-    pub fn v4(config: Family, uplink: &Uplink) -> FamilyNet {
-        FamilyNet {
+    /// IPv4 from the uplink; `None` without an IPv4 address.
+    pub fn v4(config: Family, uplink: &Uplink) -> Option<FamilyNet> {
+        Some(FamilyNet {
             v6: false,
             config,
-            local: Some(IpAddr::V4(uplink.ip)),
-            public_ip: IpAddr::V4(uplink.public_ip),
+            local: uplink.ip.map(IpAddr::V4),
+            public_ip: IpAddr::V4(uplink.public_ip?),
             nets: uplink.nets.clone(),
-        }
+        })
     }
 
     /// IPv6 from the uplink; `None` without a public IPv6 address.
@@ -75,7 +75,7 @@ impl FamilyNet {
 
     /// Our lease's subnet in this family.
     pub fn subnet_of(&self, own: &OwnLease) -> Option<IpNet> {
-        if self.v6 { own.subnet6 } else { Some(own.subnet) }
+        if self.v6 { own.subnet6 } else { Some(own.subnet).filter(|s| s.prefix() != 0) }
     }
 
     /// For log lines: empty for IPv4.

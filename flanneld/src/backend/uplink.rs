@@ -20,12 +20,12 @@ pub struct Uplink {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
-    /// This node's address on the uplink (VXLAN `local`).
-    pub ip: Ipv4Addr,
+    /// This node's IPv4 address on the uplink (VXLAN `local`); none on an IPv6-only network.
+    pub ip: Option<Ipv4Addr>,
     /// The uplink's IPv4 networks: peers inside are on-link (host-gw, DirectRouting).
     pub nets: Vec<IpNet>,
     /// What peers are told to send to (`--public-ip`, else `ip`).
-    pub public_ip: Ipv4Addr,
+    pub public_ip: Option<Ipv4Addr>,
     /// This node's global IPv6 address on the uplink, if any (the IPv6 VTEP's `local`).
     pub ip6: Option<Ipv6Addr>,
     /// The uplink's IPv6 networks (on-link peers for IPv6 host-gw and DirectRouting).
@@ -80,11 +80,14 @@ enum Want<'a> {
 /// matches (a bad regex is one that matches nothing). Without any of them:
 /// the interface holding `--public-ip` (or `--public-ipv6`) when given,
 /// else the interface of the default route. Values are never split on commas:
-/// a regex like `^eth[0-9]{1,3}$` is one pattern.
-pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts, stored: PublicIps) -> Result<Uplink, BackendError> {
+/// a regex like `^eth[0-9]{1,3}$` is one pattern. On an IPv6-only network
+/// (`v4` false) addresses and the default route are IPv6 ones, as upstream.
+pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts, stored: PublicIps, v4: bool) -> Result<Uplink, BackendError> {
     let links = nl.links().await?;
     let addrs = nl.addresses(None).await?;
-    let v4_of = |index: u32| addrs.iter().filter(move |a| a.index == index).filter_map(usable_v4);
+    let family = if v4 { "IPv4" } else { "IPv6" };
+    let usable = move |a: &Address| if v4 { usable_v4(a).map(IpAddr::V4) } else { usable_v6(a).map(IpAddr::V6) };
+    let addr_of = |index: u32| addrs.iter().filter(move |a| a.index == index).filter_map(usable);
 
     // Annotated addresses win over the flags (upstream's GetStoredPublicIP).
     let public = PublicIps { v4: stored.v4.or(opts.public_ip), v6: stored.v6.or(opts.public_ipv6) };
@@ -101,13 +104,15 @@ pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts, stored: PublicIps) -> R
     wants.extend(opts.iface_regex.iter().map(|r| (Want::Regex(r), format!("--iface-regex {r}"))));
     wants.extend(opts.iface_can_reach.map(|ip| (Want::CanReach(ip), format!("--iface-can-reach {ip}"))));
 
-    let mut chosen: Option<(&Link, Ipv4Addr)> = None;
+    let mut chosen: Option<(&Link, IpAddr)> = None;
     let mut tried = Vec::new();
     for (want, what) in &wants {
-        let found: Result<(&Link, Option<Ipv4Addr>), String> = match want {
-            Want::PublicIp(ip) => by_address(&links, &addrs, *ip).ok_or_else(|| format!("no interface here has {ip}")),
+        let found: Result<(&Link, Option<IpAddr>), String> = match want {
+            Want::PublicIp(ip) => {
+                by_address(&links, &addrs, *ip, v4).ok_or_else(|| format!("no interface here has {ip}"))
+            }
             Want::Iface(name) => match name.parse::<IpAddr>() {
-                Ok(ip) => by_address(&links, &addrs, ip).ok_or_else(|| format!("no interface here has {ip}")),
+                Ok(ip) => by_address(&links, &addrs, ip, v4).ok_or_else(|| format!("no interface here has {ip}")),
                 Err(_) => {
                     links.iter().find(|l| &l.name == name).map(|l| (l, None)).ok_or_else(|| "no such interface".into())
                 }
@@ -119,30 +124,33 @@ pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts, stored: PublicIps) -> R
                 // when it has none: a veth pair `ext0`/`ext1` would stop it).
                 Ok(re) => links
                     .iter()
-                    .find_map(|l| v4_of(l.index).find(|ip| re.is_match(&ip.to_string())).map(|ip| (l, Some(ip))))
+                    .find_map(|l| addr_of(l.index).find(|ip| re.is_match(&ip.to_string())).map(|ip| (l, Some(ip))))
                     .or_else(|| {
                         let mut names = links.iter().filter(|l| re.is_match(&l.name));
-                        names.clone().find(|l| v4_of(l.index).next().is_some()).or(names.next()).map(|l| (l, None))
+                        names.clone().find(|l| addr_of(l.index).next().is_some()).or(names.next()).map(|l| (l, None))
                     })
                     .ok_or_else(|| {
                         let all: Vec<String> = links
                             .iter()
-                            .map(|l| format!("{}:{:?}", l.name, v4_of(l.index).collect::<Vec<_>>()))
+                            .map(|l| format!("{}:{:?}", l.name, addr_of(l.index).collect::<Vec<_>>()))
                             .collect();
                         format!("matches none of the interfaces ({})", all.join(", "))
                     }),
             },
             Want::CanReach(dst) => route_oif(nl, &links, *dst, false).await?,
-            Want::DefaultRoute => route_oif(nl, &links, IpAddr::V4(Ipv4Addr::UNSPECIFIED), true).await?,
+            Want::DefaultRoute => {
+                let any = if v4 { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
+                route_oif(nl, &links, any, true).await?
+            }
         };
         match found {
-            Ok((link, ip)) => match ip.or_else(|| v4_of(link.index).next()) {
+            Ok((link, ip)) => match ip.or_else(|| addr_of(link.index).next()) {
                 Some(ip) => {
                     info!("uplink {} ({ip}) from {what}", link.name);
                     chosen = Some((link, ip));
                     break;
                 }
-                None => tried.push(format!("{what}: {} has no IPv4 address", link.name)),
+                None => tried.push(format!("{what}: {} has no {family} address", link.name)),
             },
             Err(why) => tried.push(format!("{what}: {why}")),
         }
@@ -161,25 +169,28 @@ pub async fn find_uplink<K: Kernel>(nl: &K, opts: &Opts, stored: PublicIps) -> R
     let nets =
         addrs.iter().filter(|a| a.index == link.index && usable_v4(a).is_some()).map(|a| a.net.network()).collect();
     let v6: Vec<&Address> = addrs.iter().filter(|a| a.index == link.index && usable_v6(a).is_some()).collect();
-    let ip6 = v6.first().and_then(|a| usable_v6(a));
+    let (ip4, ip6) = match ip {
+        IpAddr::V4(a) => (Some(a), v6.first().and_then(|a| usable_v6(a))),
+        IpAddr::V6(a) => (None, Some(a)),
+    };
     Ok(Uplink {
         index: link.index,
         name: link.name.clone(),
         mtu: link.mtu,
-        ip,
+        ip: ip4,
         nets,
-        public_ip: public.v4.unwrap_or(ip),
+        public_ip: public.v4.or(ip4),
         ip6,
         nets6: v6.iter().map(|a| a.net.network()).collect(),
         public_ipv6: public.v6.or(ip6),
     })
 }
 
-/// The interface holding `ip`, and `ip` when it is an IPv4 address (the tunnel's source).
-fn by_address<'a>(links: &'a [Link], addrs: &[Address], ip: IpAddr) -> Option<(&'a Link, Option<Ipv4Addr>)> {
+/// The interface holding `ip`, and `ip` when it is of the network's family (the tunnel's source).
+fn by_address<'a>(links: &'a [Link], addrs: &[Address], ip: IpAddr, v4: bool) -> Option<(&'a Link, Option<IpAddr>)> {
     let a = addrs.iter().find(|a| a.net.addr() == ip)?;
     let link = links.iter().find(|l| l.index == a.index)?;
-    Some((link, if let IpAddr::V4(v4) = ip { Some(v4) } else { None }))
+    Some((link, (ip.is_ipv4() == v4).then_some(ip)))
 }
 
 /// The interface of the most specific main-table route to `dst` (`default`: the default route only).
@@ -188,7 +199,7 @@ async fn route_oif<'a, K: Kernel>(
     links: &'a [Link],
     dst: IpAddr,
     default: bool,
-) -> Result<Result<(&'a Link, Option<Ipv4Addr>), String>, BackendError> {
+) -> Result<Result<(&'a Link, Option<IpAddr>), String>, BackendError> {
     let routes = nl.routes(dst.is_ipv4(), Some(RT_TABLE_MAIN)).await?;
     let best = routes
         .iter()

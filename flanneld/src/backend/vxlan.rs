@@ -90,7 +90,7 @@ impl Backend for Vxlan {
         let spec = self.spec(fam, uplink)?;
         // A device that is gone (node rebuilt) comes back with the MAC peers already know.
         let mac = if k.link_by_name(&spec.name).await?.is_none() {
-            mgr.previous_vtep_mac(uplink.public_ip, fam.v6).await.and_then(|m| parse_mac(&m))
+            mgr.previous_vtep_mac(fam.public_ip, fam.v6).await.and_then(|m| parse_mac(&m))
         } else {
             None
         };

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use flannel_shared::IpNet;
 use flannel_shared::lease::{
-    Lease, LeaseAttrs, choose_subnet, parse_subnet_key, parse_subnet_key_pair, subnet_key_pair,
+    Lease, LeaseAttrs, choose_subnet, lease_key, no_ipv4, parse_subnet_key_pair, subnet_key_pair,
 };
 
 use super::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
@@ -169,8 +170,8 @@ async fn watch_once(
                         continue;
                     }
                 },
-                EventType::Delete => match parse_subnet_key(&String::from_utf8_lossy(kv.key())) {
-                    Some(s) => LeaseEvent::Removed(s),
+                EventType::Delete => match parse_subnet_key_pair(&String::from_utf8_lossy(kv.key())) {
+                    Some((s, s6)) => LeaseEvent::Removed(lease_key(s, s6)),
                     None => continue,
                 },
             };
@@ -218,37 +219,57 @@ impl SubnetManager for EtcdManager {
     }
 
     async fn acquire(&mut self, c: &Claim<'_>) -> Result<OwnLease, SubnetError> {
-        let (family, attrs) = (c.family, c.attrs);
+        let attrs = c.attrs;
         let prefix = self.subnets_prefix();
         for attempt in 0..16u64 {
             let (leases, _) = list(&mut self.client, &prefix).await?;
-            let by_subnet: HashMap<IpNet, &(Lease, KeyValue)> = leases.iter().map(|e| (e.0.subnet, e)).collect();
+            // By what each lease is known by: its IPv4 subnet, its IPv6 one when IPv6-only.
+            let by_key: HashMap<IpNet, &(Lease, KeyValue)> = leases.iter().map(|e| (e.0.key(), e)).collect();
             let taken6: HashSet<IpNet> = leases.iter().filter_map(|(l, _)| l.subnet6).collect();
-            let seed = u64::from(u32::from(attrs.public_ip)) ^ (u64::from(std::process::id()) << 32) ^ attempt;
+            let v6_seed = attrs.public_ipv6.map_or(0, |ip| u128::from(ip) as u64);
+            let seed =
+                u64::from(u32::from(attrs.public_ip)) ^ v6_seed ^ (u64::from(std::process::id()) << 32) ^ attempt;
 
             // Ours already (a restart): the subnet from subnet.env, else any lease with our public IP.
-            let mine = |s: &IpNet| by_subnet.get(s).is_some_and(|(l, _)| l.attrs.public_ip == attrs.public_ip);
-            let previous = c
-                .prefer
-                .filter(|p| family.allows(p) && (mine(p) || !by_subnet.contains_key(p)))
-                .or_else(|| leases.iter().map(|(l, _)| l.subnet).find(|s| mine(s) && family.allows(s)));
-            let old = previous.and_then(|p| by_subnet.get(&p).copied());
-            let s4 = match previous {
-                Some(p) => p,
+            let (previous, s4) = match c.family {
+                Some(family) => {
+                    let mine = |s: &IpNet| by_key.get(s).is_some_and(|(l, _)| l.attrs.public_ip == attrs.public_ip);
+                    let previous = c
+                        .prefer
+                        .filter(|p| family.allows(p) && (mine(p) || !by_key.contains_key(p)))
+                        .or_else(|| leases.iter().map(|(l, _)| l.subnet).find(|s| mine(s) && family.allows(s)));
+                    let s4 = match previous {
+                        Some(p) => p,
+                        None => {
+                            let taken: HashSet<IpNet> = leases.iter().map(|(l, _)| l.subnet).collect();
+                            choose_subnet(family, &taken, None, seed).ok_or_else(|| SubnetError::Exhausted {
+                                network: family.network,
+                                min: family.subnet_min,
+                                max: family.subnet_max,
+                                taken: taken.iter().filter(|s| family.allows(s)).count(),
+                            })?
+                        }
+                    };
+                    (previous, s4)
+                }
+                // IPv6-only: the lease is known by its IPv6 subnet; ours is the one with our public IPv6.
                 None => {
-                    let taken: HashSet<IpNet> = by_subnet.keys().copied().collect();
-                    choose_subnet(family, &taken, None, seed).ok_or_else(|| SubnetError::Exhausted {
-                        network: family.network,
-                        min: family.subnet_min,
-                        max: family.subnet_max,
-                        taken: taken.iter().filter(|s| family.allows(s)).count(),
-                    })?
+                    let f6 = c.family6.ok_or_else(|| store_err("a claim needs IPv4 or IPv6"))?;
+                    let mine = |s: &IpNet| {
+                        by_key.get(s).is_some_and(|(l, _)| !l.has_ipv4() && l.attrs.public_ipv6 == attrs.public_ipv6)
+                    };
+                    let previous = c
+                        .prefer6
+                        .filter(|p| f6.allows(p) && (mine(p) || !taken6.contains(p)))
+                        .or_else(|| leases.iter().filter_map(|(l, _)| l.subnet6).find(|s| mine(s) && f6.allows(s)));
+                    (previous, no_ipv4())
                 }
             };
+            let old = previous.and_then(|p| by_key.get(&p).copied());
             let s6 = match c.family6 {
                 None => None,
                 Some(f6) => {
-                    let old6 = old.and_then(|(l, _)| l.subnet6);
+                    let old6 = old.and_then(|(l, _)| l.subnet6).or(previous.filter(|_| c.family.is_none()));
                     let usable = |s: &IpNet| f6.allows(s) && (!taken6.contains(s) || Some(*s) == old6);
                     let pick = c.prefer6.filter(usable).or(old6.filter(usable));
                     Some(pick.or_else(|| choose_subnet(f6, &taken6, None, seed)).ok_or_else(|| {
@@ -281,11 +302,11 @@ impl SubnetManager for EtcdManager {
                     let _ = timed("revoke old lease", self.client.lease_revoke(kv.lease())).await;
                 }
                 if previous.is_some() {
-                    info!("reusing subnet {} (previous lease of this node)", l.subnet);
+                    info!("reusing subnet {} (previous lease of this node)", l.key());
                 } else {
-                    info!("claimed subnet {}", l.subnet);
+                    info!("claimed subnet {}", l.key());
                 }
-                if let Some(s6) = l.subnet6 {
+                if let Some(s6) = l.subnet6.filter(|_| l.subnet.prefix() != 0) {
                     info!("IPv6 subnet {s6}");
                 }
                 return Ok(l);
@@ -295,20 +316,24 @@ impl SubnetManager for EtcdManager {
         Err(store_err("could not claim a subnet after 16 attempts (heavy contention)"))
     }
 
-    async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr, v6: bool) -> Option<String> {
+    async fn previous_vtep_mac(&mut self, public_ip: IpAddr, v6: bool) -> Option<String> {
         let prefix = self.subnets_prefix();
         let (leases, _) = list(&mut self.client, &prefix).await.ok()?;
-        let l = &leases.iter().find(|(l, _)| l.attrs.public_ip == public_ip)?.0;
+        let ours = |l: &Lease| match public_ip {
+            IpAddr::V4(ip) => l.attrs.public_ip == ip,
+            IpAddr::V6(ip) => l.attrs.public_ipv6 == Some(ip),
+        };
+        let l = &leases.iter().find(|(l, _)| ours(l))?.0;
         if v6 { l.vxlan_v6_data() } else { l.vxlan_data() }.map(|d| d.vtep_mac)
     }
 
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError> {
         let key = self.key(&lease.subnet, lease.subnet6.as_ref());
         let resp = timed("read own lease", self.client.get(key.as_str(), None)).await?;
-        let Some(kv) = resp.kvs().first() else { return Err(SubnetError::LeaseLost(lease.subnet)) };
+        let Some(kv) = resp.kvs().first() else { return Err(SubnetError::LeaseLost(lease.key())) };
         let theirs: Option<LeaseAttrs> = serde_json::from_slice(kv.value()).ok();
         if kv.lease() != lease.id || theirs.as_ref() != Some(&lease.attrs) {
-            return Err(SubnetError::LeaseLost(lease.subnet));
+            return Err(SubnetError::LeaseLost(lease.key()));
         }
         let (mut keeper, mut stream) = timed("keep lease alive", self.client.lease_keep_alive(lease.id)).await?;
         timed("keep lease alive", keeper.keep_alive()).await?;
@@ -317,7 +342,7 @@ impl SubnetManager for EtcdManager {
             None => 0,
         };
         if ttl <= 0 {
-            return Err(SubnetError::LeaseLost(lease.subnet));
+            return Err(SubnetError::LeaseLost(lease.key()));
         }
         Ok(OwnLease { expiration: SystemTime::now() + Duration::from_secs(ttl as u64), ..lease.clone() })
     }

@@ -29,6 +29,7 @@ pub enum LeaseEvent {
 /// The lease this node holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnLease {
+    /// The IPv4 subnet; `0.0.0.0/0` on an IPv6-only network (upstream's key form).
     pub subnet: IpNet,
     /// This node's IPv6 subnet when the network is dual-stack.
     pub subnet6: Option<IpNet>,
@@ -36,6 +37,13 @@ pub struct OwnLease {
     pub expiration: SystemTime,
     /// Manager-specific handle (the etcd lease ID).
     pub id: i64,
+}
+
+impl OwnLease {
+    /// What the lease is known by: see [`flannel_shared::lease::lease_key`].
+    pub fn key(&self) -> IpNet {
+        flannel_shared::lease::lease_key(self.subnet, self.subnet6)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +73,8 @@ impl SubnetError {
 /// What the agent asks a manager for.
 #[derive(Clone, Copy, Debug)]
 pub struct Claim<'a> {
-    pub family: &'a Family,
+    /// The IPv4 family; `None` on an IPv6-only network.
+    pub family: Option<&'a Family>,
     /// Set when the network is dual-stack.
     pub family6: Option<&'a Family>,
     pub attrs: &'a LeaseAttrs,
@@ -86,7 +95,7 @@ pub trait SubnetManager {
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError>;
     /// The VtepMAC this node advertised before (for the IPv6 VTEP when `v6`),
     /// so a rebuilt VXLAN device keeps it.
-    async fn previous_vtep_mac(&mut self, public_ip: std::net::Ipv4Addr, v6: bool) -> Option<String>;
+    async fn previous_vtep_mac(&mut self, public_ip: IpAddr, v6: bool) -> Option<String>;
     /// Public addresses stored for this node outside the flags (Kubernetes: our
     /// Node's `node-public-ip` / `node-public-ipv6` annotations); they pick the
     /// uplink and are advertised, as upstream's `GetStoredPublicIP`.

@@ -23,7 +23,7 @@ use flannel_shared::lease::{Lease, LeaseAttrs};
 
 mod node;
 
-pub use node::{NodeView, PeerNode, node_lease, pod_cidr, pod_cidr_of};
+pub use node::{NodeView, PeerNode, lease_key_of, node_lease, pod_cidr, pod_cidr_of};
 
 use super::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
 use crate::backend::PublicIps;
@@ -134,14 +134,18 @@ impl Keys {
     }
 }
 
-/// The patch that publishes our lease attributes on our Node.
+/// The patch that publishes our lease attributes on our Node. An IPv6-only
+/// node publishes no IPv4 half (`public-ip`, `backend-data`), as upstream's vxlan.
 pub fn annotations_patch(keys: &Keys, attrs: &LeaseAttrs) -> Value {
     let mut patch = json!({"metadata": {"annotations": {
         keys.backend_type.as_str(): attrs.backend_type,
-        keys.backend_data.as_str(): attrs.backend_data.to_string(),
-        keys.public_ip.as_str(): attrs.public_ip.to_string(),
         keys.subnet_manager.as_str(): "true",
     }}});
+    if !attrs.public_ip.is_unspecified() {
+        let ann = &mut patch["metadata"]["annotations"];
+        ann[keys.backend_data.as_str()] = json!(attrs.backend_data.to_string());
+        ann[keys.public_ip.as_str()] = json!(attrs.public_ip.to_string());
+    }
     if let Some(v6) = attrs.public_ipv6 {
         let ann = &mut patch["metadata"]["annotations"];
         ann[keys.public_ipv6.as_str()] = json!(v6.to_string());
@@ -225,12 +229,12 @@ impl SubnetManager for KubeManager {
                     Ok(Event::InitDone) => LeaseEvent::Snapshot(std::mem::take(&mut listing)),
                     Ok(Event::Apply(n)) => match node_lease(&n, &keys) {
                         Some(l) => LeaseEvent::Added(l),
-                        None => match pod_cidr(&n) {
+                        None => match lease_key_of(&n) {
                             Some(s) => LeaseEvent::Removed(s),
                             None => continue,
                         },
                     },
-                    Ok(Event::Delete(n)) => match pod_cidr(&n) {
+                    Ok(Event::Delete(n)) => match lease_key_of(&n) {
                         Some(s) => LeaseEvent::Removed(s),
                         None => continue,
                     },
@@ -258,7 +262,7 @@ impl SubnetManager for KubeManager {
         })
     }
 
-    async fn previous_vtep_mac(&mut self, _public_ip: Ipv4Addr, v6: bool) -> Option<String> {
+    async fn previous_vtep_mac(&mut self, _public_ip: IpAddr, v6: bool) -> Option<String> {
         let node = self.nodes().get(&self.node).await.ok()?;
         let key = if v6 { &self.keys.backend_v6_data } else { &self.keys.backend_data };
         let data: Value = serde_json::from_str(node.annotation(key)?).ok()?;
@@ -299,12 +303,14 @@ impl SubnetManager for KubeManager {
     }
 
     async fn acquire(&mut self, c: &Claim<'_>) -> Result<OwnLease, SubnetError> {
-        let (family, attrs) = (c.family, c.attrs);
+        let attrs = c.attrs;
         let api = self.nodes();
         let mut waited = false;
         let node = loop {
             let node = api.get(&self.node).await.map_err(|e| api_err(&format!("get node {}", self.node), e))?;
-            if pod_cidr(&node).is_some() && (c.family6.is_none() || pod_cidr_of(&node, false).is_some()) {
+            if (c.family.is_none() || pod_cidr(&node).is_some())
+                && (c.family6.is_none() || pod_cidr_of(&node, false).is_some())
+            {
                 break node;
             }
             if !waited {
@@ -316,13 +322,20 @@ impl SubnetManager for KubeManager {
             }
             tokio::time::sleep(self.pod_cidr_poll).await;
         };
-        let subnet = pod_cidr(&node).expect("checked above");
-        if !family.network.contains_net(&subnet) {
-            return Err(SubnetError::Refused(format!(
-                "node {} has podCIDR {subnet}, outside the flannel Network {} (net-conf.json and --cluster-cidr disagree)",
-                self.node, family.network
-            )));
-        }
+        // IPv6-only: no IPv4 half, as upstream keys such a lease.
+        let subnet = match c.family {
+            Some(family) => {
+                let subnet = pod_cidr(&node).expect("checked above");
+                if !family.network.contains_net(&subnet) {
+                    return Err(SubnetError::Refused(format!(
+                        "node {} has podCIDR {subnet}, outside the flannel Network {} (net-conf.json and --cluster-cidr disagree)",
+                        self.node, family.network
+                    )));
+                }
+                subnet
+            }
+            None => flannel_shared::lease::no_ipv4(),
+        };
         let subnet6 = match c.family6 {
             Some(f6) => {
                 let s6 = pod_cidr_of(&node, false).expect("checked above");
@@ -357,7 +370,11 @@ impl SubnetManager for KubeManager {
         api.patch_status(&self.node, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
             .map_err(|e| api_err(&format!("annotate node {} (nodes/status patch)", self.node), e))?;
-        info!("node {} has podCIDR {subnet}; annotations published", self.node);
+        info!(
+            "node {} has podCIDR {}; annotations published",
+            self.node,
+            subnet6.filter(|_| c.family.is_none()).unwrap_or(subnet)
+        );
         Ok(OwnLease { subnet, subnet6, attrs, expiration: SystemTime::now() + Duration::from_secs(24 * 3600), id: 1 })
     }
 
@@ -365,12 +382,12 @@ impl SubnetManager for KubeManager {
         // Nothing expires in the API; check that our Node still carries what we published.
         let node = match self.nodes().get(&self.node).await {
             Ok(n) => n,
-            Err(kube::Error::Api(e)) if e.code == 404 => return Err(SubnetError::LeaseLost(lease.subnet)),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Err(SubnetError::LeaseLost(lease.key())),
             Err(e) => return Err(api_err(&format!("get node {}", self.node), e)),
         };
         let ours = node_lease(&node, &self.keys);
         if ours.as_ref().map(|l| (&l.subnet, &l.attrs)) != Some((&lease.subnet, &lease.attrs)) {
-            return Err(SubnetError::LeaseLost(lease.subnet));
+            return Err(SubnetError::LeaseLost(lease.key()));
         }
         Ok(OwnLease { expiration: SystemTime::now() + Duration::from_secs(24 * 3600), ..lease.clone() })
     }

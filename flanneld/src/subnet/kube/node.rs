@@ -121,6 +121,12 @@ impl NodeView for PeerNode {
     }
 }
 
+/// What a Node's lease is known by (see `flannel_shared::lease::lease_key`):
+/// its IPv4 pod CIDR, else its IPv6 one.
+pub fn lease_key_of(node: &impl NodeView) -> Option<IpNet> {
+    pod_cidr(node).or_else(|| pod_cidr_of(node, false))
+}
+
 /// The IPv4 pod CIDR of a node (`spec.podCIDRs`, else `spec.podCIDR`).
 pub fn pod_cidr(node: &impl NodeView) -> Option<IpNet> {
     pod_cidr_of(node, true)
@@ -143,17 +149,22 @@ pub fn node_lease(node: &impl NodeView, keys: &Keys) -> Option<Lease> {
     if node.annotation(&keys.subnet_manager) != Some("true") {
         return None;
     }
-    let subnet = pod_cidr(node)?;
-    let public_ip: Ipv4Addr = node.annotation(&keys.public_ip)?.parse().ok()?;
     let backend_type = node.annotation(&keys.backend_type)?.to_string();
-    let backend_data = match node.annotation(&keys.backend_data) {
+    // The IPv6 half, when the node publishes one.
+    let public_ipv6: Option<std::net::Ipv6Addr> = node.annotation(&keys.public_ipv6).and_then(|v| v.parse().ok());
+    let subnet6 = public_ipv6.and(pod_cidr_of(node, false));
+    let backend_v6_data = node.annotation(&keys.backend_v6_data).and_then(|t| serde_json::from_str(t).ok());
+    let public_ip: Option<Ipv4Addr> = node.annotation(&keys.public_ip).and_then(|v| v.parse().ok());
+    let (subnet, public_ip) = match (pod_cidr(node), public_ip) {
+        (Some(s), Some(ip)) if !ip.is_unspecified() => (s, ip),
+        // An IPv6-only node: no IPv4 half (upstream's host-gw writes public-ip 0.0.0.0).
+        _ if subnet6.is_some() => (flannel_shared::lease::no_ipv4(), Ipv4Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    let backend_data = match node.annotation(&keys.backend_data).filter(|_| !public_ip.is_unspecified()) {
         Some(text) => serde_json::from_str(text).ok()?,
         None => Value::Null,
     };
-    // The IPv6 half, when the node publishes one.
-    let public_ipv6 = node.annotation(&keys.public_ipv6).and_then(|v| v.parse().ok());
-    let subnet6 = public_ipv6.and(pod_cidr_of(node, false));
-    let backend_v6_data = node.annotation(&keys.backend_v6_data).and_then(|t| serde_json::from_str(t).ok());
     Some(Lease {
         subnet,
         subnet6,
@@ -201,6 +212,30 @@ mod tests {
             .unwrap()
             .insert("flannel.alpha.coreos.com/kube-subnet-manager".into(), "false".into());
         assert!(node_lease(&other, &keys).is_none());
+        // An IPv6-only peer (upstream's vxlan writes no IPv4 half; its host-gw writes public-ip 0.0.0.0).
+        for v4_half in [None, Some("0.0.0.0")] {
+            let mut ann = serde_json::Map::new();
+            ann.insert("flannel.alpha.coreos.com/backend-type".into(), json!("vxlan"));
+            ann.insert("flannel.alpha.coreos.com/kube-subnet-manager".into(), json!("true"));
+            ann.insert("flannel.alpha.coreos.com/public-ipv6".into(), json!("2001:db8::7"));
+            ann.insert(
+                "flannel.alpha.coreos.com/backend-v6-data".into(),
+                json!(r#"{"VNI":1,"VtepMAC":"0e:00:00:00:00:07"}"#),
+            );
+            if let Some(ip) = v4_half {
+                ann.insert("flannel.alpha.coreos.com/public-ip".into(), json!(ip));
+            }
+            let v6only: PeerNode = serde_json::from_value(json!({"metadata": {"name": "n7", "annotations": ann},
+                "spec": {"podCIDR": "fd00:10:244:7::/64", "podCIDRs": ["fd00:10:244:7::/64"]}}))
+            .unwrap();
+            let l = node_lease(&v6only, &keys).expect("an IPv6-only peer");
+            assert_eq!(
+                (l.subnet, l.key().to_string()),
+                (flannel_shared::lease::no_ipv4(), "fd00:10:244:7::/64".into())
+            );
+            assert_eq!(l.vxlan_v6_data().unwrap().vtep_mac, "0e:00:00:00:00:07");
+            assert_eq!(lease_key_of(&v6only), Some(l.key()));
+        }
         // A Node without spec (just registered) is no peer, not an error.
         let bare: PeerNode = serde_json::from_value(json!({"metadata": {"name": "n9"}})).unwrap();
         assert!(node_lease(&bare, &keys).is_none());
