@@ -614,6 +614,32 @@ impl Cluster {
         node.agent = Some(child);
     }
 
+    /// Runs `flanneld doctor --json` in node `i` with the flags its agent gets
+    /// (plus `extra`); returns the exit code and the JSON report.
+    pub fn doctor(&self, i: usize, extra: &[&str]) -> (i32, Value) {
+        let node = &self.nodes[i];
+        let out = node
+            .ns
+            .command(bin_path("flanneld").to_str().expect("utf-8 path"))
+            .arg("doctor")
+            .arg("--json")
+            .arg(format!("--etcd-endpoints={}", self.endpoint()))
+            .args(self.client_flags(false))
+            .arg(format!("--subnet-file={}", node.subnet_file().display()))
+            .arg(format!("--healthz-port={HEALTHZ_PORT}"))
+            .args(["--ip-masq", "--iptables-resync=1"])
+            .arg(format!("--ipam-dir={}", node.dir.join("ipam/cbr0").display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run flanneld doctor");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let report = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("doctor printed no JSON ({e}): {text}\n{}", String::from_utf8_lossy(&out.stderr))
+        });
+        (out.status.code().unwrap_or(-1), report)
+    }
+
     /// Asserts that every running agent goes idle once converged: no reconcile pass
     /// for 2 s, within 20 s (a pass must not keep waking the next one).
     pub fn assert_idle(&self) {

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod backend;
 pub mod backoff;
 pub mod config;
+pub mod doctor;
 pub mod firewall;
 pub mod health;
 pub mod kernel;

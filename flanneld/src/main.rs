@@ -28,6 +28,19 @@ async fn run(opts: Opts) -> Result<(), AgentError> {
 }
 
 fn main() -> ExitCode {
+    // `flanneld doctor ...`: the agent's flags after the word; upstream has no
+    // positional arguments, so the word cannot clash with a flag.
+    if std::env::args().nth(1).as_deref() == Some("doctor") {
+        let args = flanneld::doctor::DoctorArgs::parse_from(std::env::args().skip(1));
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("flanneld doctor: starting the runtime: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        return ExitCode::from(rt.block_on(flanneld::doctor::run(args)));
+    }
     let opts = Opts::parse();
     if opts.version {
         eprintln!("{}", flanneld::config::version());

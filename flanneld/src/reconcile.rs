@@ -89,7 +89,7 @@ impl Applied {
     }
 }
 
-fn same_route(a: &Route, b: &Route) -> bool {
+pub(crate) fn same_route(a: &Route, b: &Route) -> bool {
     a.dst == b.dst
         && a.gateway == b.gateway
         && a.oif == b.oif

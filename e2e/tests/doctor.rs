@@ -1,0 +1,201 @@
+//! `flanneld doctor` on the namespace test-bed: a healthy cluster is all OK;
+//! each fault an operator meets, injected one at a time, is reported as FAIL
+//! or WARN naming the check (and the peer), and OK again once undone.
+
+use std::time::Duration;
+
+use e2e::cluster::{Cluster, run_in};
+use serde_json::Value;
+
+const READY: Duration = Duration::from_secs(30);
+
+fn cluster(backend: &str) -> Cluster {
+    let mut c = Cluster::new("dr");
+    c.put_config(&format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#));
+    for i in 0..3 {
+        c.add_node();
+        c.start_agent(i, &[]);
+    }
+    for i in 0..3 {
+        assert!(c.wait_ready(i, READY), "node{}: {}", i + 1, c.nodes[i].log());
+    }
+    for i in 0..3 {
+        c.add_pod(i);
+    }
+    c
+}
+
+/// The checks (and peer problems) at `level`, as "check: evidence".
+fn at(report: &Value, level: &str) -> Vec<String> {
+    let mut out: Vec<String> = report["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["level"] == level)
+        .map(|c| format!("{}: {}", c["check"].as_str().unwrap_or(""), c["evidence"].as_str().unwrap_or("")))
+        .collect();
+    out.extend(report["peer_problems"].as_array().into_iter().flatten().filter(|p| p["level"] == level).map(|p| {
+        format!(
+            "peer {} ({}): {}",
+            p["subnet"].as_str().unwrap_or(""),
+            p["public_ip"].as_str().unwrap_or(""),
+            p["problem"].as_str().unwrap_or("")
+        )
+    }));
+    out
+}
+
+fn assert_healthy(c: &Cluster, i: usize) {
+    let (code, r) = c.doctor(i, &[]);
+    assert_eq!(code, 0, "node{}: {:?} {:?}\n{r:#}", i + 1, at(&r, "FAIL"), at(&r, "WARN"));
+    assert_eq!(r["peers"], 2);
+    assert_eq!(r["peers_ok"], 2);
+    assert!(r["verdict"].as_str().unwrap().starts_with("OK: 2 of 2 peers reachable"), "{r:#}");
+}
+
+/// Waits for doctor on node `i` to report a FAIL (or WARN) containing `what`.
+fn expect(c: &Cluster, i: usize, level: &str, what: &str) -> Value {
+    let mut last = Value::Null;
+    let ok = e2e::wait_until(Duration::from_secs(15), || {
+        let (code, r) = c.doctor(i, &[]);
+        let hit = at(&r, level).iter().any(|l| l.contains(what));
+        let code_ok = if level == "FAIL" { code == 2 } else { code >= 1 };
+        last = r;
+        hit && code_ok
+    });
+    assert!(ok, "node{}: no {level} with {what:?}: FAIL {:?} WARN {:?}", i + 1, at(&last, "FAIL"), at(&last, "WARN"));
+    last
+}
+
+#[test]
+fn vxlan_faults_are_named() {
+    let mut c = cluster("vxlan");
+    for i in 0..3 {
+        assert_healthy(&c, i);
+    }
+    let n2_ip = c.nodes[1].ip.to_string();
+
+    // UDP 8472 dropped on node 2: node 1 cannot reach it through the tunnel, node 2 says why.
+    run_in(&c.nodes[1].ns, "iptables", &["-I", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"]);
+    let r = expect(&c, 0, "FAIL", &format!("({n2_ip}): no answer through the VXLAN tunnel"));
+    assert!(
+        r["verdict"].as_str().unwrap().contains(&format!("1 fail: no answer through the VXLAN tunnel towards {n2_ip}")),
+        "{r:#}"
+    );
+    expect(&c, 1, "FAIL", "UDP 8472 is dropped here");
+    run_in(&c.nodes[1].ns, "iptables", &["-D", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"]);
+    assert_healthy(&c, 0);
+
+    // Node 2's uplink MTU lowered: small packets pass, full-size ones with DF do not.
+    run_in(&c.nodes[1].ns, "ip", &["link", "set", "eth0", "mtu", "1400"]);
+    expect(&c, 0, "FAIL", &format!("({n2_ip}): 1450-byte packets with DF do not arrive"));
+    run_in(&c.nodes[1].ns, "ip", &["link", "set", "eth0", "mtu", "1500"]);
+    assert_healthy(&c, 0);
+
+    // Node 2 reinstalled while its agent is down: its VTEP has a new MAC, its lease the old one.
+    c.kill_agent(1);
+    let old = c.nodes[1].ns.ip_json(&["link", "show", "flannel.1"])[0]["address"].as_str().unwrap().to_string();
+    run_in(&c.nodes[1].ns, "ip", &["link", "set", "flannel.1", "address", "0e:42:42:42:42:42"]);
+    expect(&c, 0, "FAIL", &format!("({n2_ip}): no answer through the VXLAN tunnel"));
+    expect(&c, 1, "FAIL", "agent: not running here");
+    run_in(&c.nodes[1].ns, "ip", &["link", "set", "flannel.1", "address", &old]);
+    c.start_agent(1, &[]);
+    assert!(c.wait_ready(1, READY));
+    assert_healthy(&c, 0);
+    assert_healthy(&c, 1);
+
+    // A foreign MASQUERADE of the whole pod network, on node 1.
+    let masq = ["-t", "nat", "-I", "POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE"];
+    run_in(&c.nodes[0].ns, "iptables", &masq);
+    expect(&c, 0, "FAIL", "masquerades pod-to-pod traffic");
+    run_in(&c.nodes[0].ns, "iptables", &["-t", "nat", "-D", "POSTROUTING", "-s", "10.244.0.0/16", "-j", "MASQUERADE"]);
+
+    // cni0 carrying an address from another subnet.
+    run_in(&c.nodes[0].ns, "ip", &["addr", "add", "10.99.7.1/24", "dev", "cni0"]);
+    expect(&c, 0, "FAIL", "cni0: carries 10.99.7.1/24");
+    run_in(&c.nodes[0].ns, "ip", &["addr", "del", "10.99.7.1/24", "dev", "cni0"]);
+
+    // bridge-nf-call-iptables off: a warning (exit 1), not a failure.
+    run_in(&c.nodes[0].ns, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=0"]);
+    expect(&c, 0, "WARN", "bridge-nf-call-iptables: 0");
+    run_in(&c.nodes[0].ns, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+
+    // FORWARD policy DROP with flannel's forward rules turned off.
+    c.start_agent(0, &["--iptables-forward-rules=false"]);
+    assert!(c.wait_ready(0, READY));
+    run_in(&c.nodes[0].ns, "iptables", &["-P", "FORWARD", "DROP"]);
+    expect(&c, 0, "FAIL", "policy DROP and flannel's accept rules are not there");
+    run_in(&c.nodes[0].ns, "iptables", &["-P", "FORWARD", "ACCEPT"]);
+    c.start_agent(0, &[]);
+    assert!(c.wait_ready(0, READY));
+    assert_healthy(&c, 0);
+
+    // subnet.env for an old Network.
+    let env = c.nodes[0].subnet_file();
+    let text = std::fs::read_to_string(&env).unwrap();
+    c.kill_agent(0);
+    std::fs::write(&env, text.replace("FLANNEL_NETWORK=10.244.0.0/16", "FLANNEL_NETWORK=10.0.0.0/8")).unwrap();
+    expect(
+        &c,
+        0,
+        "FAIL",
+        "subnet.env: FLANNEL_NETWORK 10.0.0.0/8 / FLANNEL_IPV6_NETWORK -, but the network config says 10.244.0.0/16",
+    );
+}
+
+#[test]
+fn host_gw_healthy_then_a_blocked_peer() {
+    let c = cluster("host-gw");
+    for i in 0..3 {
+        assert_healthy(&c, i);
+    }
+    // Node 3 stops forwarding pod traffic: its pods' gateway stops answering through the route.
+    let n3_ip = c.nodes[2].ip.to_string();
+    run_in(&c.nodes[2].ns, "iptables", &["-I", "INPUT", "-s", "192.0.2.0/24", "-d", "10.244.0.0/16", "-j", "DROP"]);
+    let r = expect(&c, 0, "FAIL", &format!("({n3_ip}): no answer via its address"));
+    assert_eq!(r["peers_ok"], 1, "{r:#}");
+    run_in(&c.nodes[2].ns, "iptables", &["-D", "INPUT", "-s", "192.0.2.0/24", "-d", "10.244.0.0/16", "-j", "DROP"]);
+    assert_healthy(&c, 0);
+}
+
+/// The human form: a table and a one-line verdict, and `--help` says it changes nothing.
+#[test]
+fn table_and_help() {
+    let c = cluster("vxlan");
+    let bin = e2e::cluster::bin_path("flanneld");
+    let help = std::process::Command::new(&bin).args(["doctor", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Read-only"), "{}", String::from_utf8_lossy(&help.stdout));
+    let out = c.nodes[0]
+        .ns
+        .command(bin.to_str().unwrap())
+        .args(["doctor", &format!("--etcd-endpoints={}", c.endpoint()), "--healthz-port=8471"])
+        .arg(format!("--subnet-file={}", c.nodes[0].subnet_file().display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("OK    VTEP flannel.1") && text.lines().last().unwrap().starts_with("OK: 2 of 2 peers reachable"),
+        "{text}"
+    );
+    assert!(!text.contains("\x1b["), "no colour when not a terminal");
+    assert_eq!(out.status.code(), Some(0));
+    // A blocked peer in the table: the peer, the problem, the fix, the verdict; exit 2.
+    run_in(&c.nodes[2].ns, "iptables", &["-I", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"]);
+    let out = c.nodes[0]
+        .ns
+        .command(bin.to_str().unwrap())
+        .args(["doctor", &format!("--etcd-endpoints={}", c.endpoint()), "--healthz-port=8471", "--ip-masq"])
+        .arg(format!("--subnet-file={}", c.nodes[0].subnet_file().display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("peers with problems (1 of 2):") && text.contains("fix: allow UDP 8472"), "{text}");
+    let verdict = text.lines().last().unwrap();
+    assert!(
+        verdict
+            .starts_with("FAIL: 1 of 2 peers reachable; 1 fail: no answer through the VXLAN tunnel towards 192.0.2.3"),
+        "{text}"
+    );
+}

@@ -1,0 +1,389 @@
+//! Checks of this node: the agent, subnet.env against the network config,
+//! kernel settings, the VXLAN device, cni0, the firewall and the IP store.
+//! Reads only: nothing here changes the node.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use flannel_shared::IpNet;
+use flannel_shared::netconf::{BackendType, NetConfig};
+use flannel_shared::netlink::{Address, Link, Netlink};
+use flannel_shared::subnet_env::SubnetEnv;
+
+use super::report::Report;
+use crate::backend::Uplink;
+use crate::backend::vxlan::{VXLAN_OVERHEAD, device_name, underlay_mtu};
+use crate::config::Opts;
+
+/// A GET on the agent's health port: (status, body), or why not.
+pub fn http_get(opts: &Opts, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let ip = if opts.healthz_ip.is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { opts.healthz_ip };
+    let addr = std::net::SocketAddr::new(ip, opts.healthz_port);
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("not HTTP")?;
+    Ok((code, out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()))
+}
+
+/// The agent: running, healthy, ready, and what its metrics say.
+pub fn agent(r: &mut Report, opts: &Opts) {
+    if opts.healthz_port == 0 {
+        r.warn(
+            "agent",
+            "--healthz-port is 0: the agent's health, readiness and errors cannot be read",
+            "run flanneld (and doctor) with --healthz-port=8081, as the manifest does",
+        );
+        return;
+    }
+    match http_get(opts, "/healthz") {
+        Err(e) => {
+            r.fail(
+                "agent",
+                format!("not running here (nothing answers on {e})"),
+                "start flanneld (kubectl -n kube-flannel get pods -o wide; its logs say why it stopped)",
+            );
+            return;
+        }
+        Ok((200, _)) => r.ok("agent", format!("running, /healthz on port {}", opts.healthz_port)),
+        Ok((c, b)) => r.fail("agent", format!("/healthz answered {c}: {}", b.trim()), "see the agent's log"),
+    }
+    match http_get(opts, "/readyz") {
+        Ok((200, _)) => r.ok("agent ready", "lease held, subnet.env written, rules in place, peers programmed"),
+        Ok((c, b)) => r.fail(
+            "agent ready",
+            format!("/readyz answered {c}: {}", b.trim()),
+            "see the agent's log for what it waits on",
+        ),
+        Err(e) => r.fail("agent ready", e, "see the agent's log"),
+    }
+    let Ok((200, metrics)) = http_get(opts, "/metrics") else { return };
+    let value =
+        |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+    match value("flannel_reconcile_errors_total") {
+        Some(n) if n > 0.0 => r.warn(
+            "reconcile",
+            format!(
+                "{n} failed pass(es) since start (last pass {:.1} ms)",
+                value("flannel_reconcile_last_duration_seconds").unwrap_or(0.0) * 1e3
+            ),
+            "grep the agent's log for 'reconcile'",
+        ),
+        _ => r.ok(
+            "reconcile",
+            format!("no failed pass; {} pass(es) so far", value("flannel_reconcile_runs_total").unwrap_or(0.0)),
+        ),
+    }
+    if let Some(n) = value("flannel_peers_skipped").filter(|n| *n > 0.0) {
+        r.warn(
+            "skipped peers",
+            format!("{n} peer(s) the agent cannot program"),
+            "grep the agent's log for 'not programmed'",
+        );
+    }
+    let expiry = value("flannel_lease_expiry_timestamp_seconds").unwrap_or(0.0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    if expiry > 0.0 && expiry < now + 3600.0 {
+        r.warn(
+            "lease",
+            format!("expires in {:.0} s", expiry - now),
+            "the agent renews it; if it cannot, check etcd/API access",
+        );
+    }
+}
+
+/// subnet.env as the plugin will read it, against the network config.
+pub fn subnet_env(r: &mut Report, opts: &Opts, cfg: Option<&NetConfig>) -> Option<SubnetEnv> {
+    let env = match SubnetEnv::read(&opts.subnet_file) {
+        Ok(e) => e,
+        Err(e) => {
+            r.fail("subnet.env", e.to_string(), "the agent writes it once it holds a lease: check the agent");
+            return None;
+        }
+    };
+    let Some(cfg) = cfg else { return Some(env) };
+    let want4 = cfg.ipv4.as_ref().map(|f| f.network);
+    let want6 = cfg.ipv6.as_ref().map(|f| f.network);
+    let show = |n: Option<IpNet>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
+    if env.network != want4 || env.ipv6_network != want6 {
+        r.fail(
+            "subnet.env",
+            format!(
+                "FLANNEL_NETWORK {} / FLANNEL_IPV6_NETWORK {}, but the network config says {} / {}",
+                show(env.network),
+                show(env.ipv6_network),
+                show(want4),
+                show(want6)
+            ),
+            "restart the agent so it claims a subnet in the current Network (pods started before keep old addresses)",
+        );
+    } else {
+        r.ok(
+            "subnet.env",
+            format!(
+                "subnet {}, MTU {}, consistent with the network config",
+                show(env.subnet.or(env.ipv6_subnet)),
+                env.mtu
+            ),
+        );
+    }
+    Some(env)
+}
+
+fn sysctl(proc: &Path, key: &str) -> Option<String> {
+    std::fs::read_to_string(proc.join("sys").join(key.replace('.', "/"))).ok().map(|s| s.trim().to_string())
+}
+
+/// Forwarding, br_netfilter, rp_filter where it drops our traffic.
+pub fn kernel(r: &mut Report, proc: &Path, cfg: &NetConfig, devices: &[&str]) {
+    if cfg.ipv4.is_some() {
+        match sysctl(proc, "net.ipv4.ip_forward").as_deref() {
+            Some("1") => r.ok("ip_forward", "net.ipv4.ip_forward = 1"),
+            v => r.fail(
+                "ip_forward",
+                format!("net.ipv4.ip_forward = {}: this node routes no pod traffic", v.unwrap_or("?")),
+                "sysctl -w net.ipv4.ip_forward=1 (and in /etc/sysctl.d)",
+            ),
+        }
+    }
+    if cfg.ipv6.is_some() {
+        match sysctl(proc, "net.ipv6.conf.all.forwarding").as_deref() {
+            Some("1") => r.ok("ipv6 forwarding", "net.ipv6.conf.all.forwarding = 1"),
+            v => r.fail(
+                "ipv6 forwarding",
+                format!("net.ipv6.conf.all.forwarding = {}", v.unwrap_or("?")),
+                "sysctl -w net.ipv6.conf.all.forwarding=1",
+            ),
+        }
+    }
+    match sysctl(proc, "net.bridge.bridge-nf-call-iptables").as_deref() {
+        Some("1") => r.ok("bridge-nf-call-iptables", "1: bridged pod traffic passes iptables"),
+        Some(v) => r.warn(
+            "bridge-nf-call-iptables",
+            format!("{v}: a Service reply between two pods of this node skips kube-proxy's reverse NAT and hangs"),
+            "sysctl -w net.bridge.bridge-nf-call-iptables=1",
+        ),
+        None if !cfg.enable_nftables => {
+            r.fail("bridge-nf-call-iptables", "missing: br_netfilter is not loaded", "modprobe br_netfilter")
+        }
+        None => {}
+    }
+    // Strict reverse-path filtering drops packets whose source is not routed back
+    // out the interface they came in on (the kernel uses the larger of all and the device).
+    let all = sysctl(proc, "net.ipv4.conf.all.rp_filter").and_then(|v| v.parse::<u8>().ok()).unwrap_or(0);
+    let strict: Vec<&str> = devices
+        .iter()
+        .copied()
+        .filter(|d| {
+            sysctl(proc, &format!("net.ipv4.conf.{d}.rp_filter")).and_then(|v| v.parse::<u8>().ok()).map(|v| v.max(all))
+                == Some(1)
+        })
+        .collect();
+    if strict.is_empty() {
+        r.ok("rp_filter", format!("not strict on {}", devices.join(", ")));
+    } else {
+        r.warn(
+            "rp_filter",
+            format!(
+                "strict (1) on {}: asymmetric pod traffic (DirectRouting, several uplinks, Services) is dropped",
+                strict.join(", ")
+            ),
+            &format!(
+                "sysctl -w net.ipv4.conf.all.rp_filter=2 and net.ipv4.conf.<dev>.rp_filter=2 for {}",
+                strict.join(", ")
+            ),
+        );
+    }
+}
+
+/// The VXLAN device as the config and the uplink call for.
+pub async fn vtep(r: &mut Report, nl: &Netlink, cfg: &NetConfig, uplink: &Uplink, v6: bool) -> Option<Link> {
+    let b = &cfg.backend;
+    let name = device_name(b.vni, v6);
+    let what = format!("VTEP {name}");
+    let link = match nl.link_by_name(&name).await {
+        Ok(Some(l)) => l,
+        _ => {
+            r.fail(&what, "missing", "the agent creates it at start: restart the agent and read its log");
+            return None;
+        }
+    };
+    let Some(v) = &link.vxlan else {
+        r.fail(&what, format!("is a {:?} device, not vxlan", link.kind), "delete it; the agent recreates it");
+        return None;
+    };
+    let local = if v6 { uplink.ip6.map(IpAddr::V6) } else { uplink.ip.map(IpAddr::V4) };
+    let mut wrong = Vec::new();
+    if v.vni != b.vni {
+        wrong.push(format!("VNI {} (config {})", v.vni, b.vni));
+    }
+    if v.port != b.port {
+        wrong.push(format!("port {} (config {})", v.port, b.port));
+    }
+    if v.local != local {
+        wrong.push(format!("local {:?} (uplink {} has {local:?})", v.local, uplink.name));
+    }
+    let want_mtu = underlay_mtu(b, uplink).saturating_sub(if v6 { 70 } else { VXLAN_OVERHEAD });
+    if link.mtu != want_mtu {
+        wrong.push(format!("MTU {} (want {want_mtu} = underlay {} - overhead)", link.mtu, underlay_mtu(b, uplink)));
+    }
+    if !link.up {
+        wrong.push("down".into());
+    }
+    if wrong.is_empty() {
+        r.ok(
+            &what,
+            format!(
+                "VNI {}, port {}, local {}, MTU {}, up",
+                v.vni,
+                v.port,
+                local.map(|l| l.to_string()).unwrap_or_default(),
+                link.mtu
+            ),
+        );
+    } else {
+        r.fail(&what, wrong.join("; "), "restart the agent: it rebuilds a wrong VTEP with the same MAC");
+    }
+    Some(link)
+}
+
+/// cni0: the gateway of this node's subnet, nothing else, at the pods' MTU.
+pub fn cni0(r: &mut Report, link: Option<&Link>, addrs: &[Address], env: &SubnetEnv) {
+    let Some(link) = link else {
+        r.ok("cni0", "not created yet (no pod on this node so far)");
+        return;
+    };
+    let Some(subnet) = env.subnet else { return };
+    let v4: Vec<IpNet> = addrs.iter().filter(|a| a.index == link.index && a.net.is_ipv4()).map(|a| a.net).collect();
+    let stale: Vec<String> = v4.iter().filter(|a| **a != subnet).map(|a| a.to_string()).collect();
+    if !stale.is_empty() {
+        r.fail(
+            "cni0",
+            format!("carries {} but this node's subnet is {subnet} (an old subnet: new pods get addresses other nodes do not route here)", stale.join(", ")),
+            &format!("ip addr del {} dev cni0 (the next pod ADD puts {subnet} back)", stale[0]),
+        );
+    } else if link.mtu != env.mtu {
+        r.warn(
+            "cni0",
+            format!("MTU {} but FLANNEL_MTU is {}", link.mtu, env.mtu),
+            "delete cni0 when no pod runs, or restart the pods",
+        );
+    } else {
+        r.ok("cni0", format!("{subnet}, MTU {}", link.mtu));
+    }
+}
+
+/// The plugin's IP store: how full it is.
+pub fn ip_store(r: &mut Report, dir: &Path, env: &SubnetEnv) {
+    let Some(subnet) = env.subnet else { return };
+    let count = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().parse::<IpAddr>().is_ok_and(|ip| subnet.contains(ip)))
+                .count()
+        })
+        .unwrap_or(0);
+    let capacity = (1u128 << subnet.host_bits()).saturating_sub(3);
+    let what = "IP store";
+    if capacity > 0 && count as u128 * 10 >= capacity * 9 {
+        r.warn(
+            what,
+            format!("{count} of {capacity} addresses of {subnet} reserved in {}", dir.display()),
+            "look for reservations of dead pods (`flannel` GC frees them, as does a reboot)",
+        );
+    } else {
+        r.ok(what, format!("{count} of {capacity} addresses of {subnet} reserved"));
+    }
+}
+
+/// Firewall rules that break pod traffic, ours missing or foreign ones in the way.
+pub fn firewall(r: &mut Report, cfg: &NetConfig, opts: &Opts) {
+    if cfg.enable_nftables {
+        let out = std::process::Command::new("nft").args(["list", "tables"]).output();
+        match out {
+            Ok(o) if String::from_utf8_lossy(&o.stdout).contains("flannel-ipv") => {
+                r.ok("firewall", "nftables mode: flannel's tables present")
+            }
+            Ok(_) => r.fail(
+                "firewall",
+                "nftables mode but no flannel-ipv4/ipv6 table",
+                "check the agent's log (EnableNFTables needs the nft binary)",
+            ),
+            Err(e) => r.warn("firewall", format!("nft: {e}"), "install nftables"),
+        }
+        return;
+    }
+    let save = |table: &str| -> Option<String> {
+        let o = std::process::Command::new("iptables-save").args(["-t", table]).output().ok()?;
+        Some(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let (Some(filter), Some(nat)) = (save("filter"), save("nat")) else {
+        r.warn("firewall", "iptables-save not available", "install iptables");
+        return;
+    };
+    let port = cfg.backend.port.to_string();
+    let drops: Vec<&str> = filter
+        .lines()
+        .filter(|l| l.starts_with("-A INPUT ") || l.starts_with("-A OUTPUT "))
+        .filter(|l| {
+            l.contains("-p udp")
+                && l.contains(&format!("--dport {port}"))
+                && (l.contains("-j DROP") || l.contains("-j REJECT"))
+        })
+        .collect();
+    if cfg.backend.kind == BackendType::Vxlan && !drops.is_empty() {
+        r.fail(
+            "firewall: VXLAN port",
+            format!("UDP {port} is dropped here: {}", drops.join(" | ")),
+            &format!("remove the rule (iptables -D {})", drops[0].trim_start_matches("-A ")),
+        );
+    }
+    let fwd_drop = filter.lines().any(|l| l.starts_with(":FORWARD DROP"));
+    let ours = filter.lines().any(|l| l == "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD");
+    match (fwd_drop, ours) {
+        (true, false) => r.fail(
+            "firewall: FORWARD",
+            "policy DROP and flannel's accept rules are not there: pod traffic between nodes is dropped",
+            "run the agent with --iptables-forward-rules=true (the default), or accept the cluster network in FORWARD",
+        ),
+        (true, true) => r.ok("firewall: FORWARD", "policy DROP, flannel's FLANNEL-FWD accepts the cluster network"),
+        _ => r.ok("firewall: FORWARD", "policy ACCEPT"),
+    }
+    if opts.ip_masq {
+        if nat.lines().any(|l| l.starts_with("-A POSTROUTING ") && l.contains("-j FLANNEL-POSTRTG")) {
+            r.ok("firewall: masquerade", "FLANNEL-POSTRTG in place");
+        } else {
+            r.fail(
+                "firewall: masquerade",
+                "--ip-masq is on but FLANNEL-POSTRTG is not jumped to from POSTROUTING",
+                "check the agent's log for iptables errors",
+            );
+        }
+    }
+    // Someone else's MASQUERADE of the whole pod network rewrites pod-to-pod sources.
+    if let Some(net) = cfg.ipv4.as_ref().map(|f| f.network) {
+        let foreign: Vec<&str> = nat
+            .lines()
+            .take_while(|l| !l.contains("-j FLANNEL-POSTRTG"))
+            .filter(|l| {
+                l.starts_with("-A POSTROUTING ")
+                    && l.contains("MASQUERADE")
+                    && l.contains(&format!("-s {net}"))
+                    && !l.contains(&format!("! -d {net}"))
+            })
+            .collect();
+        if !foreign.is_empty() {
+            r.fail(
+                "firewall: foreign masquerade",
+                format!("{} masquerades pod-to-pod traffic (peers see this node's address, not the pod's)", foreign[0]),
+                &format!("remove it: iptables -t nat -D {}", foreign[0].trim_start_matches("-A ")),
+            );
+        }
+    }
+}
