@@ -34,6 +34,25 @@ fn start_agents(c: &mut Cluster, api: &FakeApi, netconf_json: &str) {
     }
 }
 
+/// Node 1 routes to node 2's IPv6 subnet over `flannel-v6.1`, and a pod on
+/// node 1 pings one on node 2 over IPv6 (two hops: hop limit 62).
+fn ipv6_pods_reach_each_other(c: &mut Cluster) {
+    let n = &c.nodes[0];
+    assert!(wait_until(Duration::from_secs(10), || n
+        .flannel_routes6()
+        .iter()
+        .any(|r| r["dst"] == "fd00:10:244:2::/64" && r["dev"] == "flannel-v6.1")));
+    c.add_pod(0);
+    c.add_pod(1);
+    let b6 = c.pods[1].ip6.expect("pod IPv6").to_string();
+    let ping6 = |c: &Cluster| {
+        let out = c.pods[0].ns.run("ping", &["-6", "-c", "1", "-W", "2", &b6]);
+        String::from_utf8_lossy(&out.stdout).contains("ttl=62")
+    };
+    assert!(wait_until(Duration::from_secs(10), || ping6(c)));
+    c.assert_idle();
+}
+
 #[test]
 fn two_kube_mode_agents_publish_annotations_and_route_to_each_other() {
     let api = FakeApi::default();
@@ -123,20 +142,7 @@ fn dual_stack_from_pod_cidrs() {
     assert_eq!(ann[format!("{P}/public-ipv6")], "2001:db8::1");
     let data: Value = serde_json::from_str(ann[format!("{P}/backend-v6-data")].as_str().unwrap()).unwrap();
     assert_eq!(data["VtepMAC"], c.nodes[0].ns.ip_json(&["link", "show", "flannel-v6.1"])[0]["address"]);
-    let n = &c.nodes[0];
-    assert!(wait_until(Duration::from_secs(10), || n
-        .flannel_routes6()
-        .iter()
-        .any(|r| r["dst"] == "fd00:10:244:2::/64" && r["dev"] == "flannel-v6.1")));
-    c.add_pod(0);
-    c.add_pod(1);
-    let b6 = c.pods[1].ip6.expect("pod IPv6").to_string();
-    let ping6 = |c: &Cluster| {
-        let out = c.pods[0].ns.run("ping", &["-6", "-c", "1", "-W", "2", &b6]);
-        String::from_utf8_lossy(&out.stdout).contains("ttl=62")
-    };
-    assert!(wait_until(Duration::from_secs(10), || ping6(&c)));
-    c.assert_idle();
+    ipv6_pods_reach_each_other(&mut c);
 }
 
 /// A peer that was in the agents' first Node listing and later loses its
@@ -191,18 +197,5 @@ fn ipv6_only_from_pod_cidrs() {
     assert_eq!(ann[format!("{P}/public-ipv6")], "2001:db8::1");
     assert!(ann.get(format!("{P}/public-ip")).is_none(), "an IPv4 half published: {ann}");
     assert!(c.nodes[0].subnet_env().unwrap().contains("FLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64"));
-    let n = &c.nodes[0];
-    assert!(wait_until(Duration::from_secs(10), || n
-        .flannel_routes6()
-        .iter()
-        .any(|r| r["dst"] == "fd00:10:244:2::/64" && r["dev"] == "flannel-v6.1")));
-    c.add_pod(0);
-    c.add_pod(1);
-    let b6 = c.pods[1].ip6.expect("pod IPv6").to_string();
-    let ping6 = |c: &Cluster| {
-        let out = c.pods[0].ns.run("ping", &["-6", "-c", "1", "-W", "2", &b6]);
-        String::from_utf8_lossy(&out.stdout).contains("ttl=62")
-    };
-    assert!(wait_until(Duration::from_secs(10), || ping6(&c)));
-    c.assert_idle();
+    ipv6_pods_reach_each_other(&mut c);
 }
