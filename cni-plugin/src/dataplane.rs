@@ -1,14 +1,16 @@
 //! Kernel side of an attachment: the node bridge, the veth pair and the pod's
-//! addresses and routes. Everything goes through the shared netlink layer.
+//! addresses and routes. Everything goes through [`Kernel`] (the shared
+//! netlink layer in production).
 
 use std::fs::File;
 use std::net::IpAddr;
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{Idempotent, Link, Netlink, Route, VethSpec, format_mac};
+use flannel_shared::netlink::{Idempotent, Link, Route, VethSpec, format_mac};
 use sha2::{Digest, Sha512};
 
 use crate::error::{CniError, Result, code};
+use crate::kernel::{Kernel, sysctl_path};
 
 /// The node bridge as one ADD needs it.
 pub struct BridgeSpec<'a> {
@@ -38,7 +40,7 @@ pub fn bridge_mac(gateways: &[IpNet]) -> [u8; 6] {
 /// Safe against concurrent ADDs: whoever loses the creation race uses the winner's bridge.
 /// An address from an old node subnet is replaced rather than reported
 /// (a node that re-joined with a new lease must not be stuck).
-pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec<'_>, mut warn: impl FnMut(String)) -> Result<Link> {
+pub async fn ensure_bridge(nl: &impl Kernel, spec: &BridgeSpec<'_>, mut warn: impl FnMut(String)) -> Result<Link> {
     let mut link = match nl.link_by_name(spec.name).await? {
         Some(l) => l,
         None => {
@@ -72,7 +74,7 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec<'_>, mut warn: impl F
         for a in existing.iter().filter(|a| a.net.is_ipv4() == gw.is_ipv4()) {
             if a.net == *gw {
                 have = true;
-            } else if gw.is_ipv4() || !a.net.addr().to_string().starts_with("fe80:") {
+            } else if gw.is_ipv4() || !is_link_local(a.net.addr()) {
                 // Only the family's global addresses: IPv6 link-local stays.
                 warn(format!("{}: replacing stale address {} with {}", spec.name, a.net, gw));
                 nl.del_address(link.index, a.net).await.ignore_not_found()?;
@@ -84,7 +86,7 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec<'_>, mut warn: impl F
     }
     if !link.up {
         if spec.gateways.iter().any(|g| !g.is_ipv4()) {
-            skip_dad(spec.name, &mut warn);
+            skip_dad(nl, spec.name, &mut warn);
         }
         nl.set_up(link.index).await?;
         link.up = true;
@@ -98,11 +100,16 @@ pub async fn ensure_bridge(nl: &Netlink, spec: &BridgeSpec<'_>, mut warn: impl F
 /// kernel sends none while that address is tentative: without this, the first
 /// IPv6 packets into a new node's pods wait 1-2 s. The addresses on the bridge
 /// come from our IPAM and the kernel, so there is nothing to detect.
-fn skip_dad(bridge: &str, warn: &mut impl FnMut(String)) {
-    let path = format!("/proc/sys/net/ipv6/conf/{bridge}/accept_dad");
-    if let Err(e) = std::fs::write(&path, "0") {
-        warn(format!("cannot turn off duplicate address detection on {bridge} ({path}: {e})"));
+fn skip_dad(nl: &impl Kernel, bridge: &str, warn: &mut impl FnMut(String)) {
+    let key = format!("net/ipv6/conf/{bridge}/accept_dad");
+    if let Err(e) = nl.set_sysctl(&key, "0") {
+        warn(format!("cannot turn off duplicate address detection on {bridge} ({}: {e})", sysctl_path(&key)));
     }
+}
+
+/// An IPv6 link-local address (the kernel's own, never one of ours).
+pub fn is_link_local(ip: IpAddr) -> bool {
+    ip.to_string().starts_with("fe80:")
 }
 
 /// The host-side veth name: deterministic per attachment, so DEL and CHECK can
@@ -119,7 +126,7 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
 /// Creates the veth pair: host end in `bridge`, up, hairpin as asked; pod end
 /// named `ifname` inside `pod_ns`. Returns the host link.
 pub async fn create_veth(
-    host: &Netlink,
+    host: &impl Kernel,
     host_name: &str,
     ifname: &str,
     pod_ns: &File,
@@ -151,7 +158,7 @@ pub async fn create_veth(
 }
 
 /// Brings up the pod interface and loopback, assigns the addresses and installs the routes.
-pub async fn configure_pod(pod: &Netlink, ifname: &str, addrs: &[IpNet], routes: &[Route]) -> Result<Link> {
+pub async fn configure_pod(pod: &impl Kernel, ifname: &str, addrs: &[IpNet], routes: &[Route]) -> Result<Link> {
     let link = pod.link_by_name(ifname).await?.ok_or_else(|| {
         CniError::new(code::KERNEL_FAILURE, format!("{ifname} did not appear in the pod's namespace"))
     })?;

@@ -8,6 +8,7 @@ mod dataplane;
 mod decode;
 mod error;
 mod ipam;
+mod kernel;
 mod log;
 mod result;
 mod state;
@@ -51,14 +52,7 @@ fn run(stdin: &[u8], version: &mut String) -> Result<Option<String>, CniError> {
     for w in &warnings {
         log.warn(w);
     }
-    let res = match cmd {
-        Command::Add => cmd::add(&env, &conf, &mut log).map(Some),
-        Command::Del => cmd::del(&env, &conf, &mut log).map(|_| None),
-        Command::Check => cmd::check(&env, &conf, &mut log).map(|_| None),
-        Command::Status => cmd::status(&conf, &mut log).map(|_| None),
-        Command::Gc => cmd::gc(&conf, &mut log).map(|_| None),
-        Command::Version => unreachable!("handled above"),
-    };
+    let res = cmd::run(cmd, &env, &conf, &mut log);
     if let Err(e) = &res {
         log.error(&e.to_string());
     }
