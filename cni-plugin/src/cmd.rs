@@ -242,10 +242,35 @@ impl Txn<'_> {
 
 // ---- shared helpers ----
 
-/// How an attachment's masquerade is written: as its ADD recorded, else as the
-/// configuration asks, else the host's default.
-fn masq_mode(conf: &PluginConf, saved: Option<&SavedState>) -> MasqMode {
-    saved.and_then(SavedState::ip_masq_backend).or(conf.ip_masq_backend).unwrap_or_else(MasqMode::host_default)
+/// Whether the plugin masquerades an attachment, and with which backend
+/// (`None`: it does not); one rule for ADD, DEL, CHECK and GC. ipMasq is what
+/// the attachment's ADD saved, else the configuration's `ipMasq`, else
+/// upstream's default: masquerade when flanneld does not (`!FLANNEL_IPMASQ`,
+/// read only when needed; no subnet.env means no). The backend likewise: as
+/// saved, else as configured, else the host's default. ADD passes no saved
+/// state (it is the one saving it); so DEL and GC undo, and CHECK looks for,
+/// what the ADD did, even when the configuration changed since.
+fn masquerade(
+    conf: &PluginConf,
+    saved: Option<&SavedState>,
+    flannel_ipmasq: impl FnOnce() -> Option<bool>,
+) -> Option<MasqMode> {
+    decide_masquerade(conf, saved, flannel_ipmasq, MasqMode::host_default)
+}
+
+fn decide_masquerade(
+    conf: &PluginConf,
+    saved: Option<&SavedState>,
+    flannel_ipmasq: impl FnOnce() -> Option<bool>,
+    host_default: impl FnOnce() -> MasqMode,
+) -> Option<MasqMode> {
+    let on = saved.and_then(|s| s.ip_masq).or(conf.ip_masq).or_else(|| flannel_ipmasq().map(|m| !m)).unwrap_or(false);
+    on.then(|| saved.and_then(SavedState::ip_masq_backend).or(conf.ip_masq_backend).unwrap_or_else(host_default))
+}
+
+/// `FLANNEL_IPMASQ`, for the commands that need nothing else of subnet.env.
+fn flannel_ipmasq(conf: &PluginConf) -> Option<bool> {
+    SubnetEnv::read(&conf.subnet_file).ok().map(|s| s.ipmasq)
 }
 
 fn pod_masq<'a>(network: &'a str, container_id: &'a str, ifname: &'a str) -> PodMasq<'a> {
@@ -284,16 +309,13 @@ fn families(senv: &SubnetEnv) -> Result<Vec<Family>> {
 struct Plan {
     fams: Vec<Family>,
     mtu: u32,
-    ip_masq: bool,
+    /// `FLANNEL_IPMASQ`: whether flanneld masquerades itself.
+    flannel_ipmasq: bool,
 }
 
 impl Plan {
     fn new(conf: &PluginConf, senv: &SubnetEnv) -> Result<Plan> {
-        Ok(Plan {
-            fams: families(senv)?,
-            mtu: conf.mtu.unwrap_or(senv.mtu),
-            ip_masq: conf.ip_masq.unwrap_or(!senv.ipmasq),
-        })
+        Ok(Plan { fams: families(senv)?, mtu: conf.mtu.unwrap_or(senv.mtu), flannel_ipmasq: senv.ipmasq })
     }
 
     /// Every requested address has a node subnet of its family.
@@ -478,7 +500,7 @@ async fn wire<K: Kernel>(
     let pod_link = dataplane::configure_pod(pod.kernel, ctx.ifname, &addr_list, &kernel_routes).await?;
 
     // 3. Per-pod masquerading when flanneld does not masquerade itself.
-    let masq_with = plan.ip_masq.then(|| masq_mode(conf, None));
+    let masq_with = masquerade(conf, None, || Some(plan.flannel_ipmasq));
     if let Some(mode) = masq_with {
         undo.masq = Some((mode, addr_list.iter().map(|a| a.addr()).collect()));
         pod_masq(&conf.name, ctx.container_id, ctx.ifname).setup(mode, &addr_list).map_err(|e| {
@@ -494,7 +516,7 @@ async fn wire<K: Kernel>(
         kind: "bridge",
         bridge: &conf.bridge,
         mtu,
-        ip_masq: plan.ip_masq,
+        ip_masq: masq_with.is_some(),
         ip_masq_backend: masq_with.map(|m| m.to_string()),
         is_gateway: conf.is_gateway,
         is_default_gateway: conf.is_default_gateway,
@@ -608,16 +630,11 @@ async fn del_with<K: Kernel>(ctx: &Ctx<'_>, host: &K, pod: Option<&K>, log: &mut
     let name = saved.and_then(|s| s.name.clone()).unwrap_or_else(|| conf.name.clone());
     let ipam_dir = saved.and_then(SavedState::ipam_data_dir).unwrap_or(&conf.ipam_data_dir).join(&name);
     let released = with_existing_store(&ipam_dir, |t| t.release(ctx.container_id, &ifname))?.unwrap_or_default();
-    let ip_masq = saved
-        .and_then(|s| s.ip_masq)
-        .or(conf.ip_masq)
-        .or_else(|| SubnetEnv::read(&conf.subnet_file).ok().map(|s| !s.ipmasq))
-        .unwrap_or(false);
-    if ip_masq {
+    if let Some(mode) = masquerade(conf, saved, || flannel_ipmasq(conf)) {
         let mut ips = saved.map(SavedState::ips).unwrap_or_default();
         let known = ips.clone();
         ips.extend(released.iter().copied().filter(|ip| !known.contains(ip)));
-        if let Err(e) = pod_masq(&name, ctx.container_id, &ifname).teardown(masq_mode(conf, saved), &ips) {
+        if let Err(e) = pod_masq(&name, ctx.container_id, &ifname).teardown(mode, &ips) {
             log.warn(&e.to_string());
         }
     }
@@ -757,9 +774,7 @@ pub fn check(ctx: &Ctx<'_>, log: &mut Log) -> Result<()> {
 
     // ipMasq: the bridge plugin's per-pod chain and its jump.
     let pod_ips = pod_ips(&prev);
-    let ip_masq = conf.ip_masq.or_else(|| SubnetEnv::read(&conf.subnet_file).ok().map(|s| !s.ipmasq)).unwrap_or(false);
-    if ip_masq {
-        let mode = masq_mode(conf, ctx.saved.as_ref());
+    if let Some(mode) = masquerade(conf, ctx.saved.as_ref(), || flannel_ipmasq(conf)) {
         let addrs: Vec<IpNet> = pod_ips.iter().map(|ip| ip.address).collect();
         drift.extend(pod_masq(&conf.name, ctx.container_id, ctx.ifname).missing(mode, &addrs));
     }
@@ -909,6 +924,7 @@ pub fn gc(conf: &PluginConf, log: &mut Log) -> Result<()> {
     let is_valid =
         |id: &str, ifname: &str| valid.iter().any(|(v_id, v_if)| v_id == id && (ifname.is_empty() || v_if == ifname));
     let mut freed = Vec::new();
+    let senv_ipmasq = std::cell::OnceCell::new();
     with_existing_store(&conf.ipam_dir(), |t| {
         for a in t.allocations()? {
             if is_valid(&a.container_id, &a.ifname) {
@@ -916,11 +932,11 @@ pub fn gc(conf: &PluginConf, log: &mut Log) -> Result<()> {
             }
             t.release_ip(a.ip)?;
             let saved = state::load(&state_path(conf, &a.container_id));
-            if let Some(s) = saved.filter(|s| s.ip_masq.unwrap_or(false)) {
-                let mode = masq_mode(conf, Some(&s));
-                if let Err(e) = pod_masq(&conf.name, &a.container_id, &a.ifname).teardown(mode, &[a.ip]) {
-                    log.warn(&e.to_string());
-                }
+            let ipmasq = || *senv_ipmasq.get_or_init(|| flannel_ipmasq(conf));
+            if let Some(mode) = masquerade(conf, saved.as_ref(), ipmasq)
+                && let Err(e) = pod_masq(&conf.name, &a.container_id, &a.ifname).teardown(mode, &[a.ip])
+            {
+                log.warn(&e.to_string());
             }
             freed.push(format!("{} ({})", a.ip, a.container_id));
         }
@@ -1063,6 +1079,62 @@ mod tests {
         fs::remove_file(s.0.join("subnet.env")).unwrap();
         let e = add(&Ctx::new(Command::Add, &missing, &conf).unwrap(), &mut Log::default()).unwrap_err();
         assert_eq!(e.code, code::TRY_AGAIN_LATER, "{e}");
+    }
+
+    /// ipMasq and its backend: saved state, then configuration, then
+    /// `!FLANNEL_IPMASQ`, then off; subnet.env and the host default consulted
+    /// only when needed.
+    #[test]
+    fn one_masquerade_rule_for_every_command() {
+        use MasqMode::{Iptables, Nftables};
+        let s = Scratch::new("masq");
+        let conf_with = |delegate: Value| s.conf("1.0.0", delegate);
+        let saved = |text: &str| serde_json::from_str::<SavedState>(text).unwrap();
+        let none = json!({"ipMasq": null});
+        let (on, off) = (json!({"ipMasq": true}), json!({"ipMasq": false}));
+        let (ours, upstreams) = (saved(r#"{"ipMasq":true,"ipMasqBackend":"nftables"}"#), saved(r#"{"ipMasq":false}"#));
+        let silent = saved(r#"{"name":"cbr0"}"#);
+        // (configuration, saved state, FLANNEL_IPMASQ) -> decision
+        type Row<'a> = (Value, Option<&'a SavedState>, Option<bool>, Option<MasqMode>);
+        let table: Vec<Row> = vec![
+            // Upstream's default: the plugin masquerades exactly when flanneld does not.
+            (none.clone(), None, Some(true), None),
+            (none.clone(), None, Some(false), Some(Iptables)),
+            (none.clone(), None, None, None),
+            // The configuration beats subnet.env.
+            (on.clone(), None, Some(true), Some(Iptables)),
+            (off.clone(), None, Some(false), None),
+            (json!({"ipMasq": true, "ipMasqBackend": "nftables"}), None, None, Some(Nftables)),
+            // The saved state beats both, backend included.
+            (off.clone(), Some(&ours), Some(true), Some(Nftables)),
+            (json!({"ipMasq": false, "ipMasqBackend": "iptables"}), Some(&ours), None, Some(Nftables)),
+            (on.clone(), Some(&upstreams), Some(false), None),
+            // A saved state that does not say falls through.
+            (on.clone(), Some(&silent), Some(true), Some(Iptables)),
+            (none.clone(), Some(&silent), Some(false), Some(Iptables)),
+            (json!({"ipMasq": null, "ipMasqBackend": "nftables"}), Some(&silent), Some(false), Some(Nftables)),
+        ];
+        for (i, (delegate, saved, senv, want)) in table.into_iter().enumerate() {
+            let conf = conf_with(delegate);
+            let (read_senv, asked_default) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+            let got = decide_masquerade(
+                &conf,
+                saved,
+                || {
+                    read_senv.set(read_senv.get() + 1);
+                    senv
+                },
+                || {
+                    asked_default.set(asked_default.get() + 1);
+                    Iptables
+                },
+            );
+            assert_eq!(got, want, "row {i}");
+            let decided_before_senv = saved.and_then(|s| s.ip_masq).or(conf.ip_masq).is_some();
+            assert_eq!(read_senv.get(), usize::from(!decided_before_senv), "row {i}: subnet.env read");
+            let backend_named = saved.and_then(SavedState::ip_masq_backend).or(conf.ip_masq_backend).is_some();
+            assert_eq!(asked_default.get(), usize::from(want.is_some() && !backend_named), "row {i}: host default");
+        }
     }
 
     #[test]

@@ -504,3 +504,39 @@ fn dual_stack_pods_get_both_families() {
     }
     node.assert_clean();
 }
+
+/// CHECK and GC decide ipMasq as DEL does: the attachment's saved state
+/// first, then the configuration, then `!FLANNEL_IPMASQ`.
+#[test]
+fn check_and_gc_follow_the_saved_ip_masq_like_del() {
+    let node = Node::with_env(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.14.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    );
+    let nat = || String::from_utf8_lossy(&node.ns.run("iptables-save", &["-t", "nat"]).stdout).into_owned();
+    // ADDed with ipMasq off; the configuration CHECK gets no longer says, and
+    // FLANNEL_IPMASQ=false alone would mean "masquerade": not drift.
+    let pod = Netns::new("cp");
+    let ps = pod.path().to_str().unwrap().to_string();
+    let mut conf = node.conf("1.0.0");
+    conf["delegate"]["ipMasq"] = false.into();
+    let res = node.cni("ADD", "m1", Some(&ps), "eth0", &conf).expect_ok().json();
+    assert!(!nat().contains("CNI-"), "{}", nat());
+    let mut check = node.conf("1.0.0");
+    check["prevResult"] = res;
+    node.cni("CHECK", "m1", Some(&ps), "eth0", &check).expect_ok();
+    node.cni("DEL", "m1", Some(&ps), "eth0", &conf).expect_ok();
+    e2e::wait_until(std::time::Duration::from_secs(5), || !pod.links().iter().any(|l| l == "eth0"));
+
+    // Masqueraded by default; its state is lost (an ADD killed before saving
+    // it): GC still removes the chain, as DEL would.
+    let res = node.add("m2", &pod);
+    assert!(nat().contains("-j CNI-"), "{}", nat());
+    std::fs::remove_file(node.dir.join("state/m2")).unwrap();
+    let mut gc = node.conf("1.1.0");
+    gc["cni.dev/valid-attachments"] = serde_json::json!([]);
+    node.cni_raw("GC", &[], gc.to_string().as_bytes()).expect_ok();
+    assert!(node.reserved().is_empty(), "{res}");
+    assert!(!nat().contains("CNI-"), "GC left the masquerade: {}", nat());
+    node.del("m2", Some(&pod)).expect_ok();
+    node.assert_clean();
+}
