@@ -14,6 +14,7 @@ use std::time::Duration;
 use e2e::cluster::{Cluster, PREFIX, capture, request};
 use e2e::kubeproxy::{self, Service};
 
+mod compare;
 mod cri_bench;
 mod scale;
 
@@ -242,9 +243,10 @@ fn main() {
         Some("down") => down(),
         Some("scale") => scale::run(args),
         Some("cri-bench") => cri_bench::run(args),
+        Some("compare-upstream") => compare::run(args),
         _ => {
             eprintln!(
-                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube]\n       e2e cri-bench [--sequential 50] [--concurrent 20]"
+                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube]\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
             );
             std::process::exit(2);
         }
