@@ -20,7 +20,8 @@ pub struct LeaseAttrs {
     pub public_ipv6: Option<Ipv6Addr>,
     #[serde(rename = "BackendType")]
     pub backend_type: String,
-    #[serde(rename = "BackendData", default)]
+    /// Left out when null (host-gw, IPv6-only), as upstream's `omitempty` does; absent reads as null.
+    #[serde(rename = "BackendData", default, skip_serializing_if = "Value::is_null")]
     pub backend_data: Value,
     /// Absent on IPv4-only leases; `null` (kept as `Some(Null)`, so a lease reads back
     /// equal to what was written) for host-gw dual-stack ones.
@@ -191,7 +192,12 @@ mod tests {
             ..hostgw.clone()
         };
         let text = serde_json::to_string(&dual).unwrap();
-        assert!(text.ends_with(r#""BackendData":null,"BackendV6Data":null}"#), "{text}");
+        assert!(text.ends_with(r#""BackendType":"host-gw","BackendV6Data":null}"#), "{text}");
+        // host-gw's null BackendData is left out, as upstream writes it.
+        assert_eq!(
+            serde_json::to_string(&hostgw).unwrap(),
+            r#"{"PublicIP":"192.0.2.2","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
         assert_eq!(serde_json::from_str::<LeaseAttrs>(&text).unwrap(), dual);
         assert_eq!(serde_json::from_str::<LeaseAttrs>(&serde_json::to_string(&hostgw).unwrap()).unwrap(), hostgw);
     }

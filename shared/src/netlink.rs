@@ -570,7 +570,8 @@ impl Netlink {
 
     /// Creates a VXLAN device (learning as `spec.learning`; flanneld programs FDB and ARP itself either way).
     pub async fn create_vxlan(&self, spec: &VxlanSpec<'_>) -> Result<()> {
-        let mut b = LinkVxlan::new(spec.name, spec.vni).port(spec.port).learning(spec.learning);
+        // txqueuelen 0 (noqueue), as upstream's device: no qdisc in front of a virtual device.
+        let mut b = LinkVxlan::new(spec.name, spec.vni).port(spec.port).learning(spec.learning).txqueuelen(0);
         if let Some(i) = spec.uplink {
             b = b.dev(i);
         }

@@ -239,6 +239,8 @@ fn start_sets_up_the_vtep_lease_and_subnet_env_and_readiness_waits_for_the_listi
         assert_eq!(vtep.mtu, 1450);
         let vx = vtep.vxlan.clone().unwrap();
         assert_eq!((vx.vni, vx.port, vx.local, vx.uplink), (1, 8472, Some("192.0.2.1".parse().unwrap()), Some(2)));
+        // No router advertisements on the VTEP, as upstream.
+        assert_eq!(bed.kernel.with(|s| s.accept_ra_off.clone()), ["flannel.1"]);
         assert!(
             bed.kernel.with(|s| s.addresses.iter().any(|x| x.index == vtep.index && x.net == net("10.244.7.0/32")))
         );

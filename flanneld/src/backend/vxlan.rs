@@ -260,6 +260,13 @@ pub async fn ensure_vtep<K: Kernel>(
             nl.add_address(link.index, want).await?;
         }
     }
+    // As upstream: a VTEP takes no router advertisements. A read-only /proc/sys
+    // (a container) is not worth failing the pass for: said once at debug level.
+    match nl.disable_accept_ra(&spec.name) {
+        Ok(true) => info!("{}: net.ipv6.conf.{}.accept_ra set to 0", spec.name, spec.name),
+        Ok(false) => {}
+        Err(e) => tracing::debug!("{}: accept_ra: {e}", spec.name),
+    }
     if !link.up {
         nl.set_up(link.index).await?;
     }

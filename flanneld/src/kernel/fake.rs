@@ -28,6 +28,8 @@ pub struct State {
     next_mac: u8,
     /// Netlink writes so far (replace/del of routes, neighbours, FDB entries; link changes).
     pub writes: usize,
+    /// Devices whose IPv6 router advertisements were turned off.
+    pub accept_ra_off: Vec<String>,
 }
 
 /// The fake; `Clone` shares the state, so a test keeps a handle while the agent owns one.
@@ -283,6 +285,15 @@ impl Kernel for FakeKernel {
         s.fdb.retain(|n| !(n.index == index && n.mac == Some(mac) && n.ip == Some(dst)));
         s.writes += 1;
         if s.fdb.len() == before { Err(not_found("del fdb")) } else { Ok(()) }
+    }
+
+    fn disable_accept_ra(&self, name: &str) -> std::io::Result<bool> {
+        let mut s = self.state.borrow_mut();
+        if s.accept_ra_off.iter().any(|n| n == name) {
+            return Ok(false);
+        }
+        s.accept_ra_off.push(name.to_string());
+        Ok(true)
     }
 
     fn watch(&self, _metrics: Arc<Metrics>) -> KernelWatch {

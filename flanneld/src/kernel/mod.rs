@@ -38,6 +38,9 @@ pub trait Kernel {
     async fn del_neighbour(&self, index: u32, ip: std::net::IpAddr) -> Result<()>;
     async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: std::net::IpAddr) -> Result<()>;
     async fn del_fdb(&self, index: u32, mac: [u8; 6], dst: std::net::IpAddr) -> Result<()>;
+    /// Turns off IPv6 router advertisements on a device (`net.ipv6.conf.<name>.accept_ra = 0`,
+    /// as upstream does for its VXLAN devices); returns whether it had to.
+    fn disable_accept_ra(&self, name: &str) -> std::io::Result<bool>;
     /// Notifications of changes to what the agent owns.
     fn watch(&self, metrics: Arc<Metrics>) -> KernelWatch;
 }
@@ -93,6 +96,15 @@ impl Kernel for Netlink {
     }
     async fn del_fdb(&self, index: u32, mac: [u8; 6], dst: std::net::IpAddr) -> Result<()> {
         Netlink::del_fdb(self, index, mac, dst).await
+    }
+    fn disable_accept_ra(&self, name: &str) -> std::io::Result<bool> {
+        // The caller's network namespace's view: /proc/sys/net follows the reading thread's netns.
+        let path = std::path::Path::new("/proc/sys/net/ipv6/conf").join(name).join("accept_ra");
+        if std::fs::read_to_string(&path)?.trim() == "0" {
+            return Ok(false);
+        }
+        std::fs::write(&path, "0")?;
+        Ok(true)
     }
     fn watch(&self, metrics: Arc<Metrics>) -> KernelWatch {
         KernelWatch::start(metrics)
