@@ -61,6 +61,10 @@ fn run_killed_after(mut child: Child, after: Duration) -> bool {
     }
 }
 
+/// The two tests run one at a time: each measures how long an ADD takes here
+/// to spread its kills over that, which the other's 20 streams would distort.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn masq_chains(node: &Node) -> Vec<String> {
     let out = node.ns.run("iptables-save", &["-t", "nat"]);
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with(":CNI-")).map(String::from).collect()
@@ -68,6 +72,7 @@ fn masq_chains(node: &Node) -> Vec<String> {
 
 #[test]
 fn sigkilled_adds_and_dels_leak_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let seed = std::env::var("FLANNEL_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f1a7_u64);
     println!("seed {seed} (replay with FLANNEL_CRASH_SEED={seed})");
     let mut rng = Rng(seed | 1);
@@ -131,6 +136,7 @@ fn sigkilled_adds_and_dels_leak_nothing() {
 /// store's lock while kills land: the lock holder may die mid-write too.
 #[test]
 fn concurrent_killed_streams_leak_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let seed = std::env::var("FLANNEL_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xc0c0_a11e_u64);
     println!("seed {seed} (replay with FLANNEL_CRASH_SEED={seed})");
     let node = Node::new("10.244.8.1/24");

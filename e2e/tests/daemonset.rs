@@ -136,6 +136,18 @@ fn daemonset_on(backend: &str, nftables: bool) {
     }
     ping_mesh(&c, &podman, &agents);
 
+    // `flanneld doctor` from the image, in the agent's container with only the
+    // manifest's capabilities (NET_RAW for its probes), as an operator runs it
+    // with `kubectl exec`: the agent's own flags, everything OK.
+    let mut doctor = vec!["exec", agents[0].as_str(), ds.agent.command[0].as_str(), "doctor", "--json"];
+    doctor.extend(args.iter().map(String::as_str));
+    let out = podman.run(&doctor);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("doctor in the container printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr))
+    });
+    assert_eq!(out.status.code(), Some(0), "doctor in the container: {report:#}");
+    assert_eq!((report["peers"].as_u64(), report["peers_ok"].as_u64()), (Some(2), Some(2)), "{report:#}");
+
     // `podman stop` (SIGTERM) leaves the data path alone; a restart keeps the subnet.
     let node = &c.nodes[0];
     let (routes, subnet) = (node.flannel_routes(), node.subnet().expect("subnet"));

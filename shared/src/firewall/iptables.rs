@@ -7,6 +7,7 @@
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha512};
@@ -68,7 +69,21 @@ pub fn forward_rules(network: &IpNet) -> TableRules {
 
 fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
     let fail = |msg: String| FirewallError::Command { cmd: format!("{cmd} {}", args.join(" ")), msg };
-    let mut child = Command::new(cmd)
+    let mut command = Command::new(cmd);
+    // The tool dies with us: a plugin SIGKILLed by its runtime mid-ADD must not
+    // leave an iptables child that writes a pod's chain after the runtime's DEL
+    // has cleaned up (found by cni-plugin/tests/crash.rs). The spawning thread is
+    // the caller's, which waits for the child, so its exit is ours.
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
