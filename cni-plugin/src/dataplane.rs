@@ -7,7 +7,6 @@ use std::net::IpAddr;
 
 use flannel_shared::IpNet;
 use flannel_shared::netlink::{Idempotent, Link, Route, VethSpec, format_mac};
-use sha2::{Digest, Sha512};
 
 use crate::error::{CniError, Result, code};
 use crate::kernel::{Kernel, sysctl_path};
@@ -112,16 +111,7 @@ pub fn is_link_local(ip: IpAddr) -> bool {
     ip.to_string().starts_with("fe80:")
 }
 
-/// The host-side veth name: deterministic per attachment, so DEL and CHECK can
-/// find it without saved state. `veth` + 8 hex digits, like upstream's.
-pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
-    let mut h = Sha512::new();
-    h.update(container_id.as_bytes());
-    h.update(b"\0");
-    h.update(ifname.as_bytes());
-    let d = h.finalize();
-    format!("veth{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3])
-}
+pub use flannel_shared::attachment::host_veth_name;
 
 /// Creates the veth pair: host end in `bridge`, up, hairpin as asked; pod end
 /// named `ifname` inside `pod_ns`. Returns the host link.

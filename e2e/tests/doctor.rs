@@ -115,6 +115,25 @@ fn vxlan_faults_are_named() {
     expect(&c, 0, "FAIL", "cni0: carries 10.99.7.1/24");
     run_in(&c.nodes[0].ns, "ip", &["addr", "del", "10.99.7.1/24", "dev", "cni0"]);
 
+    // A reservation whose pod is gone (a runtime that never sent DEL).
+    let leak = c.nodes[0].dir.join("ipam/cbr0/10.244.0.250");
+    let subnet = c.nodes[0].subnet().unwrap();
+    let leaked = format!("{}.250", subnet.rsplit_once('.').unwrap().0);
+    let leak = leak.with_file_name(&leaked);
+    std::fs::write(&leak, "dead-container\r\neth0").unwrap();
+    expect(
+        &c,
+        0,
+        "WARN",
+        &format!("IP store: 1 of 2 reservation(s) have no pod here (no veth): {leaked} (dead-contain"),
+    );
+    std::fs::remove_file(&leak).unwrap();
+
+    // Strict reverse-path filtering on the node.
+    run_in(&c.nodes[0].ns, "sysctl", &["-qw", "net.ipv4.conf.all.rp_filter=1"]);
+    expect(&c, 0, "WARN", "rp_filter: strict (1) on eth0, cni0, flannel.1");
+    run_in(&c.nodes[0].ns, "sysctl", &["-qw", "net.ipv4.conf.all.rp_filter=0"]);
+
     // bridge-nf-call-iptables off: a warning (exit 1), not a failure.
     run_in(&c.nodes[0].ns, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=0"]);
     expect(&c, 0, "WARN", "bridge-nf-call-iptables: 0");

@@ -1,6 +1,7 @@
 //! Formats and kernel plumbing that both binaries speak: IP prefixes,
 //! `subnet.env`, network-namespace entry and a thin netlink layer.
 
+pub mod attachment;
 pub mod firewall;
 pub mod ip;
 pub mod lease;

@@ -185,7 +185,7 @@ pub async fn diagnose(opts: &Opts, ipam_dir: &Path, proc: &Path) -> Report {
     let links = nl.links().await.unwrap_or_default();
     let addrs = nl.addresses(None).await.unwrap_or_default();
     node::cni0(&mut r, links.iter().find(|l| l.name == "cni0"), &addrs, &env);
-    node::ip_store(&mut r, ipam_dir, &env);
+    node::ip_store(&mut r, ipam_dir, &env, &links);
     node::firewall(&mut r, &cfg, opts);
 
     // The peers: kernel entries against the leases, then probes.

@@ -140,6 +140,12 @@ fn sysctl(proc: &Path, key: &str) -> Option<String> {
     std::fs::read_to_string(proc.join("sys").join(key.replace('.', "/"))).ok().map(|s| s.trim().to_string())
 }
 
+/// A per-device IPv4 setting (device names may hold dots: `flannel.1`).
+fn dev_sysctl(proc: &Path, dev: &str, key: &str) -> Option<String> {
+    let p = proc.join("sys/net/ipv4/conf").join(dev).join(key);
+    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
 /// Forwarding, br_netfilter, rp_filter where it drops our traffic.
 pub fn kernel(r: &mut Report, proc: &Path, cfg: &NetConfig, devices: &[&str]) {
     if cfg.ipv4.is_some() {
@@ -180,10 +186,7 @@ pub fn kernel(r: &mut Report, proc: &Path, cfg: &NetConfig, devices: &[&str]) {
     let strict: Vec<&str> = devices
         .iter()
         .copied()
-        .filter(|d| {
-            sysctl(proc, &format!("net.ipv4.conf.{d}.rp_filter")).and_then(|v| v.parse::<u8>().ok()).map(|v| v.max(all))
-                == Some(1)
-        })
+        .filter(|d| dev_sysctl(proc, d, "rp_filter").and_then(|v| v.parse::<u8>().ok()).map(|v| v.max(all)) == Some(1))
         .collect();
     if strict.is_empty() {
         r.ok("rp_filter", format!("not strict on {}", devices.join(", ")));
@@ -279,26 +282,44 @@ pub fn cni0(r: &mut Report, link: Option<&Link>, addrs: &[Address], env: &Subnet
     }
 }
 
-/// The plugin's IP store: how full it is.
-pub fn ip_store(r: &mut Report, dir: &Path, env: &SubnetEnv) {
+/// The plugin's IP store: how full it is, and reservations whose pod is gone
+/// (no host veth of that attachment on this node: a leak, freed by the
+/// runtime's DEL or the plugin's GC).
+pub fn ip_store(r: &mut Report, dir: &Path, env: &SubnetEnv, links: &[Link]) {
     let Some(subnet) = env.subnet else { return };
-    let count = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().parse::<IpAddr>().is_ok_and(|ip| subnet.contains(ip)))
-                .count()
-        })
-        .unwrap_or(0);
+    let mut count = 0usize;
+    let mut leaks = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(ip) = e.file_name().to_string_lossy().parse::<IpAddr>() else { continue };
+        if !subnet.contains(ip) {
+            continue;
+        }
+        count += 1;
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let mut parts = text.split(['\r', '\n']).map(str::trim).filter(|p| !p.is_empty());
+        let (Some(id), ifname) = (parts.next(), parts.next().unwrap_or("eth0")) else { continue };
+        let veth = flannel_shared::attachment::host_veth_name(id, ifname);
+        if !links.iter().any(|l| l.name == veth) {
+            leaks.push(format!("{ip} ({})", id.chars().take(12).collect::<String>()));
+        }
+    }
     let capacity = (1u128 << subnet.host_bits()).saturating_sub(3);
     let what = "IP store";
-    if capacity > 0 && count as u128 * 10 >= capacity * 9 {
+    if !leaks.is_empty() {
+        let shown: Vec<&str> = leaks.iter().take(5).map(String::as_str).collect();
+        r.warn(
+            what,
+            format!("{} of {count} reservation(s) have no pod here (no veth): {}", leaks.len(), shown.join(", ")),
+            "the runtime's DEL frees them (crictl rmp <pod>); the plugin's GC frees all but the listed attachments",
+        );
+    } else if capacity > 0 && count as u128 * 10 >= capacity * 9 {
         r.warn(
             what,
             format!("{count} of {capacity} addresses of {subnet} reserved in {}", dir.display()),
-            "look for reservations of dead pods (`flannel` GC frees them, as does a reboot)",
+            "the node runs out soon: fewer pods, or a larger SubnetLen",
         );
     } else {
-        r.ok(what, format!("{count} of {capacity} addresses of {subnet} reserved"));
+        r.ok(what, format!("{count} of {capacity} addresses of {subnet} reserved, each with its pod"));
     }
 }
 
