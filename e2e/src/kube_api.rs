@@ -1,8 +1,12 @@
 //! A small in-process stand-in for the Kubernetes API server's Node endpoints
 //! (get, list with `limit`/`continue` pages, watch, strategic-merge patch of
 //! nodes and nodes/status) that speaks the real JSON. It serves the agent's
-//! Kubernetes mode in the tests and in `e2e scale --kube`; the real API server
-//! is exercised by `tests/kube_real.rs`.
+//! Kubernetes mode in the tests and in `e2e scale --kube` where the real
+//! apiserver (`../shared/reference/kubernetes`, see [`crate::kube_apiserver`])
+//! is absent. As the real one: a list with `resourceVersion=0` is answered
+//! whole from the "cache" (`limit` ignored, no `continue`), and a PATCH of
+//! nodes/status takes metadata and status (conditions and addresses merged by
+//! `type`, other lists replaced), each write a MODIFIED watch event.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -23,6 +27,8 @@ pub struct State {
     events: Vec<(u64, Value)>,
     /// Content types seen on PATCH requests.
     pub patch_types: Vec<String>,
+    /// The query of every Node list (not watch) request, in order.
+    pub list_queries: Vec<String>,
     /// `status` of nodes put from now on (default: no conditions).
     pub status: Option<Value>,
 }
@@ -30,11 +36,27 @@ pub struct State {
 #[derive(Clone, Default)]
 pub struct FakeApi(pub Arc<(Mutex<State>, Condvar)>);
 
+/// A strategic merge patch as the API server applies one to a Node: maps merged
+/// (a `null` deletes the key), lists with a merge key (`conditions` and `addresses`,
+/// keyed by `type`) merged element by element, every other list replaced.
 fn merge(dst: &mut Value, src: &Value) {
     match (dst, src) {
         (Value::Object(d), Value::Object(s)) => {
             for (k, v) in s {
-                merge(d.entry(k.clone()).or_insert(Value::Null), v);
+                if v.is_null() {
+                    d.remove(k);
+                } else if (k == "conditions" || k == "addresses")
+                    && let (Some(Value::Array(old)), Value::Array(new)) = (d.get_mut(k), v)
+                {
+                    for item in new {
+                        match old.iter_mut().find(|o| o["type"] == item["type"]) {
+                            Some(o) => merge(o, item),
+                            None => old.push(item.clone()),
+                        }
+                    }
+                } else {
+                    merge(d.entry(k.clone()).or_insert(Value::Null), v);
+                }
             }
         }
         (d, s) => *d = s.clone(),
@@ -81,6 +103,38 @@ impl FakeApi {
 
     pub fn node(&self, name: &str) -> Value {
         self.0.0.lock().unwrap().nodes.get(name).cloned().unwrap_or(Value::Null)
+    }
+
+    /// A strategic-merge PATCH of `nodes/<name>` (or of its `status`
+    /// subresource) made in-process, as a client's would be served; false if
+    /// there is no such Node.
+    pub fn patch(&self, name: &str, status: bool, patch: &Value) -> bool {
+        let (m, cv) = &*self.0;
+        let mut st = m.lock().unwrap();
+        let found = Self::apply_patch(&mut st, name, status, patch).is_some();
+        cv.notify_all();
+        found
+    }
+
+    /// The update path of a PATCH: `nodes/<name>` changes metadata and spec,
+    /// `nodes/<name>/status` metadata and status (the real API server keeps
+    /// metadata changes on the status subresource: upstream flannel publishes
+    /// its annotations that way). A MODIFIED event even when nothing changed,
+    /// as the API server's heartbeats do (a new resourceVersion each time).
+    fn apply_patch(st: &mut State, name: &str, status: bool, patch: &Value) -> Option<Value> {
+        let node = st.nodes.get_mut(name)?;
+        for part in ["metadata", if status { "status" } else { "spec" }] {
+            if let Some(p) = patch.get(part) {
+                merge(&mut node[part], p);
+            }
+        }
+        st.rv += 1;
+        let rv = st.rv;
+        node["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let node = node.clone();
+        st.json.insert(name.to_string(), node.to_string());
+        st.events.push((rv, json!({"type": "MODIFIED", "object": node.clone()})));
+        Some(node)
     }
 
     /// Serves HTTP/1.1 on a listener (one per node namespace, shared state).
@@ -162,37 +216,30 @@ impl FakeApi {
             "PATCH" => {
                 st.patch_types.push(ctype.cloned().unwrap_or_default());
                 let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-                st.rv += 1;
-                let rv = st.rv;
-                let Some(node) = st.nodes.get_mut(&name) else { return (404, not_found) };
-                if status {
-                    // Strategic merge keys conditions by type.
-                    let conds = node["status"]["conditions"].as_array_mut().expect("conditions");
-                    for c in patch["status"]["conditions"].as_array().into_iter().flatten() {
-                        conds.retain(|old| old["type"] != c["type"]);
-                        conds.push(c.clone());
+                match Self::apply_patch(&mut st, &name, status, &patch) {
+                    Some(node) => {
+                        cv.notify_all();
+                        (200, node)
                     }
-                } else {
-                    merge(&mut node["metadata"], &patch["metadata"]);
+                    None => (404, not_found),
                 }
-                node["metadata"]["resourceVersion"] = json!(rv.to_string());
-                let node = node.clone();
-                st.json.insert(name.clone(), node.to_string());
-                st.events.push((rv, json!({"type": "MODIFIED", "object": node.clone()})));
-                cv.notify_all();
-                (200, node)
             }
             _ => (405, json!({"kind":"Status","code":405})),
         }
     }
 
     /// A NodeList page: `limit` items after the `continue` token (the last name
-    /// of the previous page), as the API server pages a list.
+    /// of the previous page), as the API server pages a list. With
+    /// `resourceVersion=0` the whole list in one response, `limit` ignored and
+    /// no `continue`, as the API server answers one from its watch cache.
     fn list(&self, query: &str) -> String {
         let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='));
-        let limit: usize = param("limit").and_then(|v| v.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let from_cache = param("resourceVersion") == Some("0");
+        let limit: usize =
+            param("limit").and_then(|v| v.parse().ok()).filter(|l| *l > 0 && !from_cache).unwrap_or(usize::MAX);
         let after = param("continue").unwrap_or("").to_string();
-        let st = self.0.0.lock().unwrap();
+        let mut st = self.0.0.lock().unwrap();
+        st.list_queries.push(query.to_string());
         let mut rest = st.json.range::<String, _>((std::ops::Bound::Excluded(&after), std::ops::Bound::Unbounded));
         let page: Vec<(&String, &String)> = rest.by_ref().take(limit).collect();
         let mut meta = json!({"resourceVersion": st.rv.to_string()});

@@ -246,7 +246,7 @@ fn main() {
         Some("compare-upstream") => compare::run(args),
         _ => {
             eprintln!(
-                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube]\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
+                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube] [--churn 20 --duration 40] (more: e2e scale --help)\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
             );
             std::process::exit(2);
         }
