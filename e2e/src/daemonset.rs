@@ -144,6 +144,29 @@ impl Kubelet<'_> {
         Kubelet::container_name(c, node)
     }
 
+    /// Runs the agent's image once more beside the agent: the same node
+    /// namespace, mounts, environment and capabilities, the agent's command
+    /// with `args` (e.g. `doctor ...`, what `kubectl exec` runs); waits for it.
+    /// A second container rather than `podman exec`: runc falls back to chroot
+    /// where pivot_root cannot work (a test root that is itself a chroot), and
+    /// an exec'd process then lands outside the image.
+    pub fn run_agent_command(&self, node: &Node, args: &[&str]) -> std::process::Output {
+        let c = &self.ds.agent;
+        let mut a = vec!["run".to_string(), "--rm".into(), "--cap-drop=all".into()];
+        if !c.cap_add.is_empty() {
+            a.push(format!("--cap-add={}", c.cap_add.join(",")));
+        }
+        let mut flags = self.run_flags(c, node);
+        if let Some(i) = flags.iter().position(|f| f == "--name") {
+            flags[i + 1] = format!("{}-cmd", flags[i + 1]);
+        }
+        a.extend(flags);
+        a.push(c.image.clone());
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        self.podman.run(&a)
+    }
+
     /// The agent container's name on `node`.
     pub fn agent_name(&self, node: &Node) -> String {
         Kubelet::container_name(&self.ds.agent, node)

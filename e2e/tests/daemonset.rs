@@ -136,12 +136,12 @@ fn daemonset_on(backend: &str, nftables: bool) {
     }
     ping_mesh(&c, &podman, &agents);
 
-    // `flanneld doctor` from the image, in the agent's container with only the
-    // manifest's capabilities (NET_RAW for its probes), as an operator runs it
-    // with `kubectl exec`: the agent's own flags, everything OK.
-    let mut doctor = vec!["exec", agents[0].as_str(), ds.agent.command[0].as_str(), "doctor", "--json"];
+    // `flanneld doctor` from the image, with only the manifest's capabilities
+    // (NET_RAW for its probes), beside the agent in its pod's namespace and
+    // mounts, as `kubectl exec` runs it: the agent's own flags, everything OK.
+    let mut doctor = vec!["doctor", "--json"];
     doctor.extend(args.iter().map(String::as_str));
-    let out = podman.run(&doctor);
+    let out = kubelet.run_agent_command(&c.nodes[0], &doctor);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!("doctor in the container printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr))
     });
