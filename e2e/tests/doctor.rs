@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use e2e::Netns;
 use e2e::cluster::{Cluster, run_in};
 use serde_json::Value;
 
@@ -67,6 +68,79 @@ fn expect(c: &Cluster, i: usize, level: &str, what: &str) -> Value {
     last
 }
 
+/// The finding of `check` in a report.
+fn finding<'a>(report: &'a Value, check: &str) -> &'a Value {
+    let checks = report["checks"].as_array().expect("checks");
+    checks.iter().find(|c| c["check"] == check).unwrap_or_else(|| panic!("no {check:?} in {report:#}"))
+}
+
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+/// One ethtool value request (`struct ethtool_value`) on `dev` in `ns` through the
+/// SIOCETHTOOL ioctl, the test's own reading of what `ethtool -k`/`-K` show and set
+/// (ethtool is not on the test-bed); returns the value the kernel left.
+fn ethtool(ns: &Netns, dev: &str, cmd: u32, data: u32) -> u32 {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let dev = dev.to_string();
+    flannel_shared::netns::run_in(&ns.open(), move || {
+        // SAFETY: a socket closed below, an ifreq naming the device, an ethtool_value that
+        // outlives the ioctl.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+                *d = s as libc::c_char;
+            }
+            let mut v = EthtoolValue { cmd, data };
+            ifr.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
+            let rc = libc::ioctl(fd, libc::SIOCETHTOOL as _, &mut ifr);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(rc, 0, "SIOCETHTOOL {cmd:#x} on {dev}: {err}");
+            v.data
+        }
+    })
+    .expect("enter the node's namespace")
+}
+
+/// `ethtool -k DEV | grep tx-checksumming`.
+fn tx_checksumming(ns: &Netns, dev: &str) -> bool {
+    ethtool(ns, dev, ETHTOOL_GTXCSUM, 0) != 0
+}
+
+/// The running kernel as (major, minor), read here from procfs (doctor uses uname).
+fn kernel() -> (String, (u32, u32)) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut it = release.trim().split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().expect("version"));
+    let v = (it.next().expect("major"), it.next().expect("minor"));
+    (format!("{}.{}", v.0, v.1), v)
+}
+
+/// Doctor's offload finding for node `i`'s `dev` matches the device's real state and the kernel.
+fn assert_offload_reported(c: &Cluster, i: usize, dev: &str) -> bool {
+    let on = tx_checksumming(&c.nodes[i].ns, dev);
+    let (shown, version) = kernel();
+    let (_, r) = c.doctor(i, &[]);
+    let f = finding(&r, &format!("tx checksum {dev}"));
+    let want = format!("tx-checksumming {}, kernel {shown}: ", if on { "on" } else { "off" });
+    assert!(f["evidence"].as_str().unwrap().starts_with(&want), "want {want:?}: {f:#}");
+    let bites = on && version < (5, 7);
+    assert_eq!(f["level"], if bites { "WARN" } else { "OK" }, "{f:#}");
+    if bites {
+        assert_eq!(
+            f["fix"].as_str().unwrap().split(" (").next(),
+            Some(&*format!("ethtool -K {dev} tx-checksum-ip-generic off"))
+        );
+    }
+    on
+}
+
 #[test]
 fn vxlan_faults_are_named() {
     let mut c = cluster("vxlan");
@@ -74,6 +148,16 @@ fn vxlan_faults_are_named() {
         assert_healthy(&c, i);
     }
     let n2_ip = c.nodes[1].ip.to_string();
+
+    // UDP checksum offload on the VTEP as the kernel has it (a new VXLAN device has
+    // tx-checksum-ip-generic on); switched, doctor reads the new state; switched back.
+    let ns = &c.nodes[0].ns;
+    let on = assert_offload_reported(&c, 0, "flannel.1");
+    ethtool(ns, "flannel.1", ETHTOOL_STXCSUM, u32::from(!on));
+    assert_eq!(tx_checksumming(ns, "flannel.1"), !on, "the test could not switch the offload");
+    assert_eq!(assert_offload_reported(&c, 0, "flannel.1"), !on);
+    ethtool(ns, "flannel.1", ETHTOOL_STXCSUM, u32::from(on));
+    assert_eq!(assert_offload_reported(&c, 0, "flannel.1"), on);
 
     // UDP 8472 dropped on node 2: node 1 cannot reach it through the tunnel, node 2 says why.
     run_in(&c.nodes[1].ns, "iptables", &["-I", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"]);

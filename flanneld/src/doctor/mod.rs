@@ -179,6 +179,7 @@ pub async fn diagnose(opts: &Opts, ipam_dir: &Path, proc: &Path) -> Report {
     let mut devices = vec![uplink.name.as_str(), "cni0"];
     let vtep_name = crate::backend::vxlan::device_name(cfg.backend.vni, false);
     if vtep4.is_some() {
+        node::checksum_offload(&mut r, &vtep_name);
         devices.push(&vtep_name);
     }
     node::kernel(&mut r, proc, &cfg, &devices);

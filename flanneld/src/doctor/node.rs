@@ -11,7 +11,7 @@ use flannel_shared::netconf::{BackendType, NetConfig};
 use flannel_shared::netlink::{Address, Link, Netlink};
 use flannel_shared::subnet_env::SubnetEnv;
 
-use super::report::Report;
+use super::report::{Level, Report};
 use crate::backend::Uplink;
 use crate::backend::vxlan::{VXLAN_OVERHEAD, device_name, underlay_mtu};
 use crate::config::Opts;
@@ -406,5 +406,172 @@ pub fn firewall(r: &mut Report, cfg: &NetConfig, opts: &Opts) {
                 &format!("remove it: iptables -t nat -D {}", foreign[0].trim_start_matches("-A ")),
             );
         }
+    }
+}
+
+/// `ETHTOOL_GTXCSUM`: whether any transmit checksum offload is on (what
+/// `ethtool -k` shows as `tx-checksumming`; a VXLAN device has
+/// `tx-checksum-ip-generic`).
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+
+/// `struct ethtool_value`.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// Reads `dev`'s transmit checksum offload with the SIOCETHTOOL ioctl (a GET:
+/// no privilege needed, nothing changed), in the caller's network namespace.
+pub fn tx_checksumming(dev: &str) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if dev.len() >= ifr.ifr_name.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{dev}: name too long")));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = s as libc::c_char;
+    }
+    let mut value = EthtoolValue { cmd: ETHTOOL_GTXCSUM, data: 0 };
+    ifr.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: SIOCETHTOOL with an ifreq naming the device and pointing at an
+    // ethtool_value that lives across the call; the kernel writes only `data`.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL as _, &mut ifr) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(value.data != 0)
+}
+
+/// The running kernel's release (`uname -r`).
+fn kernel_release() -> Option<String> {
+    // SAFETY: utsname is plain old data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname writes into the struct we own.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = u.release.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `6.1.0-28-amd64` -> (6, 1).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The first kernel whose NAT leaves a zero UDP checksum alone ("netfilter:
+/// nat: never update the UDP checksum when it's 0").
+pub const NAT_CSUM_FIXED: (u32, u32) = (5, 7);
+
+/// Whether transmit checksum offload on a VTEP exposes this kernel to the
+/// NAT checksum bug (upstream #1279): offload on, and a kernel before 5.7
+/// (or one whose version cannot be read).
+pub fn offload_bites(tx_csum: bool, kernel: Option<(u32, u32)>) -> bool {
+    tx_csum && kernel.is_none_or(|k| k < NAT_CSUM_FIXED)
+}
+
+/// UDP checksum offload on the VTEP `dev` against the running kernel.
+pub fn checksum_offload(r: &mut Report, dev: &str) {
+    let what = format!("tx checksum {dev}");
+    match tx_checksumming(dev) {
+        Ok(on) => {
+            let (level, evidence, fix) = offload_finding(dev, on, &kernel_release().unwrap_or_default());
+            r.add(&what, level, evidence, fix.as_deref());
+        }
+        Err(e) => r.warn(&what, format!("cannot read the offload state: {e}"), &format!("ethtool -k {dev}")),
+    }
+}
+
+/// The verdict on `dev`'s offload state `on` under kernel `release`: level, evidence, fix.
+pub fn offload_finding(dev: &str, on: bool, release: &str) -> (Level, String, Option<String>) {
+    let version = kernel_version(release);
+    let shown = version.map_or_else(|| format!("{release:?}"), |(a, b)| format!("{a}.{b}"));
+    let state = if on { "on" } else { "off" };
+    if offload_bites(on, version) {
+        let evidence = format!(
+            "tx-checksumming {state}, kernel {shown}: before 5.7, kube-proxy's NAT of VXLAN packets (a NodePort, a \
+             ClusterIP reached from a node) writes a wrong UDP checksum over their zero one and the peer drops them: \
+             connections stall ~63 s (upstream #1279)"
+        );
+        let fix = format!("ethtool -K {dev} tx-checksum-ip-generic off (again whenever the agent re-creates {dev})");
+        (Level::Warn, evidence, Some(fix))
+    } else if on {
+        let evidence = format!(
+            "tx-checksumming {state}, kernel {shown}: from 5.7 on NAT leaves VXLAN's zero UDP checksum alone, so the \
+             63-second NodePort stall (upstream #1279) does not happen here"
+        );
+        (Level::Ok, evidence, None)
+    } else {
+        let evidence = format!(
+            "tx-checksumming {state}, kernel {shown}: checksums are computed in software, NAT cannot break them"
+        );
+        (Level::Ok, evidence, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_from_releases() {
+        assert_eq!(kernel_version("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(kernel_version("4.18.0-553.el8_10.x86_64"), Some((4, 18)));
+        assert_eq!(kernel_version("6.18.44-fc-v1252"), Some((6, 18)));
+        assert_eq!(kernel_version("5.7"), Some((5, 7)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert_eq!(kernel_version(""), None);
+    }
+
+    #[test]
+    fn offload_bites_only_when_on_before_5_7() {
+        // On: the NAT checksum bug bites before 5.7 (and when the version is unknown).
+        assert!(offload_bites(true, Some((4, 19))));
+        assert!(offload_bites(true, Some((5, 6))));
+        assert!(offload_bites(true, None));
+        assert!(!offload_bites(true, Some((5, 7))));
+        assert!(!offload_bites(true, Some((5, 10))));
+        assert!(!offload_bites(true, Some((6, 1))));
+        // Minor versions compare as numbers, not text: 5.10 is after 5.7.
+        assert!(!offload_bites(true, Some((5, 10))));
+        // Off: nothing to bite, whatever the kernel.
+        assert!(!offload_bites(false, Some((4, 19))));
+        assert!(!offload_bites(false, None));
+    }
+
+    #[test]
+    fn findings_name_the_state_the_kernel_and_the_fix() {
+        let (level, evidence, fix) = offload_finding("flannel.1", true, "5.4.0-150-generic");
+        assert_eq!(level, Level::Warn);
+        assert!(evidence.starts_with("tx-checksumming on, kernel 5.4: before 5.7"), "{evidence}");
+        assert_eq!(
+            fix.as_deref(),
+            Some("ethtool -K flannel.1 tx-checksum-ip-generic off (again whenever the agent re-creates flannel.1)")
+        );
+        let (level, evidence, fix) = offload_finding("flannel.1", true, "6.1.0-28-amd64");
+        assert_eq!((level, fix), (Level::Ok, None));
+        assert!(evidence.starts_with("tx-checksumming on, kernel 6.1: from 5.7 on"), "{evidence}");
+        let (level, evidence, _) = offload_finding("flannel-v6.1", false, "4.19.0");
+        assert_eq!(level, Level::Ok);
+        assert!(evidence.starts_with("tx-checksumming off, kernel 4.19: checksums are computed in software"));
+    }
+
+    #[test]
+    fn the_check_reads_a_real_device() {
+        // Loopback exists in every namespace; its offload state is whatever the kernel says,
+        // and reading it must work without privileges.
+        assert!(tx_checksumming("lo").is_ok());
+        assert!(tx_checksumming("no-such-dev0").is_err());
+        let mut r = Report::default();
+        checksum_offload(&mut r, "no-such-dev0");
+        assert_eq!(r.checks[0].level, Level::Warn);
+        assert!(r.checks[0].evidence.starts_with("cannot read the offload state"), "{:?}", r.checks[0]);
     }
 }
