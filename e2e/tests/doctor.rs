@@ -302,3 +302,112 @@ fn table_and_help() {
         "{text}"
     );
 }
+
+/// A healthy dual-stack cluster of `backend`: doctor on every node probes both families
+/// of both peers (VTEP addresses over vxlan, cni0 gateways over host-gw), all OK.
+fn dual_stack(backend: &str) -> Cluster {
+    let mut c = Cluster::new("dd");
+    c.enable_ipv6();
+    c.put_config(&format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"{backend}"}}}}"#
+    ));
+    for i in 0..3 {
+        c.add_node();
+        c.start_agent(i, &[]);
+    }
+    for i in 0..3 {
+        assert!(c.wait_ready(i, READY), "node{}: {}", i + 1, c.nodes[i].log());
+    }
+    for i in 0..3 {
+        c.add_pod(i);
+    }
+    let mtu = if backend == "vxlan" { 1430 } else { 1500 };
+    for i in 0..3 {
+        // A fresh node's IPv6 neighbours may take a moment (DAD on the uplink): wait for all OK.
+        let mut last = Value::Null;
+        let ok = e2e::wait_until(Duration::from_secs(15), || {
+            let (code, r) = c.doctor(i, &[]);
+            let healthy = code == 0 && both_probed(&r, mtu);
+            last = r;
+            healthy
+        });
+        assert!(ok, "node{}: FAIL {:?} WARN {:?}\n{last:#}", i + 1, at(&last, "FAIL"), at(&last, "WARN"));
+        assert_eq!((last["peers"].as_u64(), last["peers_ok"].as_u64()), (Some(2), Some(2)), "{last:#}");
+        if backend == "vxlan" {
+            assert_eq!(finding(&last, "VTEP flannel-v6.1")["level"], "OK", "{last:#}");
+        }
+    }
+    c
+}
+
+/// Both peers' IPv4 and IPv6 addresses probed and answering.
+fn both_probed(r: &Value, mtu: u32) -> bool {
+    let probes = finding(r, "peer probes")["evidence"].as_str().unwrap_or_default().to_string();
+    probes.starts_with(&format!("2 IPv4 + 2 IPv6 address(es) echoed small and at {mtu} bytes with DF: 4 answered"))
+}
+
+#[test]
+fn dual_stack_host_gw_probes_both_families() {
+    dual_stack("host-gw");
+}
+
+/// Dual-stack vxlan: IPv6 VXLAN dropped on one node fails that peer by its IPv6
+/// address (its IPv4 half still answers); OK again once undone.
+#[test]
+fn dual_stack_probes_both_families() {
+    let c = dual_stack("vxlan");
+    // Node 2 drops VXLAN over IPv6: node 1 reaches its IPv4 VTEP but not its IPv6 one.
+    let (n2_ip, n2_ip6) = (c.nodes[1].ip.to_string(), c.nodes[1].ip6.expect("node IPv6").to_string());
+    let rule = ["INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"];
+    run_in(&c.nodes[1].ns, "ip6tables", &[&["-I"][..], &rule].concat());
+    let r = expect(&c, 0, "FAIL", &format!("({n2_ip6}): no answer through the VXLAN tunnel"));
+    let verdict = r["verdict"].as_str().unwrap();
+    assert!(
+        verdict.starts_with(&format!(
+            "FAIL: 1 of 2 peers reachable; 1 fail: no answer through the VXLAN tunnel towards {n2_ip6};"
+        )),
+        "{r:#}"
+    );
+    assert!(!at(&r, "FAIL").iter().any(|f| f.contains(&format!("({n2_ip})"))), "node 2's IPv4 half: {r:#}");
+    let s6 = c.nodes[1].subnet6().unwrap();
+    let p = &r["peer_problems"][0];
+    assert_eq!((p["subnet"].as_str(), p["public_ip"].as_str()), (Some(s6.as_str()), Some(n2_ip6.as_str())), "{r:#}");
+    assert!(p["detail"].as_str().unwrap().starts_with("ping -6 fd00:10:244:"), "{r:#}");
+    run_in(&c.nodes[1].ns, "ip6tables", &[&["-D"][..], &rule].concat());
+    let (code, r) = c.doctor(0, &[]);
+    assert!(code == 0 && both_probed(&r, 1430), "FAIL {:?} WARN {:?}\n{r:#}", at(&r, "FAIL"), at(&r, "WARN"));
+    assert_eq!(r["peers_ok"], 2);
+}
+
+/// IPv6-only vxlan: the peers are checked and probed over IPv6 alone.
+#[test]
+fn ipv6_only_peers_are_probed() {
+    let mut c = Cluster::new("d6");
+    c.ipv6_only();
+    c.put_config(
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+    );
+    for i in 0..2 {
+        c.add_node();
+        c.start_agent(i, &[]);
+    }
+    for i in 0..2 {
+        assert!(c.wait_ready(i, READY), "node{}: {}", i + 1, c.nodes[i].log());
+    }
+    let mut last = Value::Null;
+    let ok = e2e::wait_until(Duration::from_secs(15), || {
+        let (code, r) = c.doctor(0, &[]);
+        let probes = finding(&r, "peer probes")["evidence"].as_str().unwrap_or_default().to_string();
+        let healthy =
+            code == 0 && probes.starts_with("1 IPv6 address(es) echoed small and at 1430 bytes with DF: 1 answered");
+        last = r;
+        healthy
+    });
+    assert!(ok, "FAIL {:?} WARN {:?}\n{last:#}", at(&last, "FAIL"), at(&last, "WARN"));
+    assert_eq!((last["peers"].as_u64(), last["peers_ok"].as_u64()), (Some(1), Some(1)), "{last:#}");
+    // Node 2 drops VXLAN over IPv6: its only family goes silent.
+    let n2_ip6 = c.nodes[1].ip6.expect("node IPv6").to_string();
+    run_in(&c.nodes[1].ns, "ip6tables", &["-I", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP"]);
+    let r = expect(&c, 0, "FAIL", &format!("({n2_ip6}): no answer through the VXLAN tunnel"));
+    assert_eq!(r["peers_ok"], 0, "{r:#}");
+}

@@ -7,27 +7,23 @@
 //! echoes only.
 
 mod node;
+mod peer;
 mod probe;
 pub mod report;
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::Duration;
 
 use clap::Parser;
-use flannel_shared::IpNet;
 use flannel_shared::netconf::{BackendType, NetConfig};
-use flannel_shared::netlink::{Netlink, RT_TABLE_MAIN, Route};
+use flannel_shared::netlink::Netlink;
 use tokio::sync::mpsc;
 
-use crate::backend::hostgw::HostGw;
-use crate::backend::{self, Backend, FamilyNet};
+use crate::backend;
 use crate::config::Opts;
 use crate::metrics::Metrics;
-use crate::peers::PeerTable;
-use crate::reconcile::{self, Mode, Peer, RTPROT_FLANNEL};
 use crate::subnet::{LeaseEvent, SubnetManager};
-use report::{Level, PeerProblem, Report};
+use report::Report;
 
 /// `flanneld doctor [flags]`: the agent's own flags, plus `--json`.
 #[derive(Debug, Parser)]
@@ -172,15 +168,17 @@ pub async fn diagnose(opts: &Opts, ipam_dir: &Path, proc: &Path) -> Report {
         }
     };
     let vxlan = cfg.backend.kind == BackendType::Vxlan;
-    let mut vtep4 = None;
-    if vxlan && cfg.ipv4.is_some() {
-        vtep4 = node::vtep(&mut r, &nl, &cfg, &uplink, false).await;
+    // Each family's VXLAN device; the checksum offload bug is one of VXLAN over IPv4.
+    let mut vteps = [None, None];
+    for (v6, on) in [(false, cfg.ipv4.is_some()), (true, cfg.ipv6.is_some())] {
+        if vxlan && on {
+            vteps[usize::from(v6)] = node::vtep(&mut r, &nl, &cfg, &uplink, v6).await;
+        }
     }
     let mut devices = vec![uplink.name.as_str(), "cni0"];
-    let vtep_name = crate::backend::vxlan::device_name(cfg.backend.vni, false);
-    if vtep4.is_some() {
-        node::checksum_offload(&mut r, &vtep_name);
-        devices.push(&vtep_name);
+    if let Some(v) = &vteps[0] {
+        node::checksum_offload(&mut r, &v.name);
+        devices.push(&v.name);
     }
     node::kernel(&mut r, proc, &cfg, &devices);
     let links = nl.links().await.unwrap_or_default();
@@ -189,178 +187,7 @@ pub async fn diagnose(opts: &Opts, ipam_dir: &Path, proc: &Path) -> Report {
     node::ip_store(&mut r, ipam_dir, &env, &links);
     node::firewall(&mut r, &cfg, opts);
 
-    // The peers: kernel entries against the leases, then probes.
-    let own = env.subnet.map(|s| s.network()).or(env.ipv6_subnet.map(|s| s.network()));
-    let mut table = PeerTable::default();
-    let _ = table.apply(LeaseEvent::Snapshot(leases), None);
-    let Some(config) = cfg.ipv4.clone() else {
-        r.ok("peers", "IPv6-only network: per-peer checks cover IPv4 (not probed here)");
-        r.conclude();
-        return r;
-    };
-    let Some(fam) = FamilyNet::v4(config, &uplink) else {
-        r.conclude();
-        return r;
-    };
-    let mode = match (vxlan, &vtep4) {
-        (true, Some(v)) => Mode::Vxlan {
-            vtep: v.index,
-            uplink: uplink.index,
-            direct_on: if cfg.backend.direct_routing { fam.nets.first().copied() } else { None },
-        },
-        (true, None) => {
-            r.conclude();
-            return r;
-        }
-        (false, _) => Mode::HostGw { uplink: uplink.index },
-    };
-    let refuse = |ip: IpAddr| if vxlan { None } else { HostGw.refuse(&fam, &uplink, ip) };
-    let (mut peers, skipped) = table.for_family(&fam, cfg.backend.kind.as_str(), refuse);
-    peers.retain(|p| Some(p.subnet) != own);
-    for (subnet, why) in skipped.iter().filter(|(s, _)| Some(*s) != own) {
-        r.peer_problems.push(PeerProblem {
-            subnet: subnet.to_string(),
-            public_ip: table.get(subnet).map(|k| k.lease.attrs.public_ip.to_string()).unwrap_or_default(),
-            level: Level::Warn,
-            problem: "cannot be programmed".into(),
-            detail: why.clone(),
-            fix: "see the reason; the agent logs it too".into(),
-        });
-    }
-    r.peers = peers.len() + skipped.len();
-    let state = Kernel::read(&nl, vtep4.as_ref().map(|v| v.index)).await;
-    let targets: Vec<Ipv4Addr> = peers.iter().map(|p| probe_target(&mode, p)).collect();
-    let answers = probe::probe(&targets, env.mtu);
-    if let Err(e) = &answers {
-        r.warn("probes", format!("no raw ICMP socket: {e}"), "run doctor with NET_RAW (the DaemonSet grants it)");
-    }
-    let port = cfg.backend.port;
-    for (i, p) in peers.iter().enumerate() {
-        let ip = p.public_ip.to_string();
-        let mut push = |problem: &str, detail: String, fix: String| {
-            r.peer_problems.push(PeerProblem {
-                subnet: p.subnet.to_string(),
-                public_ip: ip.clone(),
-                level: Level::Fail,
-                problem: problem.into(),
-                detail,
-                fix,
-            })
-        };
-        let wrong = state.mismatches(&mode, p);
-        if !wrong.is_empty() {
-            push(
-                "kernel entries do not match its lease",
-                wrong.join("; "),
-                "the agent repairs these within seconds: if it is stopped, start it (a stale VtepMAC means the peer was reinstalled while this agent was down)".into(),
-            );
-            continue;
-        }
-        let Ok(answers) = &answers else { continue };
-        let a = answers[i];
-        let t = targets[i];
-        if !a.small {
-            let (problem, fix) = if matches!(mode, Mode::Vxlan { .. }) && !direct(&mode, p) {
-                (
-                    "no answer through the VXLAN tunnel",
-                    format!("allow UDP {port} between the nodes (both ways); run flanneld doctor on {ip}"),
-                )
-            } else {
-                (
-                    "no answer via its address",
-                    "the node must be on this L2 network and forward pod traffic; run flanneld doctor there".into(),
-                )
-            };
-            push(problem, format!("ping {t}"), fix);
-        } else if !a.full {
-            let why =
-                if a.full_too_big_here { "this node's route to it is smaller" } else { "the path's MTU is smaller" };
-            push(
-                &format!("{}-byte packets with DF do not arrive", env.mtu),
-                format!("{why}; small ones do (ping {t})"),
-                "set Backend.MTU in net-conf.json to the underlay's real MTU (the VTEP gets MTU - 50) and restart the agents, or raise the underlay's MTU".into(),
-            );
-        }
-    }
-    let failing: std::collections::HashSet<&str> =
-        r.peer_problems.iter().filter(|p| p.level == Level::Fail).map(|p| p.subnet.as_str()).collect();
-    r.peers_ok = peers.iter().filter(|p| !failing.contains(p.subnet.to_string().as_str())).count();
+    peer::check(&mut r, &nl, &cfg, &uplink, &env, [vteps[0].as_ref(), vteps[1].as_ref()], leases).await;
     r.conclude();
     r
-}
-
-fn direct(mode: &Mode, p: &Peer) -> bool {
-    matches!(mode, Mode::Vxlan { direct_on: Some(n), .. } if n.contains(p.public_ip))
-}
-
-/// Where a peer answers through our data path: its VTEP's `<subnet>.0` over
-/// VXLAN, its cni0 gateway `<subnet>.1` over a plain route.
-fn probe_target(mode: &Mode, p: &Peer) -> Ipv4Addr {
-    let off = if matches!(mode, Mode::Vxlan { .. }) && !direct(mode, p) { 0 } else { 1 };
-    match p.subnet.nth(off) {
-        Some(IpAddr::V4(a)) => a,
-        _ => Ipv4Addr::UNSPECIFIED,
-    }
-}
-
-/// The kernel's routes, ARP and FDB entries as the agent programs them.
-struct Kernel {
-    routes: Vec<Route>,
-    neighbours: Vec<(IpAddr, [u8; 6])>,
-    fdb: Vec<([u8; 6], IpAddr)>,
-}
-
-impl Kernel {
-    async fn read(nl: &Netlink, vtep: Option<u32>) -> Kernel {
-        let routes = nl.routes(true, Some(RT_TABLE_MAIN)).await.unwrap_or_default();
-        let routes = routes.into_iter().filter(|r| r.protocol == RTPROT_FLANNEL).collect();
-        let (mut neighbours, mut fdb) = (Vec::new(), Vec::new());
-        if let Some(v) = vtep {
-            for n in nl.neighbours(v, false).await.unwrap_or_default() {
-                if let (Some(ip), Some(mac), true) = (n.ip, n.mac, n.permanent) {
-                    neighbours.push((ip, mac));
-                }
-            }
-            for n in nl.neighbours(v, true).await.unwrap_or_default() {
-                if let (Some(ip), Some(mac)) = (n.ip, n.mac) {
-                    fdb.push((mac, ip));
-                }
-            }
-        }
-        Kernel { routes, neighbours, fdb }
-    }
-
-    /// What of the peer's desired entries (the reconciler's own) the kernel lacks.
-    fn mismatches(&self, mode: &Mode, p: &Peer) -> Vec<String> {
-        let want = reconcile::desired(mode, std::slice::from_ref(p));
-        let mac = |m: &[u8; 6]| flannel_shared::netlink::format_mac(m);
-        let mut out = Vec::new();
-        for r in &want.routes {
-            if !self.routes.iter().any(|h| reconcile::same_route(h, r)) {
-                let have = self.routes.iter().find(|h| h.dst == r.dst);
-                out.push(match have {
-                    Some(h) => format!("route to {} via {:?} (want via {:?})", r.dst, h.gateway, r.gateway),
-                    None => format!("no route to {}", r.dst),
-                });
-            }
-        }
-        for (ip, m) in &want.neighbours {
-            match self.neighbours.iter().find(|(i, _)| i == ip) {
-                Some((_, have)) if have == m => {}
-                Some((_, have)) => out.push(format!("ARP {ip} -> {} (its lease says {})", mac(have), mac(m))),
-                None => out.push(format!("no ARP entry for {ip}")),
-            }
-        }
-        for (m, dst) in &want.fdb {
-            if !self.fdb.iter().any(|(hm, hd)| hm == m && hd == dst) {
-                out.push(format!("no FDB entry {} -> {dst}", mac(m)));
-            }
-        }
-        out
-    }
-}
-
-/// Used by tests: the peers doctor would check and their probe targets.
-pub fn targets_for(mode: &Mode, peers: &[Peer]) -> Vec<(IpNet, Ipv4Addr)> {
-    peers.iter().map(|p| (p.subnet, probe_target(mode, p))).collect()
 }

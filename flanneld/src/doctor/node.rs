@@ -340,55 +340,81 @@ pub fn firewall(r: &mut Report, cfg: &NetConfig, opts: &Opts) {
         }
         return;
     }
-    let save = |table: &str| -> Option<String> {
-        let o = std::process::Command::new("iptables-save").args(["-t", table]).output().ok()?;
+    // Each family of the network has its own tables (IPv6 in ip6tables).
+    let save = |bin: &str, table: &str| -> Option<String> {
+        let o = std::process::Command::new(bin).args(["-t", table]).output().ok()?;
         Some(String::from_utf8_lossy(&o.stdout).into_owned())
     };
-    let (Some(filter), Some(nat)) = (save("filter"), save("nat")) else {
-        r.warn("firewall", "iptables-save not available", "install iptables");
-        return;
-    };
+    let mut fams = Vec::new();
+    for (bin, f) in [("iptables", &cfg.ipv4), ("ip6tables", &cfg.ipv6)] {
+        let Some(f) = f else { continue };
+        let save_bin = format!("{bin}-save");
+        let (Some(filter), Some(nat)) = (save(&save_bin, "filter"), save(&save_bin, "nat")) else {
+            r.warn("firewall", format!("{save_bin} not available"), "install iptables");
+            return;
+        };
+        fams.push((bin, f.network, filter, nat));
+    }
+    let dual = fams.len() > 1;
+    // "(ip6tables)" after evidence of IPv6 rules; nothing for IPv4 alone, as before.
+    let which = |bin: &str| if bin == "ip6tables" || dual { format!(" ({bin})") } else { String::new() };
     let port = cfg.backend.port.to_string();
-    let drops: Vec<&str> = filter
-        .lines()
-        .filter(|l| l.starts_with("-A INPUT ") || l.starts_with("-A OUTPUT "))
-        .filter(|l| {
-            l.contains("-p udp")
-                && l.contains(&format!("--dport {port}"))
-                && (l.contains("-j DROP") || l.contains("-j REJECT"))
-        })
-        .collect();
-    if cfg.backend.kind == BackendType::Vxlan && !drops.is_empty() {
-        r.fail(
-            "firewall: VXLAN port",
-            format!("UDP {port} is dropped here: {}", drops.join(" | ")),
-            &format!("remove the rule (iptables -D {})", drops[0].trim_start_matches("-A ")),
+    let mut drops: Vec<(String, &str)> = Vec::new();
+    for (bin, _, filter, _) in &fams {
+        drops.extend(
+            filter
+                .lines()
+                .filter(|l| l.starts_with("-A INPUT ") || l.starts_with("-A OUTPUT "))
+                .filter(|l| {
+                    l.contains("-p udp")
+                        && l.contains(&format!("--dport {port}"))
+                        && (l.contains("-j DROP") || l.contains("-j REJECT"))
+                })
+                .map(|l| (l.to_string(), *bin)),
         );
     }
-    let fwd_drop = filter.lines().any(|l| l.starts_with(":FORWARD DROP"));
-    let ours = filter.lines().any(|l| l == "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD");
-    match (fwd_drop, ours) {
-        (true, false) => r.fail(
-            "firewall: FORWARD",
-            "policy DROP and flannel's accept rules are not there: pod traffic between nodes is dropped",
-            "run the agent with --iptables-forward-rules=true (the default), or accept the cluster network in FORWARD",
-        ),
-        (true, true) => r.ok("firewall: FORWARD", "policy DROP, flannel's FLANNEL-FWD accepts the cluster network"),
-        _ => r.ok("firewall: FORWARD", "policy ACCEPT"),
+    if cfg.backend.kind == BackendType::Vxlan && !drops.is_empty() {
+        let shown: Vec<String> = drops.iter().map(|(l, bin)| format!("{l}{}", which(bin))).collect();
+        r.fail(
+            "firewall: VXLAN port",
+            format!("UDP {port} is dropped here: {}", shown.join(" | ")),
+            &format!("remove the rule ({} -D {})", drops[0].1, drops[0].0.trim_start_matches("-A ")),
+        );
+    }
+    for (bin, _, filter, _) in &fams {
+        let fwd_drop = filter.lines().any(|l| l.starts_with(":FORWARD DROP"));
+        let ours = filter.lines().any(|l| l == "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD");
+        match (fwd_drop, ours) {
+            (true, false) => r.fail(
+                "firewall: FORWARD",
+                format!(
+                    "policy DROP and flannel's accept rules are not there{}: pod traffic between nodes is dropped",
+                    which(bin)
+                ),
+                "run the agent with --iptables-forward-rules=true (the default), or accept the cluster network in FORWARD",
+            ),
+            (true, true) => r.ok(
+                "firewall: FORWARD",
+                format!("policy DROP, flannel's FLANNEL-FWD accepts the cluster network{}", which(bin)),
+            ),
+            _ => r.ok("firewall: FORWARD", format!("policy ACCEPT{}", which(bin))),
+        }
     }
     if opts.ip_masq {
-        if nat.lines().any(|l| l.starts_with("-A POSTROUTING ") && l.contains("-j FLANNEL-POSTRTG")) {
-            r.ok("firewall: masquerade", "FLANNEL-POSTRTG in place");
-        } else {
-            r.fail(
-                "firewall: masquerade",
-                "--ip-masq is on but FLANNEL-POSTRTG is not jumped to from POSTROUTING",
-                "check the agent's log for iptables errors",
-            );
+        for (bin, _, _, nat) in &fams {
+            if nat.lines().any(|l| l.starts_with("-A POSTROUTING ") && l.contains("-j FLANNEL-POSTRTG")) {
+                r.ok("firewall: masquerade", format!("FLANNEL-POSTRTG in place{}", which(bin)));
+            } else {
+                r.fail(
+                    "firewall: masquerade",
+                    format!("--ip-masq is on but FLANNEL-POSTRTG is not jumped to from POSTROUTING{}", which(bin)),
+                    "check the agent's log for iptables errors",
+                );
+            }
         }
     }
     // Someone else's MASQUERADE of the whole pod network rewrites pod-to-pod sources.
-    if let Some(net) = cfg.ipv4.as_ref().map(|f| f.network) {
+    for (bin, net, _, nat) in &fams {
         let foreign: Vec<&str> = nat
             .lines()
             .take_while(|l| !l.contains("-j FLANNEL-POSTRTG"))
@@ -402,8 +428,12 @@ pub fn firewall(r: &mut Report, cfg: &NetConfig, opts: &Opts) {
         if !foreign.is_empty() {
             r.fail(
                 "firewall: foreign masquerade",
-                format!("{} masquerades pod-to-pod traffic (peers see this node's address, not the pod's)", foreign[0]),
-                &format!("remove it: iptables -t nat -D {}", foreign[0].trim_start_matches("-A ")),
+                format!(
+                    "{}{} masquerades pod-to-pod traffic (peers see this node's address, not the pod's)",
+                    foreign[0],
+                    which(bin)
+                ),
+                &format!("remove it: {bin} -t nat -D {}", foreign[0].trim_start_matches("-A ")),
             );
         }
     }
