@@ -534,7 +534,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
                 Mode::Vxlan { vtep, .. } => Some(vtep),
                 Mode::HostGw { .. } => None,
             };
-            match reconcile::apply_family(&self.k, &want, vtep, !fam.v6).await {
+            match reconcile::apply_family(&self.k, &want, vtep, !fam.v6, self.peers.listed()).await {
                 Ok(done) => {
                     let changes = done.routes_added
                         + done.routes_removed

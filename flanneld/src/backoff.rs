@@ -1,5 +1,5 @@
-//! Retry delays: backon's exponential backoff (already in the tree through
-//! kube-runtime), as a resettable iterator the agent's loop can poll.
+//! Retry delays: backon's exponential backoff, as a resettable iterator the
+//! agent's loop and the Node watch poll.
 
 use std::time::Duration;
 

@@ -130,17 +130,21 @@ where
 /// that use them, and stale routes go before the entries they used, so a
 /// packet never follows a route to a half-programmed peer.
 pub async fn apply<K: Kernel>(nl: &K, want: &Desired, vtep: Option<u32>) -> Result<Applied, NetlinkError> {
-    apply_family(nl, want, vtep, true).await
+    apply_family(nl, want, vtep, true, true).await
 }
 
 /// [`apply`] for one address family: only routes of that family are read,
 /// added or removed (a dual-stack agent runs one pass per family, each with
-/// its own VTEP).
+/// its own VTEP). Without `prune`, entries `want` lacks are left alone: before
+/// the first full lease listing, `want` is only part of the peers (none at all
+/// right after a restart), and what the previous run programmed must keep
+/// carrying traffic until the listing says it is stale.
 pub async fn apply_family<K: Kernel>(
     nl: &K,
     want: &Desired,
     vtep: Option<u32>,
     v4: bool,
+    prune: bool,
 ) -> Result<Applied, NetlinkError> {
     let mut done = Applied::default();
 
@@ -185,6 +189,9 @@ pub async fn apply_family<K: Kernel>(
         }
     }
     done.routes_added = pipelined(todo.into_iter().map(|r| nl.replace_route(r))).await?;
+    if !prune {
+        return Ok(done);
+    }
     // A replace above already swapped any owned route with the same destination;
     // what remains stale is an owned route whose lease is gone.
     let wanted_dsts: HashSet<IpNet> = want.routes.iter().map(|r| r.dst).collect();

@@ -146,8 +146,11 @@ fn peers_from_the_node_watch_including_errors() {
             json!({"apiVersion":"v1","kind":"NodeList","metadata":{"resourceVersion": rv.to_string()},"items": items})
         };
         let server = tokio::spawn(async move {
+            // The listing reads the watch cache whole, as upstream's informer:
+            // `resourceVersion=0` and no `limit` (the server would ignore it) or `continue`.
             let (req, send) = next(&mut h).await;
-            assert!(!req.uri().query().unwrap_or_default().contains("watch=true"), "{}", req.uri());
+            assert_eq!((req.method(), req.uri().path()), (&Method::GET, "/api/v1/nodes"));
+            assert_eq!(req.uri().query(), Some("resourceVersion=0"), "{}", req.uri());
             respond(
                 send,
                 200,
@@ -176,9 +179,10 @@ fn peers_from_the_node_watch_including_errors() {
             assert!(q.contains("watch=true") && q.contains("resourceVersion=103"), "{q}");
             let gone = json!({"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Expired","message":"too old resource version: 103 (200)","code":410}});
             send.send_response(Response::builder().body(Body::from(format!("{gone}\n").into_bytes())).unwrap());
-            // So it lists again.
+            // So it lists again, the latest state this time (no resourceVersion: the
+            // cache may be behind the version that expired), as client-go's reflector.
             let (req, send) = next(&mut h).await;
-            assert!(!req.uri().query().unwrap_or_default().contains("watch=true"), "{}", req.uri());
+            assert_eq!((req.uri().path(), req.uri().query()), ("/api/v1/nodes", None), "{}", req.uri());
             respond(
                 send,
                 200,
@@ -206,6 +210,41 @@ fn peers_from_the_node_watch_including_errors() {
         let LeaseEvent::Snapshot(all) = recv(&mut rx).await else { panic!("expected a re-list after 410") };
         assert_eq!(all.len(), 2);
         assert!(metrics.watch_restarts.get() >= 1);
+        server.abort();
+    });
+}
+
+/// A listing that breaks off (a truncated body) or is refused is not a
+/// snapshot: nothing reaches the agent until a whole one arrives, after a backoff.
+#[test]
+fn broken_listings_are_retried_and_never_half_reported() {
+    rt().block_on(async {
+        let (m, mut h) = setup();
+        let metrics = Arc::new(Metrics::default());
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = m.spawn_watch(tx, metrics.clone());
+        let server = tokio::spawn(async move {
+            let good = json!({"apiVersion":"v1","kind":"NodeList","metadata":{"resourceVersion":"50"},"items":[
+                node("node1", 40, Some("10.244.1.0/24"), Some("0e:00:00:00:00:01"), "192.0.2.1"),
+                node("node2", 41, Some("10.244.2.0/24"), Some("0e:00:00:00:00:02"), "192.0.2.2"),
+            ]})
+            .to_string();
+            let (_, send) = next(&mut h).await;
+            let cut = good[..good.len() / 2 + 40].to_string();
+            send.send_response(Response::builder().body(Body::from(cut.into_bytes())).unwrap());
+            let (_, send) = next(&mut h).await;
+            respond(send, 500, &json!({"kind":"Status","apiVersion":"v1","status":"Failure","message":"etcdserver: request timed out","code":500}));
+            let (req, send) = next(&mut h).await;
+            assert_eq!(req.uri().query(), Some("resourceVersion=0"), "{}", req.uri());
+            send.send_response(Response::builder().body(Body::from(good.into_bytes())).unwrap());
+            let (req, _held) = next(&mut h).await;
+            assert!(req.uri().query().unwrap_or_default().contains("resourceVersion=50"), "{}", req.uri());
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let LeaseEvent::Snapshot(all) = recv(&mut rx).await else { panic!("the first event must be a whole snapshot") };
+        assert_eq!(all.len(), 2);
+        assert_eq!(metrics.watch_restarts.get(), 2, "two failed listings");
+        assert!(rx.try_recv().is_err());
         server.abort();
     });
 }

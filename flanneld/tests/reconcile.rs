@@ -174,16 +174,16 @@ fn ipv6_passes_settle() {
             })
             .collect();
         let want = desired(&Mode::HostGw { uplink }, &peers);
-        let done = apply_family(&nl, &want, None, false).await.unwrap();
+        let done = apply_family(&nl, &want, None, false, true).await.unwrap();
         assert_eq!(done.routes_added, 2);
-        let again = apply_family(&nl, &want, None, false).await.unwrap();
+        let again = apply_family(&nl, &want, None, false, true).await.unwrap();
         assert!(again.is_noop(), "{again:?}: {}", node.ip(&["-6", "route"]));
 
         let vtep = vtep(&nl, "flannel-v6.1", "2001:db8::1", uplink).await;
         let want = desired(&Mode::Vxlan { vtep, uplink, direct_on: None }, &peers);
-        let done = apply_family(&nl, &want, Some(vtep), false).await.unwrap();
+        let done = apply_family(&nl, &want, Some(vtep), false, true).await.unwrap();
         assert_eq!((done.routes_added, done.neighbours_set, done.fdb_set), (2, 2, 2));
-        let again = apply_family(&nl, &want, Some(vtep), false).await.unwrap();
+        let again = apply_family(&nl, &want, Some(vtep), false, true).await.unwrap();
         assert!(again.is_noop(), "{again:?}: {}", node.ip(&["-6", "route"]));
     });
 }

@@ -687,3 +687,37 @@ fn host_gw_peer_change_is_incremental() {
         assert_eq!(bed.metrics.reconcile_runs.get(), runs + 1);
     });
 }
+
+/// A restarted agent runs a pass before its first lease listing (the periodic
+/// tick fires at once, and a big listing takes a while): it must not take away
+/// what the previous run programmed, which carries the node's traffic until
+/// the listing says what is stale. Then the listing prunes exactly that.
+#[test]
+fn a_restart_keeps_every_entry_until_the_first_listing_prunes_the_stale_ones() {
+    rt().block_on(async {
+        let bed = Bed::new();
+        let mgr = FakeManager::granting(&["10.244.7.0/24"]);
+        let mut a = bed.vxlan(&mgr).await;
+        a.on_event(LeaseEvent::Snapshot(vec![
+            peer("10.244.2.0/24", "192.0.2.2", 2),
+            peer("10.244.3.0/24", "192.0.2.3", 3),
+        ]));
+        a.reconcile().await;
+        let programmed = bed.kernel.routes_by(RTPROT_FLANNEL);
+        assert_eq!(programmed.len(), 2);
+        let counts = || bed.kernel.with(|s| (s.neighbours.len(), s.fdb.len()));
+        assert_eq!(counts(), (2, 2));
+        drop(a);
+
+        let mut b = bed.vxlan(&mgr).await;
+        b.reconcile().await;
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL), programmed, "routes kept before the listing");
+        assert_eq!(counts(), (2, 2), "ARP and FDB entries kept before the listing");
+        // 10.244.2.0/24 left while the agent was down.
+        b.on_event(LeaseEvent::Snapshot(vec![peer("10.244.3.0/24", "192.0.2.3", 3)]));
+        b.reconcile().await;
+        let dev = bed.kernel.link("flannel.1").unwrap().index;
+        assert_eq!(bed.kernel.routes_by(RTPROT_FLANNEL), [format!("10.244.3.0/24 via 10.244.3.0 dev {dev} onlink")]);
+        assert_eq!(counts(), (1, 1));
+    });
+}

@@ -9,19 +9,18 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
 use kube::{Client, Config};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use flannel_shared::lease::{Lease, LeaseAttrs};
+use flannel_shared::lease::LeaseAttrs;
 
 mod node;
+mod split;
+pub mod watch;
 
 pub use node::{NodeView, PeerNode, lease_key_of, node_lease, pod_cidr, pod_cidr_of};
 
@@ -29,22 +28,6 @@ use super::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
 use crate::backend::PublicIps;
 use crate::config::Opts;
 use crate::metrics::Metrics;
-
-/// Nodes per page of the peer listing. kube-rs holds a page's body twice while
-/// decoding it (bytes and text), and a real Node is ~6 KB. At 5,000 Nodes
-/// (`e2e scale --kube`) the agent peaked at 28 MB with 500 a page (the
-/// default) and 20 MB with 100; 50 saved nothing more. 50 round trips instead
-/// of 10 cost no measurable time there.
-///
-/// Not the watch cache's whole list (`resourceVersion=0`, as upstream's informer
-/// lists), measured against the real kube-apiserver with 5,000 Nodes of 8.5 KB, both
-/// builds twice in one run (`e2e scale --kube-only --peers 5000 --also-agent ...`): its
-/// one 43.5 MB response took start-up to every kernel entry from 1.39-1.51 s (these
-/// pages) to 1.18-1.19 s, but peak RSS from 20.6-20.9 MB to 96 MB (the body, its copy
-/// as text and the decoded list at once); upstream v0.21.5 there: 3.03-3.19 s, 192-223
-/// MB. Nor `any_semantic()` with a page size: kube-core sends no `resourceVersion=0`
-/// when a `limit` is set, so that lists exactly as this does.
-const PAGE_SIZE: u32 = 100;
 
 fn api_err(what: &str, e: impl std::fmt::Display) -> SubnetError {
     SubnetError::Store(format!("{what}: {e}"))
@@ -208,57 +191,10 @@ impl KubeManager {
 }
 
 impl SubnetManager for KubeManager {
-    /// Starts the Node watcher: kube-runtime's watcher with its default backoff.
-    /// Every (re)listing is reported whole once complete; single changes in
-    /// between as the Node itself says (a Node without a lease is reported
-    /// removed by its podCIDR, which never changes once set), so no map of
-    /// what was reported is kept. kube-runtime's reflector store would hold
-    /// every peer Node besides the agent's leases: measured at 5,000 Nodes
-    /// (`e2e scale --kube`) it took peak RSS from 20.0 to 28.4 MB, so the
-    /// listing is buffered as leases instead.
+    /// Starts the Node list and watch ([`watch::run`]): every (re)listing is
+    /// reported whole once complete, single changes in between.
     fn spawn_watch(&self, tx: mpsc::Sender<LeaseEvent>, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
-        // Peers are read as `PeerNode`s: name, annotations and pod CIDRs only.
-        let api: Api<PeerNode> = Api::all(self.client.clone());
-        let keys = self.keys.clone();
-        tokio::spawn(async move {
-            let stream = watcher::watcher(api, watcher::Config::default().page_size(PAGE_SIZE)).default_backoff();
-            let mut stream = std::pin::pin!(stream);
-            // The leases of the listing in progress.
-            let mut listing: Vec<Lease> = Vec::new();
-            while let Some(ev) = stream.next().await {
-                let out = match ev {
-                    Ok(Event::Init) => {
-                        listing.clear();
-                        continue;
-                    }
-                    Ok(Event::InitApply(n)) => {
-                        listing.extend(node_lease(&n, &keys));
-                        continue;
-                    }
-                    Ok(Event::InitDone) => LeaseEvent::Snapshot(std::mem::take(&mut listing)),
-                    Ok(Event::Apply(n)) => match node_lease(&n, &keys) {
-                        Some(l) => LeaseEvent::Added(l),
-                        None => match lease_key_of(&n) {
-                            Some(s) => LeaseEvent::Removed(s),
-                            None => continue,
-                        },
-                    },
-                    Ok(Event::Delete(n)) => match lease_key_of(&n) {
-                        Some(s) => LeaseEvent::Removed(s),
-                        None => continue,
-                    },
-                    Err(e) => {
-                        // The watcher re-lists by itself after the backoff; routes stay as they are meanwhile.
-                        metrics.watch_restarts.inc();
-                        warn!("watching nodes: {e}; resuming after a backoff");
-                        continue;
-                    }
-                };
-                if tx.send(out).await.is_err() {
-                    return;
-                }
-            }
-        })
+        tokio::spawn(watch::run(self.client.clone(), self.keys.clone(), tx, metrics))
     }
 
     async fn network_config(&mut self) -> Result<String, SubnetError> {
