@@ -11,8 +11,7 @@ use flannel_shared::netlink::{Idempotent, NetlinkError, RT_TABLE_MAIN, Route};
 
 use crate::kernel::Kernel;
 
-/// `rtm_protocol` of the routes flanneld installs (`ip route show proto 76`).
-pub const RTPROT_FLANNEL: u8 = 76;
+pub use flannel_shared::netlink::RTPROT_FLANNEL;
 
 /// What the backends need to know of a peer's lease.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -19,10 +19,10 @@ use tokio::task::JoinHandle;
 use tracing::{trace, warn};
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{KernelEvent, Monitor};
+use flannel_shared::netlink::{KernelEvent, Monitor, RTPROT_FLANNEL};
 
 use crate::metrics::Metrics;
-use crate::reconcile::{Echo, RTPROT_FLANNEL};
+use crate::reconcile::Echo;
 
 /// How long an announced echo of our own write is waited for.
 pub const ECHO_TTL: Duration = Duration::from_secs(2);
