@@ -72,8 +72,11 @@ impl SubnetManager for FakeManager {
             None => Ok(lease_for(lease.subnet, &lease.attrs, Duration::from_secs(48 * 3600))),
         }
     }
-    async fn previous_vtep_mac(&mut self, _public_ip: std::net::IpAddr, _v6: bool) -> Option<String> {
-        self.store.borrow().previous_mac.clone()
+    async fn previous_lease(&mut self, _public_ip: std::net::IpAddr) -> Option<LeaseAttrs> {
+        let mac = self.store.borrow().previous_mac.clone()?;
+        let mut l = peer("10.244.9.0/24", "192.0.2.1", 0).attrs;
+        l.backend_data = serde_json::json!({"VNI": 1, "VtepMAC": mac});
+        Some(l)
     }
     fn spawn_watch(&self, _tx: mpsc::Sender<LeaseEvent>, _metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async {})

@@ -90,7 +90,9 @@ impl Backend for Vxlan {
         let spec = self.spec(fam, uplink)?;
         // A device that is gone (node rebuilt) comes back with the MAC peers already know.
         let mac = if k.link_by_name(&spec.name).await?.is_none() {
-            mgr.previous_vtep_mac(fam.public_ip, fam.v6).await.and_then(|m| parse_mac(&m))
+            let before = mgr.previous_lease(fam.public_ip).await;
+            let data = before.and_then(|a| if fam.v6 { a.backend_v6_data } else { Some(a.backend_data) });
+            data.and_then(|d| serde_json::from_value::<VxlanData>(d).ok()).and_then(|d| parse_mac(&d.vtep_mac))
         } else {
             None
         };

@@ -316,15 +316,14 @@ impl SubnetManager for EtcdManager {
         Err(store_err("could not claim a subnet after 16 attempts (heavy contention)"))
     }
 
-    async fn previous_vtep_mac(&mut self, public_ip: IpAddr, v6: bool) -> Option<String> {
+    async fn previous_lease(&mut self, public_ip: IpAddr) -> Option<LeaseAttrs> {
         let prefix = self.subnets_prefix();
         let (leases, _) = list(&mut self.client, &prefix).await.ok()?;
         let ours = |l: &Lease| match public_ip {
             IpAddr::V4(ip) => l.attrs.public_ip == ip,
             IpAddr::V6(ip) => l.attrs.public_ipv6 == Some(ip),
         };
-        let l = &leases.iter().find(|(l, _)| ours(l))?.0;
-        if v6 { l.vxlan_v6_data() } else { l.vxlan_data() }.map(|d| d.vtep_mac)
+        leases.into_iter().map(|(l, _)| l).find(ours).map(|l| l.attrs)
     }
 
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError> {

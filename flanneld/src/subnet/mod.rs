@@ -93,9 +93,10 @@ pub trait SubnetManager {
     async fn acquire(&mut self, claim: &Claim<'_>) -> Result<OwnLease, SubnetError>;
     /// Extends the lease; `LeaseLost` when it no longer exists.
     async fn renew(&mut self, lease: &OwnLease) -> Result<OwnLease, SubnetError>;
-    /// The VtepMAC this node advertised before (for the IPv6 VTEP when `v6`),
-    /// so a rebuilt VXLAN device keeps it.
-    async fn previous_vtep_mac(&mut self, public_ip: IpAddr, v6: bool) -> Option<String>;
+    /// What this node (known by its public address) advertised before, so a
+    /// backend that rebuilds its device can keep what peers know of it (vxlan:
+    /// its VtepMAC). Each backend reads its own part.
+    async fn previous_lease(&mut self, public_ip: IpAddr) -> Option<LeaseAttrs>;
     /// Public addresses stored for this node outside the flags (Kubernetes: our
     /// Node's `node-public-ip` / `node-public-ipv6` annotations); they pick the
     /// uplink and are advertised, as upstream's `GetStoredPublicIP`.

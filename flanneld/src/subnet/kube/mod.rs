@@ -207,11 +207,10 @@ impl SubnetManager for KubeManager {
         })
     }
 
-    async fn previous_vtep_mac(&mut self, _public_ip: IpAddr, v6: bool) -> Option<String> {
+    /// What our Node's annotations say (the public address is our Node's name here).
+    async fn previous_lease(&mut self, _public_ip: IpAddr) -> Option<LeaseAttrs> {
         let node = self.nodes().get(&self.node).await.ok()?;
-        let key = if v6 { &self.keys.backend_v6_data } else { &self.keys.backend_data };
-        let data: Value = serde_json::from_str(node.annotation(key)?).ok()?;
-        data.get("VtepMAC")?.as_str().map(String::from)
+        node_lease(&node, &self.keys).map(|l| l.attrs)
     }
 
     async fn stored_public_ips(&mut self) -> PublicIps {
