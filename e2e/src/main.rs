@@ -6,6 +6,7 @@
 //! uplink, and a Service answered by a pod on another node.
 //!
 //! `e2e down` removes what `--keep` (or an interrupted run) left behind.
+//! `e2e doctor-scale` times `flanneld doctor` against thousands of peers.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -16,6 +17,7 @@ use e2e::kubeproxy::{self, Service};
 
 mod compare;
 mod cri_bench;
+mod doctor_scale;
 mod scale;
 
 /// Every demo namespace starts with this, so `down` can find them.
@@ -242,11 +244,12 @@ fn main() {
         },
         Some("down") => down(),
         Some("scale") => scale::run(args),
+        Some("doctor-scale") => doctor_scale::run(args),
         Some("cri-bench") => cri_bench::run(args),
         Some("compare-upstream") => compare::run(args),
         _ => {
             eprintln!(
-                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube] [--churn 20 --duration 40] (more: e2e scale --help)\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
+                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube] [--churn 20 --duration 40] (more: e2e scale --help)\n       e2e doctor-scale [--peers 5000] [--runs 3]\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
             );
             std::process::exit(2);
         }

@@ -40,10 +40,16 @@ pub struct DoctorArgs {
     /// The same report as JSON, for tools.
     #[arg(long)]
     pub json: bool,
+    /// List every peer with a problem in the table (without it, the first 20; the verdict counts all).
+    #[arg(long)]
+    pub all_peers: bool,
     /// The plugin's IP store of this network (the conflist's `ipam.dataDir`/<name>).
     #[arg(long, default_value = "/var/lib/cni/networks/cbr0")]
     pub ipam_dir: std::path::PathBuf,
 }
+
+/// Peers with problems the table lists unless `--all-peers`.
+const PEER_LINES: usize = 20;
 
 /// Runs every check and prints the report; returns the exit code.
 pub async fn run(args: DoctorArgs) -> u8 {
@@ -53,7 +59,7 @@ pub async fn run(args: DoctorArgs) -> u8 {
     } else {
         // SAFETY: isatty only inspects the descriptor.
         let colour = unsafe { libc::isatty(1) } == 1;
-        print!("{}", report.render(colour));
+        print!("{}", report.render(colour, if args.all_peers { usize::MAX } else { PEER_LINES }));
     }
     report.exit_code()
 }

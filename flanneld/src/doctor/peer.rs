@@ -14,7 +14,7 @@ use flannel_shared::netlink::{Link, Netlink, RT_TABLE_MAIN, Route};
 use flannel_shared::subnet_env::SubnetEnv;
 
 use super::probe::{self, Target};
-use super::report::{Level, PeerProblem, Report};
+use super::report::{self, Level, PeerProblem, Report};
 use crate::backend::hostgw::HostGw;
 use crate::backend::{Backend, FamilyNet, Uplink};
 use crate::peers::PeerTable;
@@ -106,6 +106,7 @@ pub async fn check(
     let started = Instant::now();
     let answers = probe::probe(&targets);
     let took = started.elapsed();
+    r.probe_seconds = Some(took.as_secs_f64());
     match &answers {
         Err(e) => r.warn(
             "peer probes",
@@ -118,14 +119,15 @@ pub async fn check(
             let families: Vec<String> = [(false, "IPv4"), (true, "IPv6")]
                 .iter()
                 .filter(|(v6, _)| families.iter().any(|f| f.v6 == *v6))
-                .map(|(v6, name)| format!("{} {name}", count(*v6)))
+                .map(|(v6, name)| format!("{} {name}", report::count(count(*v6))))
                 .collect();
             r.ok(
                 "peer probes",
                 format!(
-                    "{} address(es) echoed small and at {} bytes with DF: {answered} answered ({:.1} s)",
+                    "{} address(es) echoed small and at {} bytes with DF: {} answered ({:.1} s)",
                     families.join(" + "),
                     env.mtu,
+                    report::count(answered),
                     took.as_secs_f64()
                 ),
             );

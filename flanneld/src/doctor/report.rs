@@ -60,6 +60,9 @@ pub struct Report {
     pub peers: usize,
     pub peers_ok: usize,
     pub peer_problems: Vec<PeerProblem>,
+    /// How long the peer probes took (most of a run with many silent peers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_seconds: Option<f64>,
     pub verdict: String,
 }
 
@@ -102,17 +105,18 @@ impl Report {
                 None => by_problem.push((p.problem.clone(), vec![&p.public_ip])),
             }
         }
-        let mut v = format!("{} of {} peers reachable", self.peers_ok, self.peers);
+        let mut v = format!("{} of {} peers reachable", count(self.peers_ok), count(self.peers));
         for (problem, ips) in &by_problem {
             let shown: Vec<&str> = ips.iter().take(3).copied().collect();
-            let more = if ips.len() > 3 { format!(" and {} more", ips.len() - 3) } else { String::new() };
-            let _ = write!(v, "; {} fail: {problem} towards {}{more}", ips.len(), shown.join(", "));
+            let more = if ips.len() > 3 { format!(" and {} more", count(ips.len() - 3)) } else { String::new() };
+            let _ = write!(v, "; {} fail: {problem} towards {}{more}", count(ips.len()), shown.join(", "));
         }
         let _ = write!(v, "; {bad} node check(s) failing, {warn} warning(s)");
         self.verdict = format!("{}: {v}", self.worst().word());
     }
 
-    pub fn render(&self, colour: bool) -> String {
+    /// The table; at most `peer_lines` peers with problems are listed (the verdict counts them all).
+    pub fn render(&self, colour: bool, peer_lines: usize) -> String {
         let paint = |l: Level| {
             if colour { format!("{}{:<4}\x1b[0m", l.colour(), l.word()) } else { format!("{:<4}", l.word()) }
         };
@@ -125,16 +129,37 @@ impl Report {
             }
         }
         if !self.peer_problems.is_empty() {
-            let _ = writeln!(out, "\npeers with problems ({} of {}):", self.peer_problems.len(), self.peers);
-            for p in &self.peer_problems {
+            let (listed, all) = (self.peer_problems.len().min(peer_lines), self.peer_problems.len());
+            let _ = writeln!(out, "\npeers with problems ({} of {}):", count(all), count(self.peers));
+            for p in &self.peer_problems[..listed] {
                 let detail = if p.detail.is_empty() { String::new() } else { format!(" ({})", p.detail) };
                 let _ = writeln!(out, "{}  {} via {}: {}{detail}", paint(p.level), p.subnet, p.public_ip, p.problem);
                 let _ = writeln!(out, "      fix: {}", p.fix);
+            }
+            if listed < all {
+                let _ = writeln!(
+                    out,
+                    "... and {} more (--all-peers lists every one; --json has them all)",
+                    count(all - listed)
+                );
             }
         }
         let _ = writeln!(out, "\n{}", self.verdict);
         out
     }
+}
+
+/// 5000 -> "5,000".
+pub fn count(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -167,10 +192,40 @@ mod tests {
             "{}",
             r.verdict
         );
-        let text = r.render(false);
+        let text = r.render(false, usize::MAX);
         assert!(text.contains("WARN  rp_filter") && text.contains("fix: sysctl -w"), "{text}");
         let json: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(json["checks"][1]["level"], "WARN");
         assert_eq!(json["peer_problems"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn thousands_of_failing_peers_are_summed_up_not_listed() {
+        let mut r = Report { peers: 5000, peers_ok: 0, ..Report::default() };
+        for i in 0..5000 {
+            r.peer_problems.push(PeerProblem {
+                subnet: format!("10.{}.{}.0/24", i / 256, i % 256),
+                public_ip: format!("198.18.{}.{}", i / 256, i % 256),
+                level: Level::Fail,
+                problem: "no answer through the VXLAN tunnel".into(),
+                detail: String::new(),
+                fix: "allow UDP 8472".into(),
+            });
+        }
+        r.conclude();
+        assert_eq!(
+            r.verdict,
+            "FAIL: 0 of 5,000 peers reachable; 5,000 fail: no answer through the VXLAN tunnel towards 198.18.0.0, \
+             198.18.0.1, 198.18.0.2 and 4,997 more; 0 node check(s) failing, 0 warning(s)"
+        );
+        let text = r.render(false, 20);
+        assert!(text.contains("peers with problems (5,000 of 5,000):"), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("FAIL  10.")).count(), 20, "{text}");
+        assert!(text.contains("... and 4,980 more (--all-peers lists every one"), "{text}");
+        assert_eq!(r.render(false, usize::MAX).lines().filter(|l| l.starts_with("FAIL  10.")).count(), 5000);
+        assert_eq!(
+            (count(0), count(999), count(1000), count(1_234_567)),
+            ("0".into(), "999".into(), "1,000".into(), "1,234,567".into())
+        );
     }
 }
