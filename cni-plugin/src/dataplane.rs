@@ -6,7 +6,8 @@ use std::fs::File;
 use std::net::IpAddr;
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{Idempotent, Link, Route, VethSpec, format_mac};
+use flannel_shared::Mac;
+use flannel_shared::netlink::{Idempotent, Link, Route, VethSpec};
 
 use crate::error::{CniError, Result, code};
 use crate::kernel::{Kernel, sysctl_path};
@@ -23,7 +24,7 @@ pub struct BridgeSpec<'a> {
 /// A stable, locally administered MAC for the bridge, derived from its first
 /// gateway (`0a:58:` + the IPv4 address, as Kubernetes networks commonly do).
 /// Pinning it keeps pods' ARP entries for the gateway valid as ports come and go.
-pub fn bridge_mac(gateways: &[IpNet]) -> [u8; 6] {
+pub fn bridge_mac(gateways: &[IpNet]) -> Mac {
     let tail: [u8; 4] = match gateways.first().map(|g| g.addr()) {
         Some(IpAddr::V4(a)) => a.octets(),
         Some(IpAddr::V6(a)) => {
@@ -32,7 +33,7 @@ pub fn bridge_mac(gateways: &[IpNet]) -> [u8; 6] {
         }
         None => [0, 0, 0, 1],
     };
-    [0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]]
+    Mac([0x0a, 0x58, tail[0], tail[1], tail[2], tail[3]])
 }
 
 /// Ensures the bridge exists, is up, has the gateway addresses and the MTU.
@@ -169,5 +170,5 @@ pub async fn configure_pod(pod: &impl Kernel, ifname: &str, addrs: &[IpNet], rou
 }
 
 pub fn mac_string(link: &Link) -> String {
-    link.mac.as_ref().map(format_mac).unwrap_or_default()
+    link.mac.map(|m| m.to_string()).unwrap_or_default()
 }

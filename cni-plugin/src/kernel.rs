@@ -4,8 +4,8 @@
 
 use std::io;
 
-use flannel_shared::IpNet;
 use flannel_shared::netlink::{Address, Link, Netlink, Result, Route, VethSpec};
+use flannel_shared::{IpNet, Mac};
 
 #[cfg(test)]
 pub mod fake;
@@ -14,7 +14,7 @@ pub mod fake;
 pub trait Kernel {
     async fn link_by_name(&self, name: &str) -> Result<Option<Link>>;
     /// A bridge, down, with a fixed MAC.
-    async fn create_bridge(&self, name: &str, mac: [u8; 6], mtu: u32, promisc: bool) -> Result<()>;
+    async fn create_bridge(&self, name: &str, mac: Mac, mtu: u32, promisc: bool) -> Result<()>;
     /// A veth pair whose peer is born in `spec.peer_netns`.
     async fn create_veth(&self, spec: &VethSpec<'_>) -> Result<()>;
     /// Deletes a link (both ends, for a veth).
@@ -46,7 +46,7 @@ impl Kernel for Netlink {
     async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
         Netlink::link_by_name(self, name).await
     }
-    async fn create_bridge(&self, name: &str, mac: [u8; 6], mtu: u32, promisc: bool) -> Result<()> {
+    async fn create_bridge(&self, name: &str, mac: Mac, mtu: u32, promisc: bool) -> Result<()> {
         Netlink::create_bridge(self, name, mac, mtu, promisc).await
     }
     async fn create_veth(&self, spec: &VethSpec<'_>) -> Result<()> {

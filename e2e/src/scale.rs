@@ -33,7 +33,8 @@ use e2e::Netns;
 use e2e::cluster::{Cluster, ETCD_IP, ETCD_URL, HEALTHZ_PORT, Node, PREFIX};
 use e2e::kube_api::{self, FakeApi};
 use e2e::kube_apiserver::{Identity, KubeApiServer};
-use flannel_shared::netlink::{Netlink, RT_TABLE_MAIN, parse_mac};
+use flannel_shared::Mac;
+use flannel_shared::netlink::{Netlink, RT_TABLE_MAIN};
 use serde_json::{Value, json};
 
 const ANNOTATION_PREFIX: &str = "flannel.alpha.coreos.com";
@@ -325,7 +326,7 @@ impl Kernel {
         })
     }
 
-    fn fdb_has(&self, idx: u32, mac: [u8; 6]) -> bool {
+    fn fdb_has(&self, idx: u32, mac: Mac) -> bool {
         self.rt
             .block_on(self.nl.neighbours(idx, true))
             .is_ok_and(|v| v.iter().any(|n| n.mac == Some(mac) && n.ip.is_some()))
@@ -689,7 +690,7 @@ impl Bed {
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Msg::Issued(mac, at)) => {
-                    let want = parse_mac(&mac).expect("mac");
+                    let want = Mac::parse(&mac).expect("mac");
                     loop {
                         if kernel.fdb_has(idx, want) {
                             w.latency.push(at.elapsed());

@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use tracing::{debug, info, warn};
 
 use flannel_shared::IpNet;
+use flannel_shared::Mac;
 use flannel_shared::lease::{Lease, LeaseAttrs};
-use flannel_shared::netlink::parse_mac;
 
 use crate::backend::FamilyNet;
 use crate::reconcile::Peer;
@@ -24,15 +24,15 @@ use crate::subnet::LeaseEvent;
 pub struct Known {
     pub lease: Lease,
     /// `BackendData.VtepMAC` (vxlan), parsed.
-    mac: Option<[u8; 6]>,
+    mac: Option<Mac>,
     /// `BackendV6Data.VtepMAC` (dual-stack vxlan), parsed.
-    mac6: Option<[u8; 6]>,
+    mac6: Option<Mac>,
 }
 
 impl Known {
     pub fn new(lease: Lease) -> Known {
-        let mac = lease.vxlan_data().and_then(|d| parse_mac(&d.vtep_mac));
-        let mac6 = lease.vxlan_v6_data().and_then(|d| parse_mac(&d.vtep_mac));
+        let mac = lease.vxlan_data().map(|d| d.vtep_mac);
+        let mac6 = lease.vxlan_v6_data().map(|d| d.vtep_mac);
         Known { lease, mac, mac6 }
     }
 

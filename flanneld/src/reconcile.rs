@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use flannel_shared::IpNet;
+use flannel_shared::Mac;
 use flannel_shared::netlink::{Idempotent, NetlinkError, RT_TABLE_MAIN, Route};
 
 use crate::kernel::Kernel;
@@ -19,7 +20,7 @@ pub struct Peer {
     pub subnet: IpNet,
     pub public_ip: IpAddr,
     /// The peer's VTEP MAC (vxlan leases).
-    pub vtep_mac: Option<[u8; 6]>,
+    pub vtep_mac: Option<Mac>,
 }
 
 /// How peers are reached.
@@ -37,9 +38,9 @@ pub enum Mode {
 pub struct Desired {
     pub routes: Vec<Route>,
     /// ARP/NDP on the VTEP: peer gateway -> VTEP MAC.
-    pub neighbours: HashMap<IpAddr, [u8; 6]>,
+    pub neighbours: HashMap<IpAddr, Mac>,
     /// FDB on the VTEP: VTEP MAC -> peer public IP.
-    pub fdb: HashMap<[u8; 6], IpAddr>,
+    pub fdb: HashMap<Mac, IpAddr>,
     /// Peers that could not be programmed, with the reason.
     pub skipped: Vec<(IpNet, String)>,
 }
@@ -155,12 +156,12 @@ pub async fn apply_family<K: Kernel>(
     };
 
     if let Some(vtep) = vtep {
-        let have: HashMap<IpAddr, [u8; 6]> =
+        let have: HashMap<IpAddr, Mac> =
             neigh.iter().filter(|n| n.permanent).filter_map(|n| Some((n.ip?, n.mac?))).collect();
         let todo = want.neighbours.iter().filter(|(ip, mac)| have.get(*ip) != Some(*mac));
         done.neighbours_set = pipelined(todo.map(|(ip, mac)| nl.replace_neighbour(vtep, *ip, *mac))).await?;
         // Entries without a remote (the device's own) are not ours.
-        let have: HashSet<([u8; 6], IpAddr)> = fdb.iter().filter_map(|n| Some((n.mac?, n.ip?))).collect();
+        let have: HashSet<(Mac, IpAddr)> = fdb.iter().filter_map(|n| Some((n.mac?, n.ip?))).collect();
         let todo = want.fdb.iter().filter(|(mac, dst)| !have.contains(&(**mac, **dst)));
         done.fdb_set = pipelined(todo.map(|(mac, dst)| nl.replace_fdb(vtep, *mac, *dst))).await?;
     }
@@ -233,12 +234,12 @@ pub async fn apply_family<K: Kernel>(
 /// One kernel write of the incremental path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    SetNeighbour(IpAddr, [u8; 6]),
-    SetFdb([u8; 6], IpAddr),
+    SetNeighbour(IpAddr, Mac),
+    SetFdb(Mac, IpAddr),
     ReplaceRoute(Route),
     DelRoute(Route),
     DelNeighbour(IpAddr),
-    DelFdb([u8; 6], IpAddr),
+    DelFdb(Mac, IpAddr),
 }
 
 /// The notification a write of ours comes back as (see `kernel::watch`).
@@ -370,17 +371,17 @@ fn gone(e: NetlinkError) -> Result<bool, NetlinkError> {
 mod tests {
     use super::*;
 
-    fn peer(subnet: &str, ip: &str, mac: Option<[u8; 6]>) -> Peer {
+    fn peer(subnet: &str, ip: &str, mac: Option<Mac>) -> Peer {
         Peer { subnet: subnet.parse().unwrap(), public_ip: ip.parse().unwrap(), vtep_mac: mac }
     }
 
     #[test]
     fn vxlan_desired_state_matches_upstream_layout() {
-        let mac = [0x0e, 0, 0, 0, 0, 2];
+        let mac = Mac([0x0e, 0, 0, 0, 0, 2]);
         let peers = [
             peer("10.244.2.0/24", "192.0.2.2", Some(mac)),
             peer("10.244.3.0/24", "198.51.100.3", None),
-            peer("10.244.4.0/24", "192.0.2.4", Some([0x0e, 0, 0, 0, 0, 4])),
+            peer("10.244.4.0/24", "192.0.2.4", Some(Mac([0x0e, 0, 0, 0, 0, 4]))),
         ];
         let d = desired(&Mode::Vxlan { vtep: 7, uplink: 2, direct_on: None }, &peers);
         let r = &d.routes[0];

@@ -1,6 +1,7 @@
 //! The reconciler against a real kernel (root, in a private namespace).
 
 use e2e::Netns;
+use flannel_shared::Mac;
 use flannel_shared::netlink::{Netlink, VxlanSpec};
 use flanneld::reconcile::{Desired, Mode, Peer, RTPROT_FLANNEL, apply, apply_family, desired};
 use serde_json::Value;
@@ -10,7 +11,7 @@ fn peers(n: usize) -> Vec<Peer> {
         .map(|i| Peer {
             subnet: format!("10.244.{i}.0/24").parse().unwrap(),
             public_ip: format!("192.0.2.{i}").parse().unwrap(),
-            vtep_mac: Some([0x0e, 0, 0, 0, 0, i as u8]),
+            vtep_mac: Some(Mac([0x0e, 0, 0, 0, 0, i as u8])),
         })
         .collect()
 }
@@ -128,7 +129,7 @@ fn vxlan_state_is_reconciled_not_appended() {
 
         // A peer whose lease is gone disappears everywhere; a changed VtepMAC is followed.
         let mut fewer = all[..2].to_vec();
-        fewer[1].vtep_mac = Some([0x0e, 0, 0, 0, 0, 0x33]);
+        fewer[1].vtep_mac = Some(Mac([0x0e, 0, 0, 0, 0, 0x33]));
         let want = desired(&mode, &fewer);
         let done = apply(&nl, &want, Some(vtep)).await.unwrap();
         assert_eq!(done.routes_removed, 1);
@@ -170,7 +171,7 @@ fn ipv6_passes_settle() {
             .map(|i| Peer {
                 subnet: format!("fd00:10:244:{i}::/64").parse().unwrap(),
                 public_ip: format!("2001:db8::{i}").parse().unwrap(),
-                vtep_mac: Some([0x0e, 0, 0, 0, 0, i as u8]),
+                vtep_mac: Some(Mac([0x0e, 0, 0, 0, 0, i as u8])),
             })
             .collect();
         let want = desired(&Mode::HostGw { uplink }, &peers);

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::Mac;
 use crate::ip::IpNet;
 use crate::netconf::Family;
 
@@ -40,7 +41,7 @@ pub struct VxlanData {
     #[serde(rename = "VNI")]
     pub vni: u32,
     #[serde(rename = "VtepMAC")]
-    pub vtep_mac: String,
+    pub vtep_mac: Mac,
 }
 
 /// A peer's (or our own) lease.
@@ -165,7 +166,7 @@ mod tests {
             r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#;
         assert_eq!(serde_json::from_str::<LeaseAttrs>(old).unwrap(), attrs);
         let l = Lease { subnet: "10.244.1.0/24".parse().unwrap(), subnet6: None, attrs };
-        assert_eq!(l.vxlan_data().unwrap().vtep_mac, "aa:bb:cc:dd:ee:ff");
+        assert_eq!(l.vxlan_data().unwrap().vtep_mac.to_string(), "aa:bb:cc:dd:ee:ff");
         assert_eq!(subnet_key(&l.subnet), "10.244.1.0-24");
         assert_eq!(parse_subnet_key("/coreos.com/network/subnets/10.244.1.0-24"), Some(l.subnet));
         assert_eq!(parse_subnet_key("10.244.1.5-24"), None);

@@ -5,9 +5,11 @@ pub mod attachment;
 pub mod firewall;
 pub mod ip;
 pub mod lease;
+pub mod mac;
 pub mod netconf;
 pub mod netlink;
 pub mod netns;
 pub mod subnet_env;
 
 pub use ip::IpNet;
+pub use mac::Mac;

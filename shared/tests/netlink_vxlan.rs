@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use std::process::Command;
 
 use flannel_shared::IpNet;
-use flannel_shared::netlink::{Netlink, Route, VxlanSpec, parse_mac};
+use flannel_shared::Mac;
+use flannel_shared::netlink::{Netlink, Route, VxlanSpec};
 
 struct Ns(String);
 
@@ -114,7 +115,7 @@ fn vxlan_overlay_between_two_nodes() {
         assert!(nl1.del_neighbour(vteps[0].index, gw).await.unwrap_err().is_not_found());
 
         // A VXLAN device created with a given MAC keeps it (VtepMAC survives a rebuild).
-        let keep = parse_mac("0e:00:00:00:00:42").unwrap();
+        let keep: Mac = "0e:00:00:00:00:42".parse().unwrap();
         nl1.del_link(vteps[0].index).await.unwrap();
         let uplink = nl1.link_by_name("eth0").await.unwrap().unwrap();
         nl1.create_vxlan(&VxlanSpec {

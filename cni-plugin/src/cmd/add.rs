@@ -351,7 +351,10 @@ mod tests {
 
         let veth = dataplane::host_veth_name("c1", "eth0");
         let (bridge, host_end) = host.with(|n| (n.link("cni0").cloned().unwrap(), n.link(&veth).cloned().unwrap()));
-        assert_eq!((bridge.up, bridge.mtu, bridge.mac), (true, 1450, Some([0x0a, 0x58, 10, 244, 1, 1])));
+        assert_eq!(
+            (bridge.up, bridge.mtu, bridge.mac),
+            (true, 1450, Some(flannel_shared::Mac([0x0a, 0x58, 10, 244, 1, 1])))
+        );
         assert_eq!(host.with(|n| n.addresses_of("cni0")), ["10.244.1.1/24"]);
         assert_eq!(host.sysctl("net/ipv4/ip_forward").unwrap(), "1");
         assert_eq!((host_end.master, host_end.up, host_end.hairpin), (Some(bridge.index), true, Some(true)));

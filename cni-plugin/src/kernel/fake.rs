@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::io;
 use std::rc::Rc;
 
-use flannel_shared::IpNet;
 use flannel_shared::netlink::{Address, Link, NetlinkError, Result, Route, VethSpec};
+use flannel_shared::{IpNet, Mac};
 
 use super::Kernel;
 
@@ -60,7 +60,7 @@ pub fn pair() -> (FakeKernel, FakeKernel) {
     (FakeKernel { world: world.clone(), ns: HOST }, FakeKernel { world, ns: POD })
 }
 
-fn link(index: u32, name: &str, kind: Option<&str>, mtu: u32, mac: Option<[u8; 6]>) -> Link {
+fn link(index: u32, name: &str, kind: Option<&str>, mtu: u32, mac: Option<Mac>) -> Link {
     Link {
         index,
         name: name.to_string(),
@@ -161,7 +161,7 @@ impl Kernel for FakeKernel {
         Ok(self.with(|n| n.link(name).cloned()))
     }
 
-    async fn create_bridge(&self, name: &str, mac: [u8; 6], mtu: u32, promisc: bool) -> Result<()> {
+    async fn create_bridge(&self, name: &str, mac: Mac, mtu: u32, promisc: bool) -> Result<()> {
         let mut w = self.world.borrow_mut();
         if w.ns[self.ns].link(name).is_some() {
             return Err(exists(&format!("create bridge {name}")));
@@ -186,14 +186,20 @@ impl Kernel for FakeKernel {
             return Err(not_found(&op));
         }
         let (a, b) = (w.new_index(), w.new_index());
-        let mut here = link(a, spec.name, Some("veth"), spec.mtu, Some([0x0e, 0, 0, 0, 0, a as u8]));
+        let mut here = link(a, spec.name, Some("veth"), spec.mtu, Some(Mac([0x0e, 0, 0, 0, 0, a as u8])));
         here.master = spec.master;
         here.up = spec.up;
         if spec.master.is_some() {
             here.hairpin = Some(false);
         }
         w.ns[self.ns].links.push(here);
-        w.ns[peer_ns].links.push(link(b, spec.peer_name, Some("veth"), spec.mtu, Some([0x0e, 0, 0, 0, 0, b as u8])));
+        w.ns[peer_ns].links.push(link(
+            b,
+            spec.peer_name,
+            Some("veth"),
+            spec.mtu,
+            Some(Mac([0x0e, 0, 0, 0, 0, b as u8])),
+        ));
         w.pairs.push(((self.ns, a), (peer_ns, b)));
         Ok(())
     }

@@ -7,8 +7,8 @@ use std::rc::Rc;
 
 use clap::Parser;
 
+use flannel_shared::Mac;
 use flannel_shared::lease::{Lease, VxlanData};
-use flannel_shared::netlink::format_mac;
 
 use super::*;
 use crate::backend::hostgw::HostGw;
@@ -203,8 +203,7 @@ fn peer(subnet: &str, ip: &str, mac: u8) -> Lease {
             public_ip: ip.parse().unwrap(),
             public_ipv6: None,
             backend_type: "vxlan".into(),
-            backend_data: serde_json::to_value(VxlanData { vni: 1, vtep_mac: format_mac(&[0x0e, 9, 9, 9, 9, mac]) })
-                .unwrap(),
+            backend_data: serde_json::to_value(VxlanData { vni: 1, vtep_mac: Mac([0x0e, 9, 9, 9, 9, mac]) }).unwrap(),
             backend_v6_data: None,
         },
     }
@@ -250,7 +249,7 @@ fn start_sets_up_the_vtep_lease_and_subnet_env_and_readiness_waits_for_the_listi
         // What the lease advertises is the device's own MAC.
         let claimed = mgr.store.borrow().claims[0].1.clone();
         assert_eq!(claimed.backend_type, "vxlan");
-        assert_eq!(claimed.backend_data["VtepMAC"], format_mac(&vtep.mac.unwrap()));
+        assert_eq!(claimed.backend_data["VtepMAC"], vtep.mac.unwrap().to_string());
         let env = bed.subnet_env();
         assert!(env.contains("FLANNEL_SUBNET=10.244.7.1/24") && env.contains("FLANNEL_MTU=1450"), "{env}");
         assert!(env.contains("FLANNEL_IPMASQ=true"), "{env}");
@@ -282,7 +281,7 @@ fn start_sets_up_the_vtep_lease_and_subnet_env_and_readiness_waits_for_the_listi
             assert!(
                 s.fdb
                     .iter()
-                    .any(|f| f.mac == Some([0x0e, 9, 9, 9, 9, 3]) && f.ip == Some("192.0.2.3".parse().unwrap()))
+                    .any(|f| f.mac == Some(Mac([0x0e, 9, 9, 9, 9, 3])) && f.ip == Some("192.0.2.3".parse().unwrap()))
             );
         });
         // A second pass with nothing changed writes nothing.
@@ -439,7 +438,7 @@ fn a_rebuilt_node_recreates_its_vtep_with_the_mac_it_advertised_before() {
         let mgr = FakeManager::granting(&["10.244.1.0/24"]);
         mgr.store.borrow_mut().previous_mac = Some("0e:aa:bb:cc:dd:ee".into());
         let _a = bed.vxlan(&mgr).await;
-        assert_eq!(bed.kernel.link("flannel.1").unwrap().mac, Some([0x0e, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]));
+        assert_eq!(bed.kernel.link("flannel.1").unwrap().mac, Some(Mac([0x0e, 0xaa, 0xbb, 0xcc, 0xdd, 0xee])));
         assert_eq!(mgr.store.borrow().claims[0].1.backend_data["VtepMAC"], "0e:aa:bb:cc:dd:ee");
     });
 }
@@ -631,7 +630,7 @@ fn unchanged_leases_cost_nothing_and_a_change_costs_one_peer() {
         assert_eq!(bed.metrics.reconcile_runs.get(), runs, "one peer's change ran a full pass");
         // ARP replaced, FDB added, the stale FDB entry removed.
         assert_eq!(bed.kernel.with(|s| s.writes), writes + 3);
-        let mac = [0x0e, 9, 9, 9, 9, 77];
+        let mac = Mac([0x0e, 9, 9, 9, 9, 77]);
         bed.kernel.with(|s| {
             let gw: std::net::IpAddr = "10.244.7.0".parse().unwrap();
             assert_eq!(s.neighbours.iter().find(|n| n.ip == Some(gw)).and_then(|n| n.mac), Some(mac));

@@ -10,9 +10,10 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use flannel_shared::IpNet;
+use flannel_shared::Mac;
 use flannel_shared::lease::VxlanData;
 use flannel_shared::netconf::{Backend as BackendConfig, BackendType};
-use flannel_shared::netlink::{Address, Link, VxlanSpec, format_mac, parse_mac};
+use flannel_shared::netlink::{Address, Link, VxlanSpec};
 
 use super::uplink::usable_v6;
 use super::{Backend, BackendError, FamilyNet, Uplink};
@@ -92,16 +93,16 @@ impl Backend for Vxlan {
         let mac = if k.link_by_name(&spec.name).await?.is_none() {
             let before = mgr.previous_lease(fam.public_ip).await;
             let data = before.and_then(|a| if fam.v6 { a.backend_v6_data } else { Some(a.backend_data) });
-            data.and_then(|d| serde_json::from_value::<VxlanData>(d).ok()).and_then(|d| parse_mac(&d.vtep_mac))
+            data.and_then(|d| serde_json::from_value::<VxlanData>(d).ok()).map(|d| d.vtep_mac)
         } else {
             None
         };
         if let Some(m) = mac {
-            info!("recreating {} with its previous VtepMAC {}", spec.name, format_mac(&m));
+            info!("recreating {} with its previous VtepMAC {m}", spec.name);
         }
         let (link, _) = ensure_vtep(k, &spec, uplink, mac, None).await?;
         let mac = link.mac.ok_or_else(|| BackendError::Config(format!("{} has no MAC address", spec.name)))?;
-        let data = serde_json::to_value(VxlanData { vni: spec.vni, vtep_mac: format_mac(&mac) })
+        let data = serde_json::to_value(VxlanData { vni: spec.vni, vtep_mac: mac })
             .map_err(|e| BackendError::Config(e.to_string()))?;
         self.vteps[fam.v6 as usize] = Some(Vtep { spec, index: link.index });
         Ok(data)
@@ -117,7 +118,7 @@ impl Backend for Vxlan {
     ) -> Result<bool, BackendError> {
         let Some(vtep) = &mut self.vteps[fam.v6 as usize] else { return Ok(false) };
         let addr = subnet.and_then(|s| IpNet::new(s.network_addr(), if fam.v6 { 128 } else { 32 }).ok());
-        let mac = advertised.and_then(|d| d.get("VtepMAC")).and_then(|v| v.as_str()).and_then(parse_mac);
+        let mac = advertised.and_then(|d| d.get("VtepMAC")).and_then(|v| v.as_str()).and_then(Mac::parse);
         let (link, created) = ensure_vtep(k, &vtep.spec, uplink, mac, addr).await?;
         if created {
             warn!("{} was missing or wrong and has been rebuilt; replaying every peer into it", vtep.spec.name);
@@ -206,7 +207,7 @@ pub async fn ensure_vtep<K: Kernel>(
     nl: &K,
     spec: &VtepSpec,
     uplink: &Uplink,
-    mac: Option<[u8; 6]>,
+    mac: Option<Mac>,
     addr: Option<IpNet>,
 ) -> Result<(Link, bool), BackendError> {
     let mut created = false;

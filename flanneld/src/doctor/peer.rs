@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use flannel_shared::IpNet;
+use flannel_shared::Mac;
 use flannel_shared::lease::Lease;
 use flannel_shared::netconf::{BackendType, NetConfig};
 use flannel_shared::netlink::{Link, Netlink, RT_TABLE_MAIN, Route};
@@ -211,8 +212,8 @@ fn probe_target(mode: &Mode, p: &Peer) -> IpAddr {
 /// programs them, indexed so that thousands of peers are compared in linear time.
 struct Kernel {
     routes: HashMap<IpNet, Vec<Route>>,
-    neighbours: HashMap<IpAddr, [u8; 6]>,
-    fdb: HashSet<([u8; 6], IpAddr)>,
+    neighbours: HashMap<IpAddr, Mac>,
+    fdb: HashSet<(Mac, IpAddr)>,
 }
 
 impl Kernel {
@@ -242,7 +243,7 @@ impl Kernel {
     /// What of the peer's desired entries (the reconciler's own) the kernel lacks.
     fn mismatches(&self, mode: &Mode, p: &Peer) -> Vec<String> {
         let want = reconcile::desired(mode, std::slice::from_ref(p));
-        let mac = |m: &[u8; 6]| flannel_shared::netlink::format_mac(m);
+        let mac = |m: &Mac| m.to_string();
         let nd = |ip: &IpAddr| if ip.is_ipv4() { "ARP" } else { "NDP" };
         let mut out = Vec::new();
         for r in &want.routes {

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use flannel_shared::IpNet;
+use flannel_shared::Mac;
 use flannel_shared::netlink::{
     Address, Link, Neighbour, NetlinkError, RT_TABLE_MAIN, Result, Route, VxlanInfo, VxlanSpec,
 };
@@ -53,7 +54,7 @@ impl FakeKernel {
                 s.links.push(Link {
                     index,
                     name: name.into(),
-                    mac: Some([2, 0, 0, 0, 0, index as u8]),
+                    mac: Some(Mac([2, 0, 0, 0, 0, index as u8])),
                     mtu: if index == 1 { 65536 } else { 1500 },
                     up: true,
                     promisc: false,
@@ -152,7 +153,7 @@ impl Kernel for FakeKernel {
         s.writes += 1;
         s.next_index += 1;
         s.next_mac += 1;
-        let (index, mac) = (s.next_index, spec.mac.unwrap_or([0x0e, 0, 0, 0, 0, s.next_mac]));
+        let (index, mac) = (s.next_index, spec.mac.unwrap_or(Mac([0x0e, 0, 0, 0, 0, s.next_mac])));
         s.links.push(Link {
             index,
             name: spec.name.to_string(),
@@ -253,7 +254,7 @@ impl Kernel for FakeKernel {
         }))
     }
 
-    async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+    async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: Mac) -> Result<()> {
         let mut s = self.state.borrow_mut();
         s.has_link(index, "replace neighbour")?;
         s.writes += 1;
@@ -270,7 +271,7 @@ impl Kernel for FakeKernel {
         if s.neighbours.len() == before { Err(not_found("del neighbour")) } else { Ok(()) }
     }
 
-    async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+    async fn replace_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<()> {
         let mut s = self.state.borrow_mut();
         s.has_link(index, "replace fdb")?;
         s.writes += 1;
@@ -279,7 +280,7 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    async fn del_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+    async fn del_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<()> {
         let mut s = self.state.borrow_mut();
         let before = s.fdb.len();
         s.fdb.retain(|n| !(n.index == index && n.mac == Some(mac) && n.ip == Some(dst)));

@@ -10,6 +10,7 @@ pub mod watch;
 use std::sync::Arc;
 
 use flannel_shared::IpNet;
+use flannel_shared::Mac;
 use flannel_shared::netlink::{Address, Link, Neighbour, Netlink, Result, Route, VxlanSpec};
 
 use crate::metrics::Metrics;
@@ -34,10 +35,10 @@ pub trait Kernel {
     async fn del_route(&self, route: &Route) -> Result<()>;
     /// ARP/NDP entries of a link, or its bridge FDB entries when `fdb`.
     async fn neighbours(&self, index: u32, fdb: bool) -> Result<Vec<Neighbour>>;
-    async fn replace_neighbour(&self, index: u32, ip: std::net::IpAddr, mac: [u8; 6]) -> Result<()>;
+    async fn replace_neighbour(&self, index: u32, ip: std::net::IpAddr, mac: Mac) -> Result<()>;
     async fn del_neighbour(&self, index: u32, ip: std::net::IpAddr) -> Result<()>;
-    async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: std::net::IpAddr) -> Result<()>;
-    async fn del_fdb(&self, index: u32, mac: [u8; 6], dst: std::net::IpAddr) -> Result<()>;
+    async fn replace_fdb(&self, index: u32, mac: Mac, dst: std::net::IpAddr) -> Result<()>;
+    async fn del_fdb(&self, index: u32, mac: Mac, dst: std::net::IpAddr) -> Result<()>;
     /// Turns off IPv6 router advertisements on a device (`net.ipv6.conf.<name>.accept_ra = 0`,
     /// as upstream does for its VXLAN devices); returns whether it had to.
     fn disable_accept_ra(&self, name: &str) -> std::io::Result<bool>;
@@ -85,16 +86,16 @@ impl Kernel for Netlink {
     async fn neighbours(&self, index: u32, fdb: bool) -> Result<Vec<Neighbour>> {
         Netlink::neighbours(self, index, fdb).await
     }
-    async fn replace_neighbour(&self, index: u32, ip: std::net::IpAddr, mac: [u8; 6]) -> Result<()> {
+    async fn replace_neighbour(&self, index: u32, ip: std::net::IpAddr, mac: Mac) -> Result<()> {
         Netlink::replace_neighbour(self, index, ip, mac).await
     }
     async fn del_neighbour(&self, index: u32, ip: std::net::IpAddr) -> Result<()> {
         Netlink::del_neighbour(self, index, ip).await
     }
-    async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: std::net::IpAddr) -> Result<()> {
+    async fn replace_fdb(&self, index: u32, mac: Mac, dst: std::net::IpAddr) -> Result<()> {
         Netlink::replace_fdb(self, index, mac, dst).await
     }
-    async fn del_fdb(&self, index: u32, mac: [u8; 6], dst: std::net::IpAddr) -> Result<()> {
+    async fn del_fdb(&self, index: u32, mac: Mac, dst: std::net::IpAddr) -> Result<()> {
         Netlink::del_fdb(self, index, mac, dst).await
     }
     fn disable_accept_ra(&self, name: &str) -> std::io::Result<bool> {

@@ -12,13 +12,14 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
 use super::{Netlink, Result, map_err};
+use crate::Mac;
 
 /// A network interface as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
     pub index: u32,
     pub name: String,
-    pub mac: Option<[u8; 6]>,
+    pub mac: Option<Mac>,
     pub mtu: u32,
     /// Administratively up (IFF_UP).
     pub up: bool,
@@ -62,11 +63,7 @@ impl Link {
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
-                LinkAttribute::Address(a) if a.len() == 6 => {
-                    let mut m = [0u8; 6];
-                    m.copy_from_slice(a);
-                    link.mac = Some(m);
-                }
+                LinkAttribute::Address(a) if a.len() == 6 => link.mac = Mac::from_slice(a),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
                 LinkAttribute::Controller(c) => link.master = Some(*c),
                 LinkAttribute::LinkInfo(infos) => {
@@ -120,7 +117,7 @@ pub struct VxlanSpec<'a> {
     /// Kernel MAC learning (net-conf `Backend.Learning`; off by default: flanneld programs FDB and ARP itself).
     pub learning: bool,
     /// A MAC to keep (e.g. restored from our own lease) instead of a random one.
-    pub mac: Option<[u8; 6]>,
+    pub mac: Option<Mac>,
 }
 
 /// What to create with [`Netlink::create_veth`].
@@ -166,9 +163,9 @@ impl Netlink {
     /// Creates a bridge, up, with a fixed MAC (so it does not follow its ports).
     /// Creates a bridge, down: the caller brings it up once what must precede
     /// that is in place (addresses, sysctls such as `accept_dad`).
-    pub async fn create_bridge(&self, name: &str, mac: [u8; 6], mtu: u32, promisc: bool) -> Result<()> {
+    pub async fn create_bridge(&self, name: &str, mac: Mac, mtu: u32, promisc: bool) -> Result<()> {
         let msg =
-            LinkMessageBuilder::<LinkBridge>::new(name).address(mac.to_vec()).mtu(mtu).promiscuous(promisc).build();
+            LinkMessageBuilder::<LinkBridge>::new(name).address(mac.0.to_vec()).mtu(mtu).promiscuous(promisc).build();
         self.handle.link().add(msg).execute().await.map_err(map_err(format!("create bridge {name}")))
     }
 
@@ -217,8 +214,8 @@ impl Netlink {
         self.handle.link().set(msg).execute().await.map_err(map_err(format!("enslave link #{index}")))
     }
 
-    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).address(mac.to_vec()).build();
+    pub async fn set_mac(&self, index: u32, mac: Mac) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).address(mac.0.to_vec()).build();
         self.handle.link().set(msg).execute().await.map_err(map_err(format!("set mac of link #{index}")))
     }
 
@@ -251,7 +248,7 @@ impl Netlink {
             b = b.mtu(m);
         }
         if let Some(mac) = spec.mac {
-            b = b.address(mac.to_vec());
+            b = b.address(mac.0.to_vec());
         }
         self.handle.link().add(b.build()).execute().await.map_err(map_err(format!("create vxlan {}", spec.name)))
     }

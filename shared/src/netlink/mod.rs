@@ -7,7 +7,6 @@
 
 mod addr;
 mod link;
-mod mac;
 mod monitor;
 mod neighbour;
 mod route;
@@ -21,7 +20,6 @@ use rtnetlink::packet_core::ErrorMessage;
 
 pub use addr::Address;
 pub use link::{Link, VethSpec, VxlanInfo, VxlanSpec};
-pub use mac::{format_mac, parse_mac};
 pub use monitor::{KernelEvent, Monitor};
 pub use neighbour::Neighbour;
 pub use route::{

@@ -8,7 +8,8 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 
-use super::{Netlink, Result, format_mac, map_err};
+use super::{Netlink, Result, map_err};
+use crate::Mac;
 
 /// A neighbour (ARP/NDP) or bridge FDB entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,7 +17,7 @@ pub struct Neighbour {
     pub index: u32,
     /// The IP (ARP/NDP entries) or, for FDB entries, the VXLAN remote (`dst`).
     pub ip: Option<IpAddr>,
-    pub mac: Option<[u8; 6]>,
+    pub mac: Option<Mac>,
     pub permanent: bool,
 }
 
@@ -40,9 +41,7 @@ fn neighbour_from_message(m: &NeighbourMessage) -> Neighbour {
                 }
             }
             NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
-                let mut mac = [0u8; 6];
-                mac.copy_from_slice(l);
-                n.mac = Some(mac);
+                n.mac = Mac::from_slice(l);
             }
             _ => {}
         }
@@ -73,11 +72,11 @@ impl Netlink {
     }
 
     /// A permanent ARP/NDP entry `ip -> mac` on `index` (added or replaced).
-    pub async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+    pub async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: Mac) -> Result<()> {
         self.handle
             .neighbours()
             .add(index, ip)
-            .link_layer_address(&mac)
+            .link_layer_address(&mac.0)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
@@ -97,29 +96,29 @@ impl Netlink {
     }
 
     /// A permanent FDB entry on a VXLAN device: frames for `mac` go to `dst` (NTF_SELF).
-    pub async fn replace_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+    pub async fn replace_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<()> {
         self.handle
             .neighbours()
-            .add_bridge(index, &mac)
+            .add_bridge(index, &mac.0)
             .destination(dst)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
             .replace()
             .execute()
             .await
-            .map_err(map_err(format!("replace fdb {} on link #{index}", format_mac(&mac))))
+            .map_err(map_err(format!("replace fdb {mac} on link #{index}")))
     }
 
-    pub async fn del_fdb(&self, index: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+    pub async fn del_fdb(&self, index: u32, mac: Mac, dst: IpAddr) -> Result<()> {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
         m.header.ifindex = index;
         m.header.flags = NeighbourFlags::Own;
-        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
         m.attributes.push(NeighbourAttribute::Destination(match dst {
             IpAddr::V4(a) => NeighbourAddress::Inet(a),
             IpAddr::V6(a) => NeighbourAddress::Inet6(a),
         }));
-        self.handle.neighbours().del(m).execute().await.map_err(map_err(format!("delete fdb {}", format_mac(&mac))))
+        self.handle.neighbours().del(m).execute().await.map_err(map_err(format!("delete fdb {mac}")))
     }
 }
