@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use flannel_shared::IpNet;
 use flannel_shared::lease::LeaseAttrs;
-use flannel_shared::netconf::{BackendType, NetConfig};
+use flannel_shared::netconf::NetConfig;
 use flannel_shared::netlink::{Netlink, Route};
 use flannel_shared::subnet_env::SubnetEnv;
 
@@ -130,7 +130,9 @@ pub async fn load_config<M: SubnetManager>(mgr: &mut M) -> Result<NetConfig, Age
             Err(e) => return Err(e.into()),
         }
     };
-    NetConfig::parse(&text, |w| warn!("network config: {w}")).map_err(|e| AgentError::Config(e.to_string()))
+    let cfg = NetConfig::parse(&text, |w| warn!("{w}")).map_err(|e| AgentError::Config(e.to_string()))?;
+    backend::check(&cfg.backend, &mut |w| warn!("{w}")).map_err(|e| AgentError::Config(e.to_string()))?;
+    Ok(cfg)
 }
 
 /// The pod network's families on this uplink: IPv4, IPv6, or both (IPv4 first).
@@ -186,7 +188,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             addr.map(|a| a.to_string()).unwrap_or_default(),
             public.map(|a| a.to_string()).unwrap_or_default(),
             uplink.mtu,
-            cfg.backend.kind.as_str()
+            cfg.backend.kind
         );
         let fams = families(cfg, &uplink)?;
         backend::teardown_others(&k, &cfg.backend).await?;
@@ -200,7 +202,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         let attrs = LeaseAttrs {
             public_ip: uplink.public_ip.filter(|_| has_v4).unwrap_or(Ipv4Addr::UNSPECIFIED),
             public_ipv6: data6.as_ref().and(uplink.public_ipv6),
-            backend_type: backend.kind().as_str().to_string(),
+            backend_type: backend.kind().to_string(),
             backend_data: data,
             backend_v6_data: data6,
         };
@@ -292,7 +294,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         }
         self.peers.forget(&subnet);
         if let Err(e) = self.ensure_backend().await {
-            warn!("configuring the {} backend: {e}", self.backend.kind().as_str());
+            warn!("configuring the {} backend: {e}", self.backend.kind());
         }
         self.write_subnet_env();
         Ok(())
@@ -432,7 +434,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
     async fn apply_changes(&mut self) {
         let changes = std::mem::take(&mut self.pending.peers);
         let m = self.metrics.clone();
-        let backend_type = self.backend.kind().as_str();
+        let backend_type = self.backend.kind();
         let mut ok = true;
         let (mut routes, mut neighbours, mut fdb) = (0i64, 0i64, 0i64);
         // The changed peers' old reasons for being left out go; their new ones are said once.
@@ -507,14 +509,14 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         if let Err(e) = self.ensure_backend().await {
             m.reconcile_errors.inc();
             let d = self.retry_backoff.delay();
-            error!("reconcile: {} backend: {e}; retrying in {d:?}", self.backend.kind().as_str());
+            error!("reconcile: {} backend: {e}; retrying in {d:?}", self.backend.kind());
             self.retry_at = Some(Instant::now() + d);
             return;
         }
         let mut skipped = Vec::new();
         let (mut routes, mut neighbours, mut fdb) = (0, 0, 0);
         let mut ok = true;
-        let backend_type = self.backend.kind().as_str();
+        let backend_type = self.backend.kind();
         for fam in &self.fams {
             let Some(mode) = self.backend.mode(fam, &self.uplink) else { continue };
             let (peers, mut skip) =
@@ -739,9 +741,22 @@ async fn run_with<M: SubnetManager, B: Backend>(
 /// The whole agent with any subnet manager: read the config, pick the backend, run.
 pub async fn run<M: SubnetManager>(opts: Opts, mut mgr: M, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let cfg = load_config(&mut mgr).await?;
-    match cfg.backend.kind {
-        BackendType::Vxlan => run_with(opts, mgr, backend::vxlan::Vxlan::new(&cfg.backend), &cfg, metrics).await,
-        BackendType::HostGw => run_with(opts, mgr, backend::hostgw::HostGw, &cfg, metrics).await,
+    let run = RunWith { opts, mgr, cfg: &cfg, metrics };
+    backend::with_backend(&cfg.backend, run).await.map_err(|e| AgentError::Config(e.to_string()))?
+}
+
+/// The agent's run, handed the backend net-conf.json names.
+struct RunWith<'a, M> {
+    opts: Opts,
+    mgr: M,
+    cfg: &'a NetConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl<M: SubnetManager> backend::WithBackend for RunWith<'_, M> {
+    type Out = Result<(), AgentError>;
+    async fn run<B: Backend>(self, b: B) -> Self::Out {
+        run_with(self.opts, self.mgr, b, self.cfg, self.metrics).await
     }
 }
 

@@ -9,38 +9,46 @@ use serde_json::{Map, Value};
 
 use crate::ip::IpNet;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendType {
-    Vxlan,
-    HostGw,
-}
-
-impl BackendType {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            BackendType::Vxlan => "vxlan",
-            BackendType::HostGw => "host-gw",
-        }
-    }
-}
-
+/// The `Backend` object of net-conf.json: its `Type` (`vxlan` when absent) and
+/// the rest of its keys, lower-cased, for the backend of that type to read
+/// (flanneld's backend registry: each backend decodes its own config type).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
-    pub kind: BackendType,
-    /// VXLAN network identifier (vxlan only).
-    pub vni: u32,
-    /// VXLAN UDP port (vxlan only).
-    pub port: u16,
-    /// vxlan: peers on the same L2 subnet get direct routes instead of the overlay.
-    pub direct_routing: bool,
-    /// The *underlay* MTU the backend plans for, as upstream reads `Backend.MTU`:
-    /// the VXLAN device (and FLANNEL_MTU) gets this minus the encapsulation
-    /// overhead. The uplink's MTU when absent.
-    pub mtu: Option<u32>,
-    /// Group-based policy extension (vxlan only).
-    pub gbp: bool,
-    /// Kernel MAC learning on the VXLAN device (vxlan only; upstream's `Learning`, off by default).
-    pub learning: bool,
+    pub kind: String,
+    keys: Map<String, Value>,
+}
+
+impl Backend {
+    /// A `Backend` object as net-conf.json would hold it (keys in any case).
+    pub fn new(kind: &str, keys: &Map<String, Value>) -> Backend {
+        let mut keys = fold(keys);
+        keys.remove("type");
+        Backend { kind: kind.to_string(), keys }
+    }
+
+    /// A whole number `<= max`; `name` is the field as errors name it (`Backend.VNI`).
+    pub fn uint(&self, key: &str, name: &str, max: u64) -> Result<Option<u64>, NetConfigError> {
+        get_uint(&self.keys, key, name, max)
+    }
+
+    pub fn bool(&self, key: &str, name: &str) -> Result<Option<bool>, NetConfigError> {
+        get_bool(&self.keys, key, name)
+    }
+
+    pub fn string(&self, key: &str, name: &str) -> Result<Option<&str>, NetConfigError> {
+        match self.keys.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(err(name, format!("expected a string, got {v}"))),
+        }
+    }
+
+    /// Tells `warn` of every key outside `known` (lower-case): it does not apply to this Type.
+    pub fn warn_unknown(&self, known: &[&str], warn: &mut dyn FnMut(String)) {
+        for k in self.keys.keys().filter(|k| !known.contains(&k.as_str())) {
+            warn(format!("network config: Backend.{k} does not apply to {} and is ignored", self.kind));
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,8 +100,14 @@ pub struct NetConfigError {
     pub msg: String,
 }
 
+impl NetConfigError {
+    pub fn new(field: &str, msg: impl Into<String>) -> NetConfigError {
+        NetConfigError { field: field.to_string(), msg: msg.into() }
+    }
+}
+
 fn err(field: &str, msg: impl Into<String>) -> NetConfigError {
-    NetConfigError { field: field.to_string(), msg: msg.into() }
+    NetConfigError::new(field, msg)
 }
 
 /// Lower-cases object keys (one level); on duplicates differing only in case the last wins, as in Go.
@@ -270,44 +284,11 @@ impl NetConfig {
             Some(v) => return Err(err("Backend", format!("expected an object, got {v}"))),
         };
         let kind = match backend.get("type") {
-            None | Some(Value::Null) => BackendType::Vxlan,
-            Some(Value::String(t)) => match t.as_str() {
-                "vxlan" => BackendType::Vxlan,
-                "host-gw" => BackendType::HostGw,
-                other => {
-                    return Err(err(
-                        "Backend.Type",
-                        format!("{other:?} is not supported (use \"vxlan\" or \"host-gw\")"),
-                    ));
-                }
-            },
+            None | Some(Value::Null) => "vxlan",
+            Some(Value::String(t)) => t.as_str(),
             Some(v) => return Err(err("Backend.Type", format!("expected a string, got {v}"))),
         };
-        let known: &[&str] = match kind {
-            BackendType::Vxlan => &["type", "vni", "port", "directrouting", "mtu", "gbp", "learning", "macprefix"],
-            BackendType::HostGw => &["type"],
-        };
-        for k in backend.keys() {
-            if !known.contains(&k.as_str()) {
-                warn(format!("network config: Backend.{k} does not apply to {} and is ignored", kind.as_str()));
-            }
-        }
-        let backend = Backend {
-            kind,
-            vni: get_uint(&backend, "vni", "Backend.VNI", 0xff_ffff)?.unwrap_or(1) as u32,
-            port: match get_uint(&backend, "port", "Backend.Port", 65535)? {
-                None | Some(0) => 8472,
-                Some(p) => p as u16,
-            },
-            direct_routing: get_bool(&backend, "directrouting", "Backend.DirectRouting")?.unwrap_or(false),
-            mtu: match get_uint(&backend, "mtu", "Backend.MTU", 65535)? {
-                None | Some(0) => None,
-                Some(m) if m < 576 => return Err(err("Backend.MTU", format!("{m} is below the minimum of 576"))),
-                Some(m) => Some(m as u32),
-            },
-            gbp: get_bool(&backend, "gbp", "Backend.GBP")?.unwrap_or(false),
-            learning: get_bool(&backend, "learning", "Backend.Learning")?.unwrap_or(false),
-        };
+        let backend = Backend::new(kind, &backend);
         let enable_nftables = get_bool(&top, "enablenftables", "EnableNFTables")?.unwrap_or(false);
         Ok(NetConfig { ipv4, ipv6, backend, enable_nftables })
     }
@@ -329,21 +310,11 @@ mod tests {
         assert_eq!(f.subnet_min.to_string(), "10.244.1.0");
         assert_eq!(f.subnet_max.to_string(), "10.244.255.0");
         assert_eq!(f.subnets().count(), 255);
-        assert_eq!(
-            c.backend,
-            Backend {
-                kind: BackendType::Vxlan,
-                vni: 1,
-                port: 8472,
-                direct_routing: false,
-                mtu: None,
-                gbp: false,
-                learning: false
-            }
-        );
+        assert_eq!(c.backend.kind, "vxlan");
+        assert_eq!(c.backend.uint("vni", "Backend.VNI", 99).unwrap(), None);
         assert!(!c.enable_nftables);
         // No Backend at all: vxlan.
-        assert_eq!(parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap().backend.kind, BackendType::Vxlan);
+        assert_eq!(parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap().backend.kind, "vxlan");
         assert!(parse(r#"{"Network":"10.244.0.0/16","enableNFTables":true}"#).unwrap().enable_nftables);
         // A /24 network is split in four /26s.
         let small = parse(r#"{"Network":"10.5.5.0/24"}"#).unwrap().ipv4.unwrap();
@@ -358,28 +329,25 @@ mod tests {
     fn keys_match_case_insensitively() {
         for key in ["VNI", "vni", "Vni"] {
             let c = parse(&format!(r#"{{"network":"10.1.0.0/16","BACKEND":{{"type":"vxlan","{key}":42}}}}"#)).unwrap();
-            assert_eq!(c.backend.vni, 42, "{key}");
+            assert_eq!(c.backend.uint("vni", "Backend.VNI", 99).unwrap(), Some(42), "{key}");
         }
         let c = parse(r#"{"Network":"10.1.0.0/16","subnetlen":25,"Backend":{"Type":"host-gw"}}"#).unwrap();
         assert_eq!(c.ipv4.unwrap().subnet_len, 25);
-        assert_eq!(c.backend.kind, BackendType::HostGw);
+        assert_eq!(c.backend.kind, "host-gw");
     }
 
     #[test]
     fn errors_name_the_field() {
         let cases = [
             (r#"{"Backend":{"Type":"vxlan"}}"#, "Network"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#, "Backend.Type"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"VNI":"one"}}"#, "Backend.VNI"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"VNI":16777216}}"#, "Backend.VNI"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":7}}"#, "Backend.Type"),
+            (r#"{"Network":"10.0.0.0/16","Backend":[1]}"#, "Backend"),
             (r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#, "SubnetLen"),
             (r#"{"Network":"10.0.0.0/16","SubnetLen":17}"#, "SubnetLen"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.9.0.0"}"#, "SubnetMin"),
             (r#"{"Network":"10.0.0.0/16","SubnetMax":"10.0.3.128"}"#, "SubnetMax"),
             (r#"{"Network":"10.0.0.0/30"}"#, "Network"),
             (r#"{"Network":"banana"}"#, "Network"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"MTU":100}}"#, "Backend.MTU"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"Learning":1}}"#, "Backend.Learning"),
             (r#"{"Network":"10.0.0.0/16","EnableIPv6":true}"#, "IPv6Network"),
             (r#"{"Network":"10.0.0.0/16","EnableNFTables":"yes"}"#, "EnableNFTables"),
             (r#"[1,2]"#, "(document)"),

@@ -185,7 +185,7 @@ impl Bed {
         extra: &[&str],
     ) -> Agent<FakeManager, FakeKernel, Vxlan, FakeFirewall> {
         let cfg = NetConfig::parse(NET_CONF, |_| {}).unwrap();
-        self.agent(mgr, Vxlan::new(&cfg.backend), NET_CONF, extra).await
+        self.agent(mgr, Vxlan::new(Vxlan::config(&cfg.backend, &mut |_| {}).unwrap()), NET_CONF, extra).await
     }
 }
 
@@ -568,7 +568,7 @@ fn backend_mtu_is_the_underlay_mtu_and_learning_is_honoured() {
             let bed = Bed::new();
             let mgr = FakeManager::granting(&["10.244.7.0/24"]);
             let cfg = NetConfig::parse(conf, |_| {}).unwrap();
-            let _a = bed.agent(&mgr, Vxlan::new(&cfg.backend), conf, &[]).await;
+            let _a = bed.agent(&mgr, Vxlan::new(Vxlan::config(&cfg.backend, &mut |_| {}).unwrap()), conf, &[]).await;
             let vtep = bed.kernel.link("flannel.1").expect("flannel.1 created");
             assert_eq!(vtep.mtu, mtu, "{conf}");
             assert_eq!(vtep.vxlan.unwrap().learning, learning, "{conf}");

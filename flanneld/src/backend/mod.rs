@@ -5,8 +5,10 @@
 //! FDB entries), which peers it cannot program, and what it leaves behind
 //! that another backend must remove.
 //!
-//! Adding a backend: a module here implementing [`Backend`], one arm in
-//! `agent::run` and one line in [`teardown_others`].
+//! Adding a backend: a folder here with a type implementing [`Backend`]
+//! (its `TYPE`, its own config decoded from net-conf.json's `Backend` object,
+//! what it sets up, how peers are reached, what it leaves behind), and its
+//! line in [`registry!`] at the end of this file.
 
 pub mod hostgw;
 mod uplink;
@@ -17,7 +19,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use flannel_shared::IpNet;
-use flannel_shared::netconf::{Backend as BackendConfig, BackendType, Family};
+use flannel_shared::netconf::{Backend as BackendConfig, Family, NetConfigError};
 use flannel_shared::netlink::NetlinkError;
 
 use crate::kernel::Kernel;
@@ -86,8 +88,26 @@ impl FamilyNet {
 
 /// A backend. The agent runs on a single-threaded runtime, so these futures need not be `Send`.
 #[allow(async_fn_in_trait)]
-pub trait Backend {
-    fn kind(&self) -> BackendType;
+pub trait Backend: Sized {
+    /// net-conf.json's `Backend.Type`, and the lease's `BackendType`.
+    const TYPE: &'static str;
+    /// What it reads from net-conf.json's `Backend` object.
+    type Config;
+
+    /// Decodes its config; `warn` gets the keys that do not apply to it.
+    fn config(section: &BackendConfig, warn: &mut dyn FnMut(String)) -> Result<Self::Config, NetConfigError>;
+
+    fn new(cfg: Self::Config) -> Self;
+
+    fn kind(&self) -> &'static str {
+        Self::TYPE
+    }
+
+    /// Removes what an earlier run of this backend left on the node, when
+    /// `section` (the config now in force) names another backend.
+    async fn teardown<K: Kernel>(_k: &K, _section: &BackendConfig) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Sets the node up for `fam` before the first lease; returns the backend
     /// data to advertise for that family. `mgr` is asked for what we advertised
@@ -129,11 +149,78 @@ pub trait Backend {
     }
 }
 
-/// Removes what the other backends leave on a node, after a switch to `cfg.kind`.
-pub async fn teardown_others<K: Kernel>(k: &K, cfg: &BackendConfig) -> Result<(), BackendError> {
-    if cfg.kind != BackendType::Vxlan {
-        vxlan::teardown(k, cfg).await?;
+/// What is done with the backend net-conf.json names, once it is known (the
+/// agent runs with it); generic over the backend's type.
+#[allow(async_fn_in_trait)]
+pub trait WithBackend {
+    type Out;
+    async fn run<B: Backend>(self, b: B) -> Self::Out;
+}
+
+/// The backends, by their `Type`: one line each. It makes [`TYPES`],
+/// [`check`], [`with_backend`] and [`teardown_others`].
+macro_rules! registry {
+    ($($ty:ty),+ $(,)?) => {
+        /// The `Backend.Type`s this agent runs.
+        pub const TYPES: &[&str] = &[$(<$ty as Backend>::TYPE),+];
+
+        /// Checks net-conf.json's `Backend` object against its Type's backend.
+        pub fn check(section: &BackendConfig, warn: &mut dyn FnMut(String)) -> Result<(), NetConfigError> {
+            $(if section.kind == <$ty as Backend>::TYPE {
+                return <$ty as Backend>::config(section, warn).map(|_| ());
+            })+
+            Err(unsupported(section))
+        }
+
+        /// Builds the backend `section` names and hands it to `w`.
+        pub async fn with_backend<W: WithBackend>(section: &BackendConfig, w: W) -> Result<W::Out, NetConfigError> {
+            $(if section.kind == <$ty as Backend>::TYPE {
+                let cfg = <$ty as Backend>::config(section, &mut |_| {})?;
+                return Ok(w.run(<$ty as Backend>::new(cfg)).await);
+            })+
+            Err(unsupported(section))
+        }
+
+        /// Removes what the other backends leave on a node, after a switch to `section.kind`.
+        pub async fn teardown_others<K: Kernel>(k: &K, section: &BackendConfig) -> Result<(), BackendError> {
+            $(if section.kind != <$ty as Backend>::TYPE {
+                <$ty as Backend>::teardown(k, section).await?;
+            })+
+            Ok(())
+        }
+    };
+}
+
+fn unsupported(section: &BackendConfig) -> NetConfigError {
+    let known: Vec<String> = TYPES.iter().map(|t| format!("{t:?}")).collect();
+    NetConfigError::new("Backend.Type", format!("{:?} is not supported (use {})", section.kind, known.join(" or ")))
+}
+
+registry!(vxlan::Vxlan, hostgw::HostGw);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flannel_shared::netconf::NetConfig;
+
+    fn check_doc(doc: &str) -> Result<(), NetConfigError> {
+        check(&NetConfig::parse(doc, |_| {}).unwrap().backend, &mut |_| {})
     }
-    // host-gw leaves routes only; the reconciler replaces or removes them as ours.
-    Ok(())
+
+    #[test]
+    fn the_registry_checks_each_type_with_its_own_config() {
+        assert_eq!(TYPES, ["vxlan", "host-gw"]);
+        check_doc(r#"{"Network":"10.0.0.0/16"}"#).unwrap();
+        check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+        let e = check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#).unwrap_err();
+        assert_eq!(e.to_string(), r#"network config: Backend.Type: "udp" is not supported (use "vxlan" or "host-gw")"#);
+        let e = check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":-1}}"#).unwrap_err();
+        assert_eq!(e.field, "Backend.VNI");
+        // host-gw has no keys of its own: vxlan's are ignored there, with a warning.
+        let mut warned = Vec::new();
+        let b =
+            NetConfig::parse(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw","VNI":"x"}}"#, |_| {}).unwrap();
+        check(&b.backend, &mut |w| warned.push(w)).unwrap();
+        assert_eq!(warned, ["network config: Backend.vni does not apply to host-gw and is ignored"]);
+    }
 }

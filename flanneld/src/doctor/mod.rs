@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use clap::Parser;
-use flannel_shared::netconf::{BackendType, NetConfig};
+use flannel_shared::netconf::NetConfig;
 use flannel_shared::netlink::Netlink;
 use tokio::sync::mpsc;
 
@@ -131,10 +131,10 @@ async fn store(
         read(crate::subnet::etcd::EtcdManager::new(client, &opts.etcd_prefix, opts.subnet_lease_ttl), r).await?
     };
     let (text, leases, stored) = got;
-    match NetConfig::parse(&text, |_| {}) {
+    match NetConfig::parse(&text, |_| {}).and_then(|c| crate::backend::check(&c.backend, &mut |_| {}).map(|()| c)) {
         Ok(cfg) => {
             let net = cfg.ipv4.as_ref().or(cfg.ipv6.as_ref()).map(|f| f.network.to_string()).unwrap_or_default();
-            r.ok("network config", format!("backend {}, Network {net}", cfg.backend.kind.as_str()));
+            r.ok("network config", format!("backend {}, Network {net}", cfg.backend.kind));
             Some((cfg, leases, stored))
         }
         Err(e) => {
@@ -173,7 +173,7 @@ pub async fn diagnose(opts: &Opts, ipam_dir: &Path, proc: &Path) -> Report {
             return r;
         }
     };
-    let vxlan = cfg.backend.kind == BackendType::Vxlan;
+    let vxlan = cfg.backend.kind == <crate::backend::vxlan::Vxlan as crate::backend::Backend>::TYPE;
     // Each family's VXLAN device; the checksum offload bug is one of VXLAN over IPv4.
     let mut vteps = [None, None];
     for (v6, on) in [(false, cfg.ipv4.is_some()), (true, cfg.ipv6.is_some())] {

@@ -7,13 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use flannel_shared::IpNet;
-use flannel_shared::netconf::{BackendType, NetConfig};
+use flannel_shared::netconf::NetConfig;
 use flannel_shared::netlink::{Address, Link, Netlink};
 use flannel_shared::subnet_env::SubnetEnv;
 
 use super::report::{Level, Report};
+use crate::backend::Backend;
 use crate::backend::Uplink;
-use crate::backend::vxlan::{VXLAN_OVERHEAD, device_name, underlay_mtu};
+use crate::backend::vxlan::{self, VXLAN_OVERHEAD, device_name, underlay_mtu};
 use crate::config::Opts;
 
 /// A GET on the agent's health port: (status, body), or why not.
@@ -207,7 +208,7 @@ pub fn kernel(r: &mut Report, proc: &Path, cfg: &NetConfig, devices: &[&str]) {
 
 /// The VXLAN device as the config and the uplink call for.
 pub async fn vtep(r: &mut Report, nl: &Netlink, cfg: &NetConfig, uplink: &Uplink, v6: bool) -> Option<Link> {
-    let b = &cfg.backend;
+    let b = &vxlan::Config::lenient(&cfg.backend);
     let name = device_name(b.vni, v6);
     let what = format!("VTEP {name}");
     let link = match nl.link_by_name(&name).await {
@@ -358,7 +359,7 @@ pub fn firewall(r: &mut Report, cfg: &NetConfig, opts: &Opts) {
     let dual = fams.len() > 1;
     // "(ip6tables)" after evidence of IPv6 rules; nothing for IPv4 alone, as before.
     let which = |bin: &str| if bin == "ip6tables" || dual { format!(" ({bin})") } else { String::new() };
-    let port = cfg.backend.port.to_string();
+    let port = vxlan::Config::lenient(&cfg.backend).port.to_string();
     let mut drops: Vec<(String, &str)> = Vec::new();
     for (bin, _, filter, _) in &fams {
         drops.extend(
@@ -373,7 +374,7 @@ pub fn firewall(r: &mut Report, cfg: &NetConfig, opts: &Opts) {
                 .map(|l| (l.to_string(), *bin)),
         );
     }
-    if cfg.backend.kind == BackendType::Vxlan && !drops.is_empty() {
+    if cfg.backend.kind == vxlan::Vxlan::TYPE && !drops.is_empty() {
         let shown: Vec<String> = drops.iter().map(|(l, bin)| format!("{l}{}", which(bin))).collect();
         r.fail(
             "firewall: VXLAN port",

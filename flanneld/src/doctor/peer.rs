@@ -10,14 +10,14 @@ use std::time::Instant;
 use flannel_shared::IpNet;
 use flannel_shared::Mac;
 use flannel_shared::lease::Lease;
-use flannel_shared::netconf::{BackendType, NetConfig};
+use flannel_shared::netconf::NetConfig;
 use flannel_shared::netlink::{Link, Netlink, RT_TABLE_MAIN, Route};
 use flannel_shared::subnet_env::SubnetEnv;
 
 use super::probe::{self, Target};
 use super::report::{self, Level, PeerProblem, Report};
 use crate::backend::hostgw::HostGw;
-use crate::backend::{Backend, FamilyNet, Uplink};
+use crate::backend::{Backend, FamilyNet, Uplink, vxlan};
 use crate::peers::PeerTable;
 use crate::reconcile::{self, Mode, Peer, RTPROT_FLANNEL};
 use crate::subnet::LeaseEvent;
@@ -40,7 +40,7 @@ pub async fn check(
     vteps: [Option<&Link>; 2],
     leases: Vec<Lease>,
 ) {
-    let vxlan = cfg.backend.kind == BackendType::Vxlan;
+    let vxlan = cfg.backend.kind == vxlan::Vxlan::TYPE;
     let own: HashSet<IpNet> = [env.subnet, env.ipv6_subnet].into_iter().flatten().map(|s| s.network()).collect();
     // Each family's subnet of a lease -> the lease (the peer node) it belongs to.
     let mut node_of: HashMap<IpNet, IpNet> = HashMap::new();
@@ -73,14 +73,18 @@ pub async fn check(
             (true, Some(v)) => Mode::Vxlan {
                 vtep: v.index,
                 uplink: uplink.index,
-                direct_on: if cfg.backend.direct_routing { fam.nets.first().copied() } else { None },
+                direct_on: if vxlan::Config::lenient(&cfg.backend).direct_routing {
+                    fam.nets.first().copied()
+                } else {
+                    None
+                },
             },
             // The VTEP check has said why.
             (true, None) => continue,
             (false, _) => Mode::HostGw { uplink: uplink.index },
         };
         let refuse = |ip: IpAddr| if vxlan { None } else { HostGw.refuse(&fam, uplink, ip) };
-        let (mut peers, skipped) = table.for_family(&fam, cfg.backend.kind.as_str(), refuse);
+        let (mut peers, skipped) = table.for_family(&fam, &cfg.backend.kind, refuse);
         peers.retain(|p| !own.contains(&p.subnet));
         for (subnet, why) in skipped.iter().filter(|(s, _)| !own.contains(s)) {
             nodes.insert(node(subnet));
@@ -135,7 +139,7 @@ pub async fn check(
         }
     }
 
-    let port = cfg.backend.port;
+    let port = vxlan::Config::lenient(&cfg.backend).port;
     let mut failing: HashSet<IpNet> = HashSet::new();
     let mut k = 0;
     for f in &families {

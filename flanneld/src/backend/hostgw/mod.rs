@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use flannel_shared::IpNet;
-use flannel_shared::netconf::BackendType;
+use flannel_shared::netconf::{Backend as BackendConfig, NetConfigError};
 
 use super::{Backend, BackendError, FamilyNet, Uplink};
 use crate::kernel::Kernel;
@@ -17,8 +17,17 @@ use crate::subnet::SubnetManager;
 pub struct HostGw;
 
 impl Backend for HostGw {
-    fn kind(&self) -> BackendType {
-        BackendType::HostGw
+    const TYPE: &'static str = "host-gw";
+    /// host-gw has no keys of its own.
+    type Config = ();
+
+    fn config(section: &BackendConfig, warn: &mut dyn FnMut(String)) -> Result<(), NetConfigError> {
+        section.warn_unknown(&[], warn);
+        Ok(())
+    }
+
+    fn new(_: ()) -> HostGw {
+        HostGw
     }
 
     async fn setup<K: Kernel, M: SubnetManager>(

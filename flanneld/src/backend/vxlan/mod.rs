@@ -4,6 +4,8 @@
 //! entry each (see [`crate::reconcile`]). With `DirectRouting`, peers on the
 //! uplink's own network get a plain route instead.
 
+mod config;
+
 use std::net::IpAddr;
 
 use serde_json::Value;
@@ -12,8 +14,10 @@ use tracing::{info, warn};
 use flannel_shared::IpNet;
 use flannel_shared::Mac;
 use flannel_shared::lease::VxlanData;
-use flannel_shared::netconf::{Backend as BackendConfig, BackendType};
+use flannel_shared::netconf::{Backend as BackendConfig, NetConfigError};
 use flannel_shared::netlink::{Address, Link, VxlanSpec};
+
+pub use config::Config;
 
 use super::uplink::usable_v6;
 use super::{Backend, BackendError, FamilyNet, Uplink};
@@ -29,7 +33,7 @@ pub const VXLAN6_OVERHEAD: u32 = 70;
 /// The MTU of the network the tunnel runs over: `Backend.MTU` when given
 /// (upstream's meaning: the underlay's MTU, so a copied `"MTU":1400` makes a
 /// 1350 device), else the uplink's.
-pub fn underlay_mtu(cfg: &BackendConfig, uplink: &Uplink) -> u32 {
+pub fn underlay_mtu(cfg: &Config, uplink: &Uplink) -> u32 {
     cfg.mtu.unwrap_or(uplink.mtu)
 }
 
@@ -46,16 +50,12 @@ struct Vtep {
 }
 
 pub struct Vxlan {
-    cfg: BackendConfig,
+    cfg: Config,
     /// By family: `[IPv4, IPv6]`.
     vteps: [Option<Vtep>; 2],
 }
 
 impl Vxlan {
-    pub fn new(cfg: &BackendConfig) -> Vxlan {
-        Vxlan { cfg: cfg.clone(), vteps: [None, None] }
-    }
-
     fn spec(&self, fam: &FamilyNet, uplink: &Uplink) -> Result<VtepSpec, BackendError> {
         let local = fam.local.ok_or_else(|| {
             BackendError::Config(format!(
@@ -77,8 +77,19 @@ impl Vxlan {
 }
 
 impl Backend for Vxlan {
-    fn kind(&self) -> BackendType {
-        BackendType::Vxlan
+    const TYPE: &'static str = "vxlan";
+    type Config = Config;
+
+    fn config(section: &BackendConfig, warn: &mut dyn FnMut(String)) -> Result<Config, NetConfigError> {
+        Config::parse(section, warn)
+    }
+
+    fn new(cfg: Config) -> Vxlan {
+        Vxlan { cfg, vteps: [None, None] }
+    }
+
+    async fn teardown<K: Kernel>(k: &K, section: &BackendConfig) -> Result<(), BackendError> {
+        teardown(k, section).await
     }
 
     async fn setup<K: Kernel, M: SubnetManager>(
@@ -146,13 +157,14 @@ impl Backend for Vxlan {
 }
 
 /// Removes the VTEPs of an earlier vxlan run (and with them every route, ARP and FDB entry on them).
-pub async fn teardown<K: Kernel>(k: &K, cfg: &BackendConfig) -> Result<(), BackendError> {
-    for name in [device_name(cfg.vni, false), device_name(cfg.vni, true)] {
+pub async fn teardown<K: Kernel>(k: &K, section: &BackendConfig) -> Result<(), BackendError> {
+    let vni = Config::lenient(section).vni;
+    for name in [device_name(vni, false), device_name(vni, true)] {
         if let Some(l) = k.link_by_name(&name).await?
             && l.vxlan.is_some()
         {
             k.del_link(l.index).await?;
-            info!("backend is {}: removed the VXLAN device {name} left from an earlier vxlan run", cfg.kind.as_str());
+            info!("backend is {}: removed the VXLAN device {name} left from an earlier vxlan run", section.kind);
         }
     }
     Ok(())
