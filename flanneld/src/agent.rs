@@ -32,7 +32,7 @@ use crate::kernel::watch::{Interest, KernelWatch};
 use crate::metrics::{self, Metrics};
 use crate::peers::{Change, Known, PeerTable};
 use crate::preflight::{self, PreflightError};
-use crate::reconcile::{self, Mode, RTPROT_FLANNEL};
+use crate::reconcile::{self, Peer, RTPROT_FLANNEL};
 use crate::subnet::etcd::{self, EtcdManager};
 use crate::subnet::{Claim, LeaseEvent, OwnLease, SubnetError, SubnetManager};
 use flannel_shared::firewall::{Firewall, RuleSet};
@@ -449,7 +449,9 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             .collect();
         self.last_skipped.retain(|(s, _)| !changed.contains(s));
         for fam in &self.fams {
-            let Some(mode) = self.backend.mode(fam, &self.uplink) else { continue };
+            let Some(all) = self.backend.desired(fam, &self.uplink, &[]) else { continue };
+            let vtep = all.device;
+            let of = |p: Option<Peer>| self.backend.desired(fam, &self.uplink, p.as_slice()).unwrap_or_default();
             let refuse = |ip| self.backend.refuse(fam, &self.uplink, ip);
             let mut ops = Vec::new();
             for (subnet, old) in &changes {
@@ -463,14 +465,10 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
                     }
                     _ => None,
                 };
-                let plan = reconcile::plan_peer(&mode, was.as_ref(), now.as_ref(), !fam.v6);
+                let plan = reconcile::plan_peer(&of(was), &of(now), !fam.v6);
                 ops.extend(plan.ops);
                 (routes, neighbours, fdb) = (routes + plan.routes, neighbours + plan.neighbours, fdb + plan.fdb);
             }
-            let vtep = match mode {
-                Mode::Vxlan { vtep, .. } => Some(vtep),
-                Mode::HostGw { .. } => None,
-            };
             self.kernel.expect(ops.iter().filter_map(|op| op.echo(vtep)));
             match reconcile::run_ops(&self.k, &ops, vtep).await {
                 Ok(done) => {
@@ -518,10 +516,9 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         let mut ok = true;
         let backend_type = self.backend.kind();
         for fam in &self.fams {
-            let Some(mode) = self.backend.mode(fam, &self.uplink) else { continue };
             let (peers, mut skip) =
                 self.peers.for_family(fam, backend_type, |ip| self.backend.refuse(fam, &self.uplink, ip));
-            let mut want = reconcile::desired(&mode, &peers);
+            let Some(mut want) = self.backend.desired(fam, &self.uplink, &peers) else { continue };
             skipped.append(&mut skip);
             skipped.append(&mut want.skipped);
             if self.opts.ip_blackhole_route
@@ -532,11 +529,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             routes += want.routes.len();
             neighbours += want.neighbours.len();
             fdb += want.fdb.len();
-            let vtep = match mode {
-                Mode::Vxlan { vtep, .. } => Some(vtep),
-                Mode::HostGw { .. } => None,
-            };
-            match reconcile::apply_family(&self.k, &want, vtep, !fam.v6, self.peers.listed()).await {
+            match reconcile::apply_family(&self.k, &want, want.device, !fam.v6, self.peers.listed()).await {
                 Ok(done) => {
                     let changes = done.routes_added
                         + done.routes_removed

@@ -23,53 +23,25 @@ pub struct Peer {
     pub vtep_mac: Option<Mac>,
 }
 
-/// How peers are reached.
-#[derive(Clone, Debug)]
-pub enum Mode {
-    /// Overlay through the VXLAN device `vtep`; with `direct_on`, peers whose
-    /// public IP lies in that (uplink) subnet get a plain route instead.
-    Vxlan { vtep: u32, uplink: u32, direct_on: Option<IpNet> },
-    /// Plain routes via each peer's public IP on the uplink.
-    HostGw { uplink: u32 },
-}
-
-/// The kernel state the peers call for.
+/// The kernel state the peers call for, as the backend computes it
+/// ([`crate::backend::Backend::desired`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
+    /// The device the ARP/NDP and FDB entries live on (vxlan's VTEP), if any.
+    pub device: Option<u32>,
     pub routes: Vec<Route>,
-    /// ARP/NDP on the VTEP: peer gateway -> VTEP MAC.
+    /// ARP/NDP on `device`: peer gateway -> its MAC.
     pub neighbours: HashMap<IpAddr, Mac>,
-    /// FDB on the VTEP: VTEP MAC -> peer public IP.
+    /// FDB on `device`: MAC -> peer public IP.
     pub fdb: HashMap<Mac, IpAddr>,
     /// Peers that could not be programmed, with the reason.
     pub skipped: Vec<(IpNet, String)>,
 }
 
-pub fn desired(mode: &Mode, peers: &[Peer]) -> Desired {
-    let mut d = Desired::default();
-    for p in peers {
-        let subnet = p.subnet.network();
-        match mode {
-            Mode::HostGw { uplink } => {
-                d.routes.push(Route::new(subnet).via(p.public_ip).dev(*uplink).protocol(RTPROT_FLANNEL));
-            }
-            Mode::Vxlan { vtep, uplink, direct_on } => {
-                if direct_on.is_some_and(|n| n.contains(p.public_ip)) {
-                    d.routes.push(Route::new(subnet).via(p.public_ip).dev(*uplink).protocol(RTPROT_FLANNEL));
-                    continue;
-                }
-                let Some(mac) = p.vtep_mac else {
-                    d.skipped.push((subnet, "lease has no VtepMAC".to_string()));
-                    continue;
-                };
-                let gw = subnet.network_addr();
-                d.routes.push(Route::new(subnet).via(gw).dev(*vtep).onlink().protocol(RTPROT_FLANNEL));
-                d.neighbours.insert(gw, mac);
-                d.fdb.insert(mac, p.public_ip);
-            }
-        }
+impl Desired {
+    pub fn on(device: Option<u32>) -> Desired {
+        Desired { device, ..Desired::default() }
     }
-    d
 }
 
 /// What one pass changed.
@@ -270,14 +242,13 @@ pub struct PeerPlan {
     pub fdb: i64,
 }
 
-/// Plans one peer's change from the same [`desired`] the full pass uses, so
-/// the two cannot disagree on what is correct: only entries that differ are
+/// Plans one peer's change from the backend's desired state for that peer
+/// before (`was`) and now (`want`), the same the full pass uses, so the two
+/// cannot disagree on what is correct: only entries that differ are
 /// written (every write is a real change the kernel notifies once), in the
 /// full pass's order: ARP/FDB before the routes that use them, stale routes
 /// before the entries they used. Nothing is read from the kernel.
-pub fn plan_peer(mode: &Mode, old: Option<&Peer>, new: Option<&Peer>, v4: bool) -> PeerPlan {
-    let was = desired(mode, old.cloned().as_slice());
-    let want = desired(mode, new.cloned().as_slice());
+pub fn plan_peer(was: &Desired, want: &Desired, v4: bool) -> PeerPlan {
     let mut ops = Vec::new();
     for (ip, mac) in &want.neighbours {
         if was.neighbours.get(ip) != Some(mac) {
@@ -365,37 +336,4 @@ pub async fn run_ops<K: Kernel>(nl: &K, ops: &[Op], vtep: Option<u32>) -> Result
 /// A delete that found nothing: fine, the entry is gone either way.
 fn gone(e: NetlinkError) -> Result<bool, NetlinkError> {
     if e.is_not_found() { Ok(false) } else { Err(e) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn peer(subnet: &str, ip: &str, mac: Option<Mac>) -> Peer {
-        Peer { subnet: subnet.parse().unwrap(), public_ip: ip.parse().unwrap(), vtep_mac: mac }
-    }
-
-    #[test]
-    fn vxlan_desired_state_matches_upstream_layout() {
-        let mac = Mac([0x0e, 0, 0, 0, 0, 2]);
-        let peers = [
-            peer("10.244.2.0/24", "192.0.2.2", Some(mac)),
-            peer("10.244.3.0/24", "198.51.100.3", None),
-            peer("10.244.4.0/24", "192.0.2.4", Some(Mac([0x0e, 0, 0, 0, 0, 4]))),
-        ];
-        let d = desired(&Mode::Vxlan { vtep: 7, uplink: 2, direct_on: None }, &peers);
-        let r = &d.routes[0];
-        assert_eq!(r.dst.to_string(), "10.244.2.0/24");
-        assert_eq!(r.gateway, Some("10.244.2.0".parse().unwrap()));
-        assert!(r.onlink && r.oif == Some(7) && r.protocol == RTPROT_FLANNEL);
-        assert_eq!(d.neighbours[&"10.244.2.0".parse::<IpAddr>().unwrap()], mac);
-        assert_eq!(d.fdb[&mac], "192.0.2.2".parse::<IpAddr>().unwrap());
-        assert_eq!(d.skipped.len(), 1);
-        assert_eq!(d.routes.len(), 2);
-
-        // DirectRouting: same-L2 peers get a host-gw style route, others stay on the overlay.
-        let d = desired(&Mode::Vxlan { vtep: 7, uplink: 2, direct_on: Some("192.0.2.0/24".parse().unwrap()) }, &peers);
-        assert!(d.routes.iter().any(|r| r.dst.to_string() == "10.244.2.0/24" && r.oif == Some(2) && !r.onlink));
-        assert!(d.neighbours.is_empty());
-    }
 }

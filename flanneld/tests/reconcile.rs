@@ -3,7 +3,8 @@
 use e2e::Netns;
 use flannel_shared::Mac;
 use flannel_shared::netlink::{Netlink, VxlanSpec};
-use flanneld::reconcile::{Desired, Mode, Peer, RTPROT_FLANNEL, apply, apply_family, desired};
+use flanneld::backend::{hostgw, vxlan};
+use flanneld::reconcile::{Desired, Peer, RTPROT_FLANNEL, apply, apply_family};
 use serde_json::Value;
 
 fn peers(n: usize) -> Vec<Peer> {
@@ -95,9 +96,8 @@ fn vxlan_state_is_reconciled_not_appended() {
         // A route that belongs to someone else.
         node.ip(&["route", "add", "10.99.0.0/16", "via", "192.0.2.254"]);
 
-        let mode = Mode::Vxlan { vtep, uplink, direct_on: None };
         let all = peers(3);
-        let want = desired(&mode, &all);
+        let want = vxlan::desired(vtep, uplink, None, &all);
         let done = apply(&nl, &want, Some(vtep)).await.unwrap();
         assert_eq!((done.routes_added, done.neighbours_set, done.fdb_set), (3, 3, 3));
         assert_eq!(
@@ -130,7 +130,7 @@ fn vxlan_state_is_reconciled_not_appended() {
         // A peer whose lease is gone disappears everywhere; a changed VtepMAC is followed.
         let mut fewer = all[..2].to_vec();
         fewer[1].vtep_mac = Some(Mac([0x0e, 0, 0, 0, 0, 0x33]));
-        let want = desired(&mode, &fewer);
+        let want = vxlan::desired(vtep, uplink, None, &fewer);
         let done = apply(&nl, &want, Some(vtep)).await.unwrap();
         assert_eq!(done.routes_removed, 1);
         assert_eq!(owned_routes(&node).len(), 2);
@@ -138,7 +138,7 @@ fn vxlan_state_is_reconciled_not_appended() {
         assert_eq!(fdb(&node), ["0e:00:00:00:00:02 192.0.2.2", "0e:00:00:00:00:33 192.0.2.3"]);
 
         // Switching to host-gw: routes via the peers' public IPs replace the overlay ones.
-        let hg = desired(&Mode::HostGw { uplink }, &fewer);
+        let hg = hostgw::desired(uplink, &fewer);
         apply(&nl, &hg, None).await.unwrap();
         assert_eq!(
             owned_routes(&node),
@@ -174,14 +174,14 @@ fn ipv6_passes_settle() {
                 vtep_mac: Some(Mac([0x0e, 0, 0, 0, 0, i as u8])),
             })
             .collect();
-        let want = desired(&Mode::HostGw { uplink }, &peers);
+        let want = hostgw::desired(uplink, &peers);
         let done = apply_family(&nl, &want, None, false, true).await.unwrap();
         assert_eq!(done.routes_added, 2);
         let again = apply_family(&nl, &want, None, false, true).await.unwrap();
         assert!(again.is_noop(), "{again:?}: {}", node.ip(&["-6", "route"]));
 
         let vtep = vtep(&nl, "flannel-v6.1", "2001:db8::1", uplink).await;
-        let want = desired(&Mode::Vxlan { vtep, uplink, direct_on: None }, &peers);
+        let want = vxlan::desired(vtep, uplink, None, &peers);
         let done = apply_family(&nl, &want, Some(vtep), false, true).await.unwrap();
         assert_eq!((done.routes_added, done.neighbours_set, done.fdb_set), (2, 2, 2));
         let again = apply_family(&nl, &want, Some(vtep), false, true).await.unwrap();

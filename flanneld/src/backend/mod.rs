@@ -1,9 +1,9 @@
 //! Backends: how this node reaches the others. Each one is a module behind
 //! [`Backend`]: what it sets up on the node for an address family (a device,
-//! the MTU it leaves pods, the backend data peers find in our lease), how
-//! peers are reached (the [`Mode`] the reconciler turns into routes, ARP and
-//! FDB entries), which peers it cannot program, and what it leaves behind
-//! that another backend must remove.
+//! the MTU it leaves pods, the backend data peers find in our lease), what
+//! the kernel must hold to reach the peers (the [`Desired`] routes, ARP and FDB
+//! entries the reconciler applies), which peers it cannot program, and what it
+//! leaves behind that another backend must remove.
 //!
 //! Adding a backend: a folder here with a type implementing [`Backend`]
 //! (its `TYPE`, its own config decoded from net-conf.json's `Backend` object,
@@ -23,7 +23,7 @@ use flannel_shared::netconf::{Backend as BackendConfig, Family, NetConfigError};
 use flannel_shared::netlink::NetlinkError;
 
 use crate::kernel::Kernel;
-use crate::reconcile::Mode;
+use crate::reconcile::{Desired, Peer};
 use crate::subnet::{OwnLease, SubnetManager};
 
 pub use uplink::{PublicIps, Uplink, find_uplink};
@@ -135,8 +135,10 @@ pub trait Backend: Sized {
     /// The largest pod MTU this backend carries in `fam`.
     fn mtu(&self, fam: &FamilyNet, uplink: &Uplink) -> u32;
 
-    /// How peers are reached in `fam`; `None` while the family is not set up.
-    fn mode(&self, fam: &FamilyNet, uplink: &Uplink) -> Option<Mode>;
+    /// What the kernel must hold to reach `peers` in `fam` (the full pass
+    /// applies it for all peers, the incremental path diffs it for one);
+    /// `None` while the family is not set up.
+    fn desired(&self, fam: &FamilyNet, uplink: &Uplink, peers: &[Peer]) -> Option<Desired>;
 
     /// Why a peer at `public_ip` cannot be programmed, if it cannot.
     fn refuse(&self, _fam: &FamilyNet, _uplink: &Uplink, _public_ip: IpAddr) -> Option<String> {

@@ -16,11 +16,29 @@ use flannel_shared::subnet_env::SubnetEnv;
 
 use super::probe::{self, Target};
 use super::report::{self, Level, PeerProblem, Report};
+use crate::backend::hostgw;
 use crate::backend::hostgw::HostGw;
 use crate::backend::{Backend, FamilyNet, Uplink, vxlan};
 use crate::peers::PeerTable;
-use crate::reconcile::{self, Mode, Peer, RTPROT_FLANNEL};
+use crate::reconcile::{self, Desired, Peer, RTPROT_FLANNEL};
 use crate::subnet::LeaseEvent;
+
+/// How this node reaches its peers, as doctor reads it off the config and the
+/// devices it found (the agent's backends compute the same [`Desired`]).
+#[derive(Clone, Debug)]
+enum Mode {
+    Vxlan { vtep: u32, uplink: u32, direct_on: Option<IpNet> },
+    HostGw { uplink: u32 },
+}
+
+impl Mode {
+    fn desired(&self, peers: &[Peer]) -> Desired {
+        match *self {
+            Mode::Vxlan { vtep, uplink, direct_on } => vxlan::desired(vtep, uplink, direct_on, peers),
+            Mode::HostGw { uplink } => hostgw::desired(uplink, peers),
+        }
+    }
+}
 
 /// One family's peers as this node should reach them.
 struct Family {
@@ -246,7 +264,7 @@ impl Kernel {
 
     /// What of the peer's desired entries (the reconciler's own) the kernel lacks.
     fn mismatches(&self, mode: &Mode, p: &Peer) -> Vec<String> {
-        let want = reconcile::desired(mode, std::slice::from_ref(p));
+        let want = mode.desired(std::slice::from_ref(p));
         let mac = |m: &Mac| m.to_string();
         let nd = |ip: &IpAddr| if ip.is_ipv4() { "ARP" } else { "NDP" };
         let mut out = Vec::new();

@@ -11,8 +11,9 @@ use flannel_shared::netconf::{Backend as BackendConfig, NetConfigError};
 
 use super::{Backend, BackendError, FamilyNet, Uplink};
 use crate::kernel::Kernel;
-use crate::reconcile::Mode;
+use crate::reconcile::{Desired, Peer, RTPROT_FLANNEL};
 use crate::subnet::SubnetManager;
+use flannel_shared::netlink::Route;
 
 pub struct HostGw;
 
@@ -55,8 +56,8 @@ impl Backend for HostGw {
         uplink.mtu
     }
 
-    fn mode(&self, _fam: &FamilyNet, uplink: &Uplink) -> Option<Mode> {
-        Some(Mode::HostGw { uplink: uplink.index })
+    fn desired(&self, _fam: &FamilyNet, uplink: &Uplink, peers: &[Peer]) -> Option<Desired> {
+        Some(desired(uplink.index, peers))
     }
 
     fn refuse(&self, fam: &FamilyNet, uplink: &Uplink, public_ip: IpAddr) -> Option<String> {
@@ -68,4 +69,13 @@ impl Backend for HostGw {
             )
         })
     }
+}
+
+/// A plain route to each peer's subnet via its public IP on the uplink.
+pub fn desired(uplink: u32, peers: &[Peer]) -> Desired {
+    let mut d = Desired::on(None);
+    for p in peers {
+        d.routes.push(Route::new(p.subnet.network()).via(p.public_ip).dev(uplink).protocol(RTPROT_FLANNEL));
+    }
+    d
 }

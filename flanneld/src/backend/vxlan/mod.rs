@@ -15,14 +15,14 @@ use flannel_shared::IpNet;
 use flannel_shared::Mac;
 use flannel_shared::lease::VxlanData;
 use flannel_shared::netconf::{Backend as BackendConfig, NetConfigError};
-use flannel_shared::netlink::{Address, Link, VxlanSpec};
+use flannel_shared::netlink::{Address, Link, Route, VxlanSpec};
 
 pub use config::Config;
 
 use super::uplink::usable_v6;
 use super::{Backend, BackendError, FamilyNet, Uplink};
 use crate::kernel::Kernel;
-use crate::reconcile::Mode;
+use crate::reconcile::{Desired, Peer, RTPROT_FLANNEL};
 use crate::subnet::SubnetManager;
 
 /// VXLAN header + UDP + outer IPv4 + inner Ethernet.
@@ -142,18 +142,41 @@ impl Backend for Vxlan {
         self.vteps[fam.v6 as usize].as_ref().map_or(uplink.mtu, |v| v.spec.mtu)
     }
 
-    fn mode(&self, fam: &FamilyNet, uplink: &Uplink) -> Option<Mode> {
-        Some(Mode::Vxlan {
-            vtep: self.vteps[fam.v6 as usize].as_ref()?.index,
-            uplink: uplink.index,
-            direct_on: if self.cfg.direct_routing { fam.nets.first().copied() } else { None },
-        })
+    fn desired(&self, fam: &FamilyNet, uplink: &Uplink, peers: &[Peer]) -> Option<Desired> {
+        let vtep = self.vteps[fam.v6 as usize].as_ref()?.index;
+        let direct_on = if self.cfg.direct_routing { fam.nets.first().copied() } else { None };
+        Some(desired(vtep, uplink.index, direct_on, peers))
     }
 
     fn devices(&self) -> (Vec<String>, Vec<u32>) {
         let vteps = self.vteps.iter().flatten();
         (vteps.clone().map(|v| v.spec.name.clone()).collect(), vteps.map(|v| v.index).collect())
     }
+}
+
+/// Each peer through the VTEP `vtep`, as upstream lays it out: an onlink route
+/// `<subnet> via <subnet>.0 dev <vtep>`, a permanent ARP/NDP entry for that
+/// gateway with the peer's VtepMAC, an FDB entry sending that MAC to the peer's
+/// public IP. With `direct_on` (DirectRouting), peers whose public IP lies in
+/// that (uplink) network get a plain route on the uplink instead.
+pub fn desired(vtep: u32, uplink: u32, direct_on: Option<IpNet>, peers: &[Peer]) -> Desired {
+    let mut d = Desired::on(Some(vtep));
+    for p in peers {
+        let subnet = p.subnet.network();
+        if direct_on.is_some_and(|n| n.contains(p.public_ip)) {
+            d.routes.push(Route::new(subnet).via(p.public_ip).dev(uplink).protocol(RTPROT_FLANNEL));
+            continue;
+        }
+        let Some(mac) = p.vtep_mac else {
+            d.skipped.push((subnet, "lease has no VtepMAC".to_string()));
+            continue;
+        };
+        let gw = subnet.network_addr();
+        d.routes.push(Route::new(subnet).via(gw).dev(vtep).onlink().protocol(RTPROT_FLANNEL));
+        d.neighbours.insert(gw, mac);
+        d.fdb.insert(mac, p.public_ip);
+    }
+    d
 }
 
 /// Removes the VTEPs of an earlier vxlan run (and with them every route, ARP and FDB entry on them).
@@ -286,4 +309,39 @@ pub async fn ensure_vtep<K: Kernel>(
         nl.set_up(link.index).await?;
     }
     Ok((link, created))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flannel_shared::Mac;
+
+    fn peer(subnet: &str, ip: &str, mac: Option<Mac>) -> Peer {
+        Peer { subnet: subnet.parse().unwrap(), public_ip: ip.parse().unwrap(), vtep_mac: mac }
+    }
+
+    #[test]
+    fn desired_state_matches_upstream_layout() {
+        let mac = Mac([0x0e, 0, 0, 0, 0, 2]);
+        let peers = [
+            peer("10.244.2.0/24", "192.0.2.2", Some(mac)),
+            peer("10.244.3.0/24", "198.51.100.3", None),
+            peer("10.244.4.0/24", "192.0.2.4", Some(Mac([0x0e, 0, 0, 0, 0, 4]))),
+        ];
+        let d = desired(7, 2, None, &peers);
+        assert_eq!(d.device, Some(7));
+        let r = &d.routes[0];
+        assert_eq!(r.dst.to_string(), "10.244.2.0/24");
+        assert_eq!(r.gateway, Some("10.244.2.0".parse().unwrap()));
+        assert!(r.onlink && r.oif == Some(7) && r.protocol == RTPROT_FLANNEL);
+        assert_eq!(d.neighbours[&"10.244.2.0".parse::<IpAddr>().unwrap()], mac);
+        assert_eq!(d.fdb[&mac], "192.0.2.2".parse::<IpAddr>().unwrap());
+        assert_eq!(d.skipped.len(), 1);
+        assert_eq!(d.routes.len(), 2);
+
+        // DirectRouting: same-L2 peers get a host-gw style route, others stay on the overlay.
+        let d = desired(7, 2, Some("192.0.2.0/24".parse().unwrap()), &peers);
+        assert!(d.routes.iter().any(|r| r.dst.to_string() == "10.244.2.0/24" && r.oif == Some(2) && !r.onlink));
+        assert!(d.neighbours.is_empty());
+    }
 }
