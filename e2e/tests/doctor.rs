@@ -20,6 +20,12 @@ fn cluster(backend: &str) -> Cluster {
     for i in 0..3 {
         assert!(c.wait_ready(i, READY), "node{}: {}", i + 1, c.nodes[i].log());
     }
+    // Ready is the first listing programmed; a node that joined after it arrives
+    // by the watch a moment later. Doctor's "healthy" is the converged mesh.
+    for i in 0..3 {
+        let meshed = e2e::wait_until(READY, || c.nodes[i].flannel_routes().len() == 2);
+        assert!(meshed, "node{} never routed to both peers: {}", i + 1, c.nodes[i].log());
+    }
     for i in 0..3 {
         c.add_pod(i);
     }
