@@ -49,12 +49,18 @@ const KERNEL_SETTLE: Duration = Duration::from_millis(50);
 const INCREMENTAL_MAX: usize = 256;
 
 /// Lease changes not yet in the kernel.
-#[derive(Debug, Default)]
-struct Pending {
+#[derive(Debug)]
+struct Pending<D> {
     /// A full pass is due (a listing, our lease re-claimed, a failed write).
     all: bool,
     /// Changed peers, with what each was before the first change of the batch.
-    peers: std::collections::BTreeMap<IpNet, Option<Box<Known>>>,
+    peers: std::collections::BTreeMap<IpNet, Option<Box<Known<D>>>>,
+}
+
+impl<D> Default for Pending<D> {
+    fn default() -> Self {
+        Pending { all: false, peers: Default::default() }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +107,8 @@ pub struct Agent<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> {
     uplink: Uplink,
     attrs: LeaseAttrs,
     own: Option<OwnLease>,
-    peers: PeerTable,
-    pending: Pending,
+    peers: PeerTable<B::PeerData>,
+    pending: Pending<B::PeerData>,
     last_skipped: Vec<(IpNet, String)>,
     renew_backoff: Backoff,
     next_renew: Instant,
@@ -218,7 +224,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             uplink,
             attrs,
             own: None,
-            peers: PeerTable::default(),
+            peers: PeerTable::new(B::peer_data),
             pending: Pending::default(),
             last_skipped: Vec::new(),
             renew_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
@@ -438,7 +444,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         let mut ok = true;
         let (mut routes, mut neighbours, mut fdb) = (0i64, 0i64, 0i64);
         // The changed peers' old reasons for being left out go; their new ones are said once.
-        let subnets_of = |k: &Known| [Some(k.lease.subnet), k.lease.subnet6];
+        let subnets_of = |k: &Known<B::PeerData>| [Some(k.lease.subnet), k.lease.subnet6];
         let changed: std::collections::HashSet<IpNet> = changes
             .iter()
             .flat_map(|(s, old)| {
@@ -451,7 +457,9 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
         for fam in &self.fams {
             let Some(all) = self.backend.desired(fam, &self.uplink, &[]) else { continue };
             let vtep = all.device;
-            let of = |p: Option<Peer>| self.backend.desired(fam, &self.uplink, p.as_slice()).unwrap_or_default();
+            let of = |p: Option<Peer<B::PeerData>>| {
+                self.backend.desired(fam, &self.uplink, p.as_slice()).unwrap_or_default()
+            };
             let refuse = |ip| self.backend.refuse(fam, &self.uplink, ip);
             let mut ops = Vec::new();
             for (subnet, old) in &changes {

@@ -1,8 +1,8 @@
 //! The peers' leases as the agent knows them, kept from the subnet manager's
 //! events, and what one backend family makes of them.
 //!
-//! Each lease is decoded once, when its event arrives (the VTEP MACs out of
-//! the backend data JSON), not on every pass. An event that changes nothing
+//! Each lease is decoded once, when its event arrives (by the backend's
+//! decoder: vxlan's VTEP MACs out of the backend data JSON), not on every pass. An event that changes nothing
 //! (a Node heartbeat, an etcd lease renewal re-putting the same value) is
 //! reported as [`Change::None`]: no log line, no pass, no kernel write.
 
@@ -12,28 +12,27 @@ use std::net::IpAddr;
 use tracing::{debug, info, warn};
 
 use flannel_shared::IpNet;
-use flannel_shared::Mac;
 use flannel_shared::lease::{Lease, LeaseAttrs};
 
 use crate::backend::FamilyNet;
 use crate::reconcile::Peer;
 use crate::subnet::LeaseEvent;
 
-/// A peer's lease and what the backends need of it, decoded once.
+/// Decodes what a backend needs of a lease in one family (`true`: IPv6).
+pub type Decode<D> = fn(&Lease, bool) -> Option<D>;
+
+/// A peer's lease and what the backend needs of it, decoded once.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Known {
+pub struct Known<D> {
     pub lease: Lease,
-    /// `BackendData.VtepMAC` (vxlan), parsed.
-    mac: Option<Mac>,
-    /// `BackendV6Data.VtepMAC` (dual-stack vxlan), parsed.
-    mac6: Option<Mac>,
+    /// By family: `[IPv4, IPv6]`.
+    data: [Option<D>; 2],
 }
 
-impl Known {
-    pub fn new(lease: Lease) -> Known {
-        let mac = lease.vxlan_data().map(|d| d.vtep_mac);
-        let mac6 = lease.vxlan_v6_data().map(|d| d.vtep_mac);
-        Known { lease, mac, mac6 }
+impl<D: Clone> Known<D> {
+    pub fn new(lease: Lease, decode: Decode<D>) -> Known<D> {
+        let data = [decode(&lease, false), decode(&lease, true)];
+        Known { lease, data }
     }
 
     /// What `fam` makes of this lease on a node running `backend_type`, or why it cannot be programmed.
@@ -43,26 +42,26 @@ impl Known {
         fam: &FamilyNet,
         backend_type: &str,
         refuse: impl Fn(IpAddr) -> Option<String>,
-    ) -> Result<Peer, Option<(IpNet, String)>> {
+    ) -> Result<Peer<D>, Option<(IpNet, String)>> {
         let l = &self.lease;
         if l.attrs.backend_type != backend_type {
             let why = format!("backend {} (this node runs {backend_type})", l.attrs.backend_type);
             return Err((!fam.v6).then_some((l.subnet, why)));
         }
-        let (subnet, public_ip, vtep_mac) = if fam.v6 {
+        let (subnet, public_ip, data) = if fam.v6 {
             match (l.subnet6, l.attrs.public_ipv6) {
-                (Some(s), Some(ip)) => (s, IpAddr::V6(ip), self.mac6),
+                (Some(s), Some(ip)) => (s, IpAddr::V6(ip), self.data[1].clone()),
                 _ => return Err(Some((l.subnet, "no IPv6 half in its lease (an IPv4-only node)".to_string()))),
             }
         } else if l.has_ipv4() {
-            (l.subnet, IpAddr::V4(l.attrs.public_ip), self.mac)
+            (l.subnet, IpAddr::V4(l.attrs.public_ip), self.data[0].clone())
         } else {
             return Err(Some((l.key(), "no IPv4 half in its lease (an IPv6-only node)".to_string())));
         };
         if let Some(why) = refuse(public_ip) {
             return Err(Some((subnet, why)));
         }
-        Ok(Peer { subnet, public_ip, vtep_mac })
+        Ok(Peer { subnet, public_ip, data })
     }
 }
 
@@ -76,41 +75,46 @@ fn public_of(l: &Lease) -> IpAddr {
 
 /// What one event did to the table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
+pub enum Change<D> {
     /// Nothing the data path depends on.
     None,
     /// One peer was added, changed or removed; `old` is what it was before.
-    Peer { subnet: IpNet, old: Option<Box<Known>> },
+    Peer { subnet: IpNet, old: Option<Box<Known<D>>> },
     /// Everything may have changed (a full listing).
     All,
 }
 
 /// What the agent must do after an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    pub change: Change,
+pub struct Outcome<D> {
+    pub change: Change<D>,
     /// Our own lease needs claiming again (gone, or taken over).
     pub lost: bool,
 }
 
-impl Outcome {
-    fn none() -> Outcome {
+impl<D> Outcome<D> {
+    fn none() -> Outcome<D> {
         Outcome { change: Change::None, lost: false }
     }
-    fn lost() -> Outcome {
+    fn lost() -> Outcome<D> {
         Outcome { change: Change::None, lost: true }
     }
 }
 
-/// Every lease but ours, by subnet.
-#[derive(Debug, Default)]
-pub struct PeerTable {
-    leases: BTreeMap<IpNet, Known>,
+/// Every lease but ours, by subnet, decoded for one backend.
+#[derive(Debug)]
+pub struct PeerTable<D> {
+    leases: BTreeMap<IpNet, Known<D>>,
+    decode: Decode<D>,
     /// Whether a full listing has arrived (readiness waits for it to be programmed).
     listed: bool,
 }
 
-impl PeerTable {
+impl<D: Clone + PartialEq> PeerTable<D> {
+    pub fn new(decode: Decode<D>) -> PeerTable<D> {
+        PeerTable { leases: BTreeMap::new(), decode, listed: false }
+    }
+
     pub fn len(&self) -> usize {
         self.leases.len()
     }
@@ -123,7 +127,7 @@ impl PeerTable {
         self.listed
     }
 
-    pub fn get(&self, subnet: &IpNet) -> Option<&Known> {
+    pub fn get(&self, subnet: &IpNet) -> Option<&Known<D>> {
         self.leases.get(subnet)
     }
 
@@ -133,7 +137,8 @@ impl PeerTable {
     }
 
     /// Applies one event given our own lease (subnet and what we advertise).
-    pub fn apply(&mut self, ev: LeaseEvent, own: Option<(IpNet, &LeaseAttrs)>) -> Outcome {
+    pub fn apply(&mut self, ev: LeaseEvent, own: Option<(IpNet, &LeaseAttrs)>) -> Outcome<D> {
+        let decode = self.decode;
         let is_ours = |l: &Lease| own.is_some_and(|(s, a)| s == l.key() && *a == l.attrs);
         match ev {
             LeaseEvent::Snapshot(all) => {
@@ -141,7 +146,7 @@ impl PeerTable {
                 self.leases = all
                     .into_iter()
                     .filter(|l| Some(l.key()) != own.map(|o| o.0))
-                    .map(|l| (l.key(), Known::new(l)))
+                    .map(|l| (l.key(), Known::new(l, decode)))
                     .collect();
                 debug!("lease snapshot: {} peers", self.leases.len());
                 self.listed = true;
@@ -161,7 +166,7 @@ impl PeerTable {
                     return Outcome::none();
                 }
                 info!("peer lease {subnet} -> {} ({})", public_of(&l), l.attrs.backend_type);
-                let old = self.leases.insert(subnet, Known::new(l)).map(Box::new);
+                let old = self.leases.insert(subnet, Known::new(l, decode)).map(Box::new);
                 Outcome { change: Change::Peer { subnet, old }, lost: false }
             }
             LeaseEvent::Removed(s) => {
@@ -188,7 +193,7 @@ impl PeerTable {
         fam: &FamilyNet,
         backend_type: &str,
         refuse: impl Fn(IpAddr) -> Option<String>,
-    ) -> (Vec<Peer>, Vec<(IpNet, String)>) {
+    ) -> (Vec<Peer<D>>, Vec<(IpNet, String)>) {
         let mut skipped = Vec::new();
         let mut peers = Vec::with_capacity(self.leases.len());
         for k in self.leases.values() {

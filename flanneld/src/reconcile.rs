@@ -14,13 +14,15 @@ use crate::kernel::Kernel;
 
 pub use flannel_shared::netlink::RTPROT_FLANNEL;
 
-/// What the backends need to know of a peer's lease.
+/// What a backend needs to know of a peer's lease in one family: where it is,
+/// and `data`, what the backend decoded from the family's backend data
+/// ([`crate::backend::Backend::PeerData`]: vxlan's VtepMAC), `None` when
+/// the lease's data does not decode.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Peer {
+pub struct Peer<D = ()> {
     pub subnet: IpNet,
     pub public_ip: IpAddr,
-    /// The peer's VTEP MAC (vxlan leases).
-    pub vtep_mac: Option<Mac>,
+    pub data: Option<D>,
 }
 
 /// The kernel state the peers call for, as the backend computes it

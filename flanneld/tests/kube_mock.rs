@@ -203,7 +203,7 @@ fn peers_from_the_node_watch_including_errors() {
         let subnets: Vec<String> = all.iter().map(|l| l.subnet.to_string()).collect();
         assert_eq!(subnets, ["10.244.1.0/24", "10.244.2.0/24"], "node3 has no flannel annotations yet");
         let LeaseEvent::Added(l) = recv(&mut rx).await else { panic!("expected the VtepMAC change") };
-        assert_eq!((l.subnet.to_string(), l.vxlan_data().unwrap().vtep_mac.to_string()), ("10.244.2.0/24".into(), "0e:00:00:00:00:22".into()));
+        assert_eq!((l.subnet.to_string(), l.backend_data::<flanneld::backend::vxlan::VxlanData>(false).unwrap().vtep_mac.to_string()), ("10.244.2.0/24".into(), "0e:00:00:00:00:22".into()));
         let LeaseEvent::Added(l) = recv(&mut rx).await else { panic!("expected node4") };
         assert_eq!(l.attrs.public_ip.to_string(), "192.0.2.4");
         assert_eq!(recv(&mut rx).await, LeaseEvent::Removed("10.244.2.0/24".parse().unwrap()));

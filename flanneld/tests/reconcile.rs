@@ -7,12 +7,12 @@ use flanneld::backend::{hostgw, vxlan};
 use flanneld::reconcile::{Desired, Peer, RTPROT_FLANNEL, apply, apply_family};
 use serde_json::Value;
 
-fn peers(n: usize) -> Vec<Peer> {
+fn peers(n: usize) -> Vec<Peer<Mac>> {
     (2..2 + n)
         .map(|i| Peer {
             subnet: format!("10.244.{i}.0/24").parse().unwrap(),
             public_ip: format!("192.0.2.{i}").parse().unwrap(),
-            vtep_mac: Some(Mac([0x0e, 0, 0, 0, 0, i as u8])),
+            data: Some(Mac([0x0e, 0, 0, 0, 0, i as u8])),
         })
         .collect()
 }
@@ -129,7 +129,7 @@ fn vxlan_state_is_reconciled_not_appended() {
 
         // A peer whose lease is gone disappears everywhere; a changed VtepMAC is followed.
         let mut fewer = all[..2].to_vec();
-        fewer[1].vtep_mac = Some(Mac([0x0e, 0, 0, 0, 0, 0x33]));
+        fewer[1].data = Some(Mac([0x0e, 0, 0, 0, 0, 0x33]));
         let want = vxlan::desired(vtep, uplink, None, &fewer);
         let done = apply(&nl, &want, Some(vtep)).await.unwrap();
         assert_eq!(done.routes_removed, 1);
@@ -167,11 +167,11 @@ fn ipv6_passes_settle() {
     rt.block_on(async {
         let nl = Netlink::connect_in(&node.open()).unwrap();
         let uplink = nl.link_by_name("eth0").await.unwrap().unwrap().index;
-        let peers: Vec<Peer> = (2..4)
+        let peers: Vec<Peer<Mac>> = (2..4)
             .map(|i| Peer {
                 subnet: format!("fd00:10:244:{i}::/64").parse().unwrap(),
                 public_ip: format!("2001:db8::{i}").parse().unwrap(),
-                vtep_mac: Some(Mac([0x0e, 0, 0, 0, 0, i as u8])),
+                data: Some(Mac([0x0e, 0, 0, 0, 0, i as u8])),
             })
             .collect();
         let want = hostgw::desired(uplink, &peers);

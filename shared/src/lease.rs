@@ -8,7 +8,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::Mac;
 use crate::ip::IpNet;
 use crate::netconf::Family;
 
@@ -33,15 +32,6 @@ pub struct LeaseAttrs {
 /// A field that is present, even as `null`, is `Some`.
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     Value::deserialize(d).map(Some)
-}
-
-/// `BackendData` of the vxlan backend.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VxlanData {
-    #[serde(rename = "VNI")]
-    pub vni: u32,
-    #[serde(rename = "VtepMAC")]
-    pub vtep_mac: Mac,
 }
 
 /// A peer's (or our own) lease.
@@ -77,13 +67,11 @@ impl Lease {
         self.subnet.prefix() != 0
     }
 
-    pub fn vxlan_data(&self) -> Option<VxlanData> {
-        serde_json::from_value(self.attrs.backend_data.clone()).ok()
-    }
-
-    /// `BackendV6Data` of a dual-stack vxlan lease (the IPv6 VTEP).
-    pub fn vxlan_v6_data(&self) -> Option<VxlanData> {
-        serde_json::from_value(self.attrs.backend_v6_data.clone()?).ok()
+    /// The backend data of one family (`v6`: `BackendV6Data`), decoded as `T`
+    /// (each backend's own lease-data type); `None` when absent or of another shape.
+    pub fn backend_data<T: serde::de::DeserializeOwned>(&self, v6: bool) -> Option<T> {
+        let v = if v6 { self.attrs.backend_v6_data.as_ref()? } else { &self.attrs.backend_data };
+        T::deserialize(v).ok()
     }
 }
 
@@ -166,7 +154,9 @@ mod tests {
             r#"{"PublicIP":"192.0.2.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#;
         assert_eq!(serde_json::from_str::<LeaseAttrs>(old).unwrap(), attrs);
         let l = Lease { subnet: "10.244.1.0/24".parse().unwrap(), subnet6: None, attrs };
-        assert_eq!(l.vxlan_data().unwrap().vtep_mac.to_string(), "aa:bb:cc:dd:ee:ff");
+        let data: serde_json::Map<String, Value> = l.backend_data(false).unwrap();
+        assert_eq!(data["VtepMAC"], "aa:bb:cc:dd:ee:ff");
+        assert_eq!(l.backend_data::<Value>(true), None);
         assert_eq!(subnet_key(&l.subnet), "10.244.1.0-24");
         assert_eq!(parse_subnet_key("/coreos.com/network/subnets/10.244.1.0-24"), Some(l.subnet));
         assert_eq!(parse_subnet_key("10.244.1.5-24"), None);

@@ -7,8 +7,9 @@ use std::rc::Rc;
 
 use clap::Parser;
 
+use crate::backend::vxlan::VxlanData;
 use flannel_shared::Mac;
-use flannel_shared::lease::{Lease, VxlanData};
+use flannel_shared::lease::Lease;
 
 use super::*;
 use crate::backend::hostgw::HostGw;

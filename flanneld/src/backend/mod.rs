@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use flannel_shared::IpNet;
+use flannel_shared::lease::Lease;
 use flannel_shared::netconf::{Backend as BackendConfig, Family, NetConfigError};
 use flannel_shared::netlink::NetlinkError;
 
@@ -93,6 +94,13 @@ pub trait Backend: Sized {
     const TYPE: &'static str;
     /// What it reads from net-conf.json's `Backend` object.
     type Config;
+    /// What it needs of a peer's lease in one family, decoded once when the
+    /// lease arrives ([`Backend::peer_data`]; vxlan: the VtepMAC).
+    type PeerData: Clone + PartialEq + std::fmt::Debug;
+
+    /// Decodes a peer's backend data for one family (`v6`: `BackendV6Data`);
+    /// `None` when it has none this backend can use.
+    fn peer_data(lease: &Lease, v6: bool) -> Option<Self::PeerData>;
 
     /// Decodes its config; `warn` gets the keys that do not apply to it.
     fn config(section: &BackendConfig, warn: &mut dyn FnMut(String)) -> Result<Self::Config, NetConfigError>;
@@ -138,7 +146,7 @@ pub trait Backend: Sized {
     /// What the kernel must hold to reach `peers` in `fam` (the full pass
     /// applies it for all peers, the incremental path diffs it for one);
     /// `None` while the family is not set up.
-    fn desired(&self, fam: &FamilyNet, uplink: &Uplink, peers: &[Peer]) -> Option<Desired>;
+    fn desired(&self, fam: &FamilyNet, uplink: &Uplink, peers: &[Peer<Self::PeerData>]) -> Option<Desired>;
 
     /// Why a peer at `public_ip` cannot be programmed, if it cannot.
     fn refuse(&self, _fam: &FamilyNet, _uplink: &Uplink, _public_ip: IpAddr) -> Option<String> {

@@ -32,7 +32,7 @@ enum Mode {
 }
 
 impl Mode {
-    fn desired(&self, peers: &[Peer]) -> Desired {
+    fn desired(&self, peers: &[Peer<Mac>]) -> Desired {
         match *self {
             Mode::Vxlan { vtep, uplink, direct_on } => vxlan::desired(vtep, uplink, direct_on, peers),
             Mode::HostGw { uplink } => hostgw::desired(uplink, peers),
@@ -44,7 +44,7 @@ impl Mode {
 struct Family {
     v6: bool,
     mode: Mode,
-    peers: Vec<Peer>,
+    peers: Vec<Peer<Mac>>,
     state: Kernel,
 }
 
@@ -71,7 +71,7 @@ pub async fn check(
         }
     }
     let node = |s: &IpNet| node_of.get(s).copied().unwrap_or(*s);
-    let mut table = PeerTable::default();
+    let mut table = PeerTable::new(<vxlan::Vxlan as Backend>::peer_data);
     let _ = table.apply(LeaseEvent::Snapshot(leases), None);
     let mut nodes: HashSet<IpNet> = HashSet::new();
     let mut families = Vec::new();
@@ -218,14 +218,14 @@ pub async fn check(
     r.peers_ok = programmed.iter().filter(|n| !failing.contains(n)).count();
 }
 
-fn direct(mode: &Mode, p: &Peer) -> bool {
+fn direct(mode: &Mode, p: &Peer<Mac>) -> bool {
     matches!(mode, Mode::Vxlan { direct_on: Some(n), .. } if n.contains(p.public_ip))
 }
 
 /// Where a peer answers through our data path: its VTEP's `<subnet>.0`
 /// (`<subnet>::` over IPv6) over VXLAN, its cni0 gateway `<subnet>.1`
 /// (`<subnet>::1`) over a plain route.
-fn probe_target(mode: &Mode, p: &Peer) -> IpAddr {
+fn probe_target(mode: &Mode, p: &Peer<Mac>) -> IpAddr {
     let off = if matches!(mode, Mode::Vxlan { .. }) && !direct(mode, p) { 0 } else { 1 };
     p.subnet.nth(off).unwrap_or(p.subnet.network_addr())
 }
@@ -263,7 +263,7 @@ impl Kernel {
     }
 
     /// What of the peer's desired entries (the reconciler's own) the kernel lacks.
-    fn mismatches(&self, mode: &Mode, p: &Peer) -> Vec<String> {
+    fn mismatches(&self, mode: &Mode, p: &Peer<Mac>) -> Vec<String> {
         let want = mode.desired(std::slice::from_ref(p));
         let mac = |m: &Mac| m.to_string();
         let nd = |ip: &IpAddr| if ip.is_ipv4() { "ARP" } else { "NDP" };

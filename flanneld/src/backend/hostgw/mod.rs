@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use flannel_shared::IpNet;
+use flannel_shared::lease::Lease;
 use flannel_shared::netconf::{Backend as BackendConfig, NetConfigError};
 
 use super::{Backend, BackendError, FamilyNet, Uplink};
@@ -21,6 +22,12 @@ impl Backend for HostGw {
     const TYPE: &'static str = "host-gw";
     /// host-gw has no keys of its own.
     type Config = ();
+    /// It needs nothing of a peer but its address.
+    type PeerData = ();
+
+    fn peer_data(_lease: &Lease, _v6: bool) -> Option<()> {
+        Some(())
+    }
 
     fn config(section: &BackendConfig, warn: &mut dyn FnMut(String)) -> Result<(), NetConfigError> {
         section.warn_unknown(&[], warn);
@@ -72,7 +79,7 @@ impl Backend for HostGw {
 }
 
 /// A plain route to each peer's subnet via its public IP on the uplink.
-pub fn desired(uplink: u32, peers: &[Peer]) -> Desired {
+pub fn desired<D>(uplink: u32, peers: &[Peer<D>]) -> Desired {
     let mut d = Desired::on(None);
     for p in peers {
         d.routes.push(Route::new(p.subnet.network()).via(p.public_ip).dev(uplink).protocol(RTPROT_FLANNEL));

@@ -13,9 +13,10 @@ use tracing::{info, warn};
 
 use flannel_shared::IpNet;
 use flannel_shared::Mac;
-use flannel_shared::lease::VxlanData;
+use flannel_shared::lease::Lease;
 use flannel_shared::netconf::{Backend as BackendConfig, NetConfigError};
 use flannel_shared::netlink::{Address, Link, Route, VxlanSpec};
+use serde::{Deserialize, Serialize};
 
 pub use config::Config;
 
@@ -24,6 +25,16 @@ use super::{Backend, BackendError, FamilyNet, Uplink};
 use crate::kernel::Kernel;
 use crate::reconcile::{Desired, Peer, RTPROT_FLANNEL};
 use crate::subnet::SubnetManager;
+
+/// The backend data a vxlan lease carries, as upstream's (`BackendData`, and
+/// `BackendV6Data` for the IPv6 VTEP).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanData {
+    #[serde(rename = "VNI")]
+    pub vni: u32,
+    #[serde(rename = "VtepMAC")]
+    pub vtep_mac: Mac,
+}
 
 /// VXLAN header + UDP + outer IPv4 + inner Ethernet.
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -79,6 +90,12 @@ impl Vxlan {
 impl Backend for Vxlan {
     const TYPE: &'static str = "vxlan";
     type Config = Config;
+    /// The peer's VtepMAC.
+    type PeerData = Mac;
+
+    fn peer_data(lease: &Lease, v6: bool) -> Option<Mac> {
+        lease.backend_data::<VxlanData>(v6).map(|d| d.vtep_mac)
+    }
 
     fn config(section: &BackendConfig, warn: &mut dyn FnMut(String)) -> Result<Config, NetConfigError> {
         Config::parse(section, warn)
@@ -142,7 +159,7 @@ impl Backend for Vxlan {
         self.vteps[fam.v6 as usize].as_ref().map_or(uplink.mtu, |v| v.spec.mtu)
     }
 
-    fn desired(&self, fam: &FamilyNet, uplink: &Uplink, peers: &[Peer]) -> Option<Desired> {
+    fn desired(&self, fam: &FamilyNet, uplink: &Uplink, peers: &[Peer<Mac>]) -> Option<Desired> {
         let vtep = self.vteps[fam.v6 as usize].as_ref()?.index;
         let direct_on = if self.cfg.direct_routing { fam.nets.first().copied() } else { None };
         Some(desired(vtep, uplink.index, direct_on, peers))
@@ -159,7 +176,7 @@ impl Backend for Vxlan {
 /// gateway with the peer's VtepMAC, an FDB entry sending that MAC to the peer's
 /// public IP. With `direct_on` (DirectRouting), peers whose public IP lies in
 /// that (uplink) network get a plain route on the uplink instead.
-pub fn desired(vtep: u32, uplink: u32, direct_on: Option<IpNet>, peers: &[Peer]) -> Desired {
+pub fn desired(vtep: u32, uplink: u32, direct_on: Option<IpNet>, peers: &[Peer<Mac>]) -> Desired {
     let mut d = Desired::on(Some(vtep));
     for p in peers {
         let subnet = p.subnet.network();
@@ -167,7 +184,7 @@ pub fn desired(vtep: u32, uplink: u32, direct_on: Option<IpNet>, peers: &[Peer])
             d.routes.push(Route::new(subnet).via(p.public_ip).dev(uplink).protocol(RTPROT_FLANNEL));
             continue;
         }
-        let Some(mac) = p.vtep_mac else {
+        let Some(mac) = p.data else {
             d.skipped.push((subnet, "lease has no VtepMAC".to_string()));
             continue;
         };
@@ -316,8 +333,8 @@ mod tests {
     use super::*;
     use flannel_shared::Mac;
 
-    fn peer(subnet: &str, ip: &str, mac: Option<Mac>) -> Peer {
-        Peer { subnet: subnet.parse().unwrap(), public_ip: ip.parse().unwrap(), vtep_mac: mac }
+    fn peer(subnet: &str, ip: &str, mac: Option<Mac>) -> Peer<Mac> {
+        Peer { subnet: subnet.parse().unwrap(), public_ip: ip.parse().unwrap(), data: mac }
     }
 
     #[test]

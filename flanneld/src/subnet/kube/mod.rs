@@ -398,7 +398,10 @@ mod tests {
         );
         let l = node_lease(&n, &k).unwrap();
         assert_eq!(l.subnet.to_string(), "10.244.2.0/24");
-        assert_eq!(l.vxlan_data().unwrap().vtep_mac.to_string(), "0e:00:00:00:00:02");
+        assert_eq!(
+            l.backend_data::<crate::backend::vxlan::VxlanData>(false).unwrap().vtep_mac.to_string(),
+            "0e:00:00:00:00:02"
+        );
         // No annotations yet (flannel not running there) or no podCIDR: not a peer.
         assert!(node_lease(&node("n3", Some("10.244.3.0/24"), &[]), &k).is_none());
         assert!(node_lease(&node("n4", None, &[("flannel.alpha.coreos.com/public-ip", "192.0.2.4")]), &k).is_none());

@@ -233,7 +233,10 @@ mod tests {
                 (l.subnet, l.key().to_string()),
                 (flannel_shared::lease::no_ipv4(), "fd00:10:244:7::/64".into())
             );
-            assert_eq!(l.vxlan_v6_data().unwrap().vtep_mac.to_string(), "0e:00:00:00:00:07");
+            assert_eq!(
+                l.backend_data::<crate::backend::vxlan::VxlanData>(true).unwrap().vtep_mac.to_string(),
+                "0e:00:00:00:00:07"
+            );
             assert_eq!(lease_key_of(&v6only), Some(l.key()));
         }
         // A Node without spec (just registered) is no peer, not an error.
