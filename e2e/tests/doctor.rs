@@ -13,6 +13,12 @@ const READY: Duration = Duration::from_secs(30);
 fn cluster(backend: &str) -> Cluster {
     let mut c = Cluster::new("dr");
     c.put_config(&format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#));
+    three_nodes_meshed(&mut c);
+    c
+}
+
+/// Three nodes, each routing to both others (IPv4), a pod on each.
+fn three_nodes_meshed(c: &mut Cluster) {
     for i in 0..3 {
         c.add_node();
         c.start_agent(i, &[]);
@@ -29,7 +35,6 @@ fn cluster(backend: &str) -> Cluster {
     for i in 0..3 {
         c.add_pod(i);
     }
-    c
 }
 
 /// The checks (and peer problems) at `level`, as "check: evidence".
@@ -317,16 +322,7 @@ fn dual_stack(backend: &str) -> Cluster {
     c.put_config(&format!(
         r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"{backend}"}}}}"#
     ));
-    for i in 0..3 {
-        c.add_node();
-        c.start_agent(i, &[]);
-    }
-    for i in 0..3 {
-        assert!(c.wait_ready(i, READY), "node{}: {}", i + 1, c.nodes[i].log());
-    }
-    for i in 0..3 {
-        c.add_pod(i);
-    }
+    three_nodes_meshed(&mut c);
     let mtu = if backend == "vxlan" { 1430 } else { 1500 };
     for i in 0..3 {
         // A fresh node's IPv6 neighbours may take a moment (DAD on the uplink): wait for all OK.
