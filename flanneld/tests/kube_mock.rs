@@ -249,6 +249,38 @@ fn broken_listings_are_retried_and_never_half_reported() {
     });
 }
 
+/// A watch the server (or a proxy) ends at once, with nothing, is re-opened
+/// after a backoff, not in a tight loop; it resumes from the same version.
+#[test]
+fn watches_that_end_at_once_are_backed_off() {
+    rt().block_on(async {
+        let (m, mut h) = setup();
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = m.spawn_watch(tx, Arc::new(Metrics::default()));
+        let server = tokio::spawn(async move {
+            let (_, send) = next(&mut h).await;
+            respond(
+                send,
+                200,
+                &json!({"apiVersion":"v1","kind":"NodeList","metadata":{"resourceVersion":"7"},"items":[]}),
+            );
+            let mut at = Vec::new();
+            for _ in 0..3 {
+                let (req, send) = next(&mut h).await;
+                at.push(std::time::Instant::now());
+                assert!(req.uri().query().unwrap_or_default().contains("resourceVersion=7"), "{}", req.uri());
+                send.send_response(Response::builder().body(Body::empty()).unwrap());
+            }
+            at
+        });
+        assert_eq!(recv(&mut rx).await, LeaseEvent::Snapshot(vec![]));
+        let at = tokio::time::timeout(Duration::from_secs(20), server).await.expect("three watches").unwrap();
+        for w in at.windows(2) {
+            assert!(w[1] - w[0] >= Duration::from_millis(500), "re-watched after {:?}", w[1] - w[0]);
+        }
+    });
+}
+
 /// IPv6-only (`EnableIPv4: false`): the Node's only podCIDR is IPv6; the lease
 /// has no IPv4 half and the patch publishes none (as upstream's vxlan).
 #[test]

@@ -85,6 +85,9 @@ struct ListMetadata {
     resource_version: Option<String>,
 }
 
+/// A watch that ends sooner than this without an event counts as broken.
+const QUICK_END: Duration = Duration::from_secs(1);
+
 fn is_gone(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 410)
 }
@@ -109,6 +112,7 @@ pub async fn run(client: Client, keys: Keys, tx: mpsc::Sender<LeaseEvent>, metri
                         return;
                     }
                     from_cache = true;
+                    backoff.reset();
                     rv
                 }
                 Err(e) => {
@@ -140,7 +144,9 @@ pub async fn run(client: Client, keys: Keys, tx: mpsc::Sender<LeaseEvent>, metri
         let mut stream = std::pin::pin!(stream.into_stream());
         // Whether the watch ended in a way that needs a new listing, or broke.
         let (mut relist, mut broke) = (false, false);
+        let (started, mut events) = (std::time::Instant::now(), 0usize);
         while let Some(ev) = stream.next().await {
+            events += 1;
             let out = match ev {
                 Ok(WatchEvent::Added(n)) | Ok(WatchEvent::Modified(n)) => {
                     backoff.reset();
@@ -192,8 +198,10 @@ pub async fn run(client: Client, keys: Keys, tx: mpsc::Sender<LeaseEvent>, metri
             from_cache = false;
         } else {
             // The server ended the watch (its timeout) or it broke: resume where it was.
+            // A watch that ends at once with nothing (a proxy cutting it) is not
+            // re-opened in a tight loop either.
             version = Some(last);
-            if broke {
+            if broke || (events == 0 && started.elapsed() < QUICK_END) {
                 tokio::time::sleep(backoff.delay()).await;
             }
         }
