@@ -81,8 +81,11 @@ impl Backend for HostGw {
 /// A plain route to each peer's subnet via its public IP on the uplink.
 pub fn desired<D>(uplink: u32, peers: &[Peer<D>]) -> Desired {
     let mut d = Desired::on(None);
-    for p in peers {
-        d.routes.push(Route::new(p.subnet.network()).via(p.public_ip).dev(uplink).protocol(RTPROT_FLANNEL));
-    }
+    d.routes.extend(peers.iter().map(|p| route(uplink, p)));
     d
+}
+
+/// The host-gw route to one peer (also vxlan's DirectRouting for peers on the uplink's network).
+pub fn route<D>(uplink: u32, p: &Peer<D>) -> Route {
+    Route::new(p.subnet.network()).via(p.public_ip).dev(uplink).protocol(RTPROT_FLANNEL)
 }

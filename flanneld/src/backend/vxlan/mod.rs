@@ -181,7 +181,7 @@ pub fn desired(vtep: u32, uplink: u32, direct_on: Option<IpNet>, peers: &[Peer<M
     for p in peers {
         let subnet = p.subnet.network();
         if direct_on.is_some_and(|n| n.contains(p.public_ip)) {
-            d.routes.push(Route::new(subnet).via(p.public_ip).dev(uplink).protocol(RTPROT_FLANNEL));
+            d.routes.push(super::hostgw::route(uplink, p));
             continue;
         }
         let Some(mac) = p.data else {
