@@ -477,6 +477,14 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
                 ops.extend(plan.ops);
                 (routes, neighbours, fdb) = (routes + plan.routes, neighbours + plan.neighbours, fdb + plan.fdb);
             }
+            if B::SYNCS_PEERS {
+                let (peers, _) = self.peers.for_family(fam, backend_type, refuse);
+                if let Err(e) = self.backend.sync_peers(&self.k, fam, &peers, self.peers.listed()).await {
+                    ok = false;
+                    m.reconcile_errors.inc();
+                    error!("applying peer changes{}: {} peers: {e}", fam.label(), backend_type);
+                }
+            }
             self.kernel.expect(ops.iter().filter_map(|op| op.echo(vtep)));
             match reconcile::run_ops(&self.k, &ops, vtep).await {
                 Ok(done) => {
@@ -537,6 +545,11 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             routes += want.routes.len();
             neighbours += want.neighbours.len();
             fdb += want.fdb.len();
+            if let Err(e) = self.backend.sync_peers(&self.k, fam, &peers, self.peers.listed()).await {
+                ok = false;
+                m.reconcile_errors.inc();
+                error!("reconcile{}: {} peers: {e}", fam.label(), self.backend.kind());
+            }
             match reconcile::apply_family(&self.k, &want, want.device, !fam.v6, self.peers.listed()).await {
                 Ok(done) => {
                     let changes = done.routes_added
@@ -685,6 +698,7 @@ impl<M: SubnetManager, K: Kernel, B: Backend, F: Firewall> Agent<M, K, B, F> {
             tokio::select! {
                 Stop::Signal(name) = &mut stop => {
                     info!("{name}: exiting, leaving routes and lease in place");
+                    self.backend.stop(&self.k).await;
                     return Ok(());
                 }
                 ev = events.recv() => {

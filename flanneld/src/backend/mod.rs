@@ -153,6 +153,28 @@ pub trait Backend: Sized {
         None
     }
 
+    /// Whether [`Backend::sync_peers`] does anything (the agent then hands it
+    /// every peer after a change, not only the changed ones' entries).
+    const SYNCS_PEERS: bool = false;
+
+    /// Brings what the backend owns beyond routes, ARP and FDB entries in line
+    /// with `peers` (wireguard: its device's peers), after every full pass and
+    /// every peer change. `prune` as in [`crate::reconcile::apply_family`]: only
+    /// once the lease listing is whole may what `peers` lacks be removed.
+    async fn sync_peers<K: Kernel>(
+        &mut self,
+        _k: &K,
+        _fam: &FamilyNet,
+        _peers: &[Peer<Self::PeerData>],
+        _prune: bool,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// On SIGTERM/SIGINT: what the backend undoes before flanneld exits
+    /// (vxlan and host-gw leave everything in place; wireguard removes its devices, as upstream).
+    async fn stop<K: Kernel>(&mut self, _k: &K) {}
+
     /// The devices it owns (names and link indices), for the kernel watch.
     fn devices(&self) -> (Vec<String>, Vec<u32>) {
         (Vec::new(), Vec::new())
@@ -203,7 +225,9 @@ macro_rules! registry {
 
 fn unsupported(section: &BackendConfig) -> NetConfigError {
     let known: Vec<String> = TYPES.iter().map(|t| format!("{t:?}")).collect();
-    NetConfigError::new("Backend.Type", format!("{:?} is not supported (use {})", section.kind, known.join(" or ")))
+    let (last, rest) = known.split_last().expect("a backend");
+    let known = if rest.is_empty() { last.clone() } else { format!("{} or {last}", rest.join(", ")) };
+    NetConfigError::new("Backend.Type", format!("{:?} is not supported (use {known})", section.kind))
 }
 
 registry!(vxlan::Vxlan, hostgw::HostGw);
@@ -223,7 +247,10 @@ mod tests {
         check_doc(r#"{"Network":"10.0.0.0/16"}"#).unwrap();
         check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
         let e = check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#).unwrap_err();
-        assert_eq!(e.to_string(), r#"network config: Backend.Type: "udp" is not supported (use "vxlan" or "host-gw")"#);
+        assert_eq!(
+            e.to_string(),
+            r#"network config: Backend.Type: "udp" is not supported (use "vxlan" or "host-gw")"#
+        );
         let e = check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":-1}}"#).unwrap_err();
         assert_eq!(e.field, "Backend.VNI");
         // host-gw has no keys of its own: vxlan's are ignored there, with a warning.

@@ -31,6 +31,8 @@ pub struct State {
     pub writes: usize,
     /// Devices whose IPv6 router advertisements were turned off.
     pub accept_ra_off: Vec<String>,
+    /// Whether `ip link add type wireguard` works (this machine's kernel: no).
+    pub wireguard: bool,
 }
 
 /// The fake; `Clone` shares the state, so a test keeps a handle while the agent owns one.
@@ -105,6 +107,25 @@ impl FakeKernel {
     }
 
     /// Deletes a link and what hangs off it, as `ip link del` would.
+    /// A TUN interface as a userspace WireGuard device opens it (tests' stand-in for `/dev/net/tun`).
+    pub fn add_tun(&self, name: &str) {
+        let mut s = self.state.borrow_mut();
+        s.next_index += 1;
+        let index = s.next_index;
+        s.links.push(Link {
+            index,
+            name: name.to_string(),
+            mac: None,
+            mtu: 1500,
+            up: false,
+            promisc: false,
+            master: None,
+            kind: Some("tun".into()),
+            hairpin: None,
+            vxlan: None,
+        });
+    }
+
     pub fn remove_link(&self, name: &str) {
         let mut s = self.state.borrow_mut();
         if let Some(i) = s.links.iter().position(|l| l.name == name) {
@@ -172,6 +193,33 @@ impl Kernel for FakeKernel {
                 learning: spec.learning,
                 gbp: spec.gbp,
             }),
+        });
+        Ok(())
+    }
+
+    async fn create_wireguard(&self, name: &str, mtu: u32) -> Result<()> {
+        let mut s = self.state.borrow_mut();
+        let op = format!("create wireguard {name}");
+        if !s.wireguard {
+            return Err(NetlinkError::Kernel { op, source: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP) });
+        }
+        if s.links.iter().any(|l| l.name == name) {
+            return Err(NetlinkError::Exists { op });
+        }
+        s.writes += 1;
+        s.next_index += 1;
+        let index = s.next_index;
+        s.links.push(Link {
+            index,
+            name: name.to_string(),
+            mac: None,
+            mtu,
+            up: false,
+            promisc: false,
+            master: None,
+            kind: Some("wireguard".into()),
+            hairpin: None,
+            vxlan: None,
         });
         Ok(())
     }

@@ -22,6 +22,8 @@ pub trait Kernel {
     async fn links(&self) -> Result<Vec<Link>>;
     async fn link_by_name(&self, name: &str) -> Result<Option<Link>>;
     async fn create_vxlan(&self, spec: &VxlanSpec<'_>) -> Result<()>;
+    /// A kernel WireGuard device; EOPNOTSUPP where the kernel has no WireGuard.
+    async fn create_wireguard(&self, name: &str, mtu: u32) -> Result<()>;
     async fn del_link(&self, index: u32) -> Result<()>;
     async fn set_up(&self, index: u32) -> Result<()>;
     async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()>;
@@ -55,6 +57,9 @@ impl Kernel for Netlink {
     }
     async fn create_vxlan(&self, spec: &VxlanSpec<'_>) -> Result<()> {
         Netlink::create_vxlan(self, spec).await
+    }
+    async fn create_wireguard(&self, name: &str, mtu: u32) -> Result<()> {
+        Netlink::create_wireguard(self, name, mtu).await
     }
     async fn del_link(&self, index: u32) -> Result<()> {
         Netlink::del_link(self, index).await

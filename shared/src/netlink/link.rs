@@ -9,7 +9,7 @@ use rtnetlink::packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
     LinkMessage,
 };
-use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVxlan};
+use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVxlan, LinkWireguard};
 
 use super::{Netlink, Result, map_err};
 use crate::Mac;
@@ -251,5 +251,12 @@ impl Netlink {
             b = b.address(mac.0.to_vec());
         }
         self.handle.link().add(b.build()).execute().await.map_err(map_err(format!("create vxlan {}", spec.name)))
+    }
+
+    /// Creates a kernel WireGuard device (down, unconfigured). A kernel without
+    /// WireGuard answers EOPNOTSUPP ("Unknown device type").
+    pub async fn create_wireguard(&self, name: &str, mtu: u32) -> Result<()> {
+        let link = LinkWireguard::new(name).mtu(mtu).build();
+        self.handle.link().add(link).execute().await.map_err(map_err(format!("create wireguard {name}")))
     }
 }
