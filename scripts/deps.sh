@@ -11,12 +11,15 @@
 #     containers in the e2e test (crun, conmon come with it); containerd + runc
 #     (ctr) take the same archive and are the e2e nodes' CRI runtime; busybox-static
 #     is the root of podman's test containers
+#   the wireguard tests: wireguard-go + wireguard-tools (wg), the reference WireGuard the
+#     interop test and the throughput benchmark run beside ours (this kernel has no WireGuard)
 set -euo pipefail
 
 packages=(iproute2 iptables nftables iputils-ping tcpdump conntrack kmod procps
           containernetworking-plugins protobuf-compiler libprotobuf-dev
           etcd-server etcd-client openssl curl
-          mmdebstrap buildah podman uidmap ca-certificates containerd runc busybox-static)
+          mmdebstrap buildah podman uidmap ca-certificates containerd runc busybox-static
+          wireguard-go wireguard-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -724,3 +724,5 @@ fn a_restart_keeps_every_entry_until_the_first_listing_prunes_the_stale_ones() {
         assert_eq!(counts(), (1, 1));
     });
 }
+
+mod wireguard;

@@ -13,6 +13,7 @@
 pub mod hostgw;
 mod uplink;
 pub mod vxlan;
+pub mod wireguard;
 
 use std::net::IpAddr;
 
@@ -230,7 +231,7 @@ fn unsupported(section: &BackendConfig) -> NetConfigError {
     NetConfigError::new("Backend.Type", format!("{:?} is not supported (use {known})", section.kind))
 }
 
-registry!(vxlan::Vxlan, hostgw::HostGw);
+registry!(vxlan::Vxlan, hostgw::HostGw, wireguard::WireGuard);
 
 #[cfg(test)]
 mod tests {
@@ -243,13 +244,13 @@ mod tests {
 
     #[test]
     fn the_registry_checks_each_type_with_its_own_config() {
-        assert_eq!(TYPES, ["vxlan", "host-gw"]);
+        assert_eq!(TYPES, ["vxlan", "host-gw", "wireguard"]);
         check_doc(r#"{"Network":"10.0.0.0/16"}"#).unwrap();
         check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
         let e = check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#).unwrap_err();
         assert_eq!(
             e.to_string(),
-            r#"network config: Backend.Type: "udp" is not supported (use "vxlan" or "host-gw")"#
+            r#"network config: Backend.Type: "udp" is not supported (use "vxlan", "host-gw" or "wireguard")"#
         );
         let e = check_doc(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":-1}}"#).unwrap_err();
         assert_eq!(e.field, "Backend.VNI");
