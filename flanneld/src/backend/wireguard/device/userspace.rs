@@ -173,6 +173,7 @@ impl Device {
         let s = &self.shared;
         let mut peers = s.peers.write().unwrap();
         let mut done = Changes::default();
+        let mut init = [0u8; 256];
         for (key, cfg) in want {
             if let Some(p) = peers.by_key.get(key) {
                 let mut inner = p.inner.lock().unwrap();
@@ -192,7 +193,16 @@ impl Device {
                 index,
                 Some(s.rate.clone()),
             );
-            let p = Arc::new(PeerState { index, inner: Mutex::new(Inner { tunn, cfg: cfg.clone() }) });
+            let mut inner = Inner { tunn, cfg: cfg.clone() };
+            // Handshake at once rather than on the first packet: a peer that kept a session
+            // with our previous run (we restarted) would otherwise send into it, unanswered,
+            // until its own rekey timeout (~15 s); our initiation replaces that session now.
+            if let Some(ep) = cfg.endpoint
+                && let TunnResult::WriteToNetwork(b) = inner.tunn.format_handshake_initiation(&mut init, false)
+            {
+                send(s, ep, b);
+            }
+            let p = Arc::new(PeerState { index, inner: Mutex::new(inner) });
             peers.by_index.insert(index, p.clone());
             peers.by_key.insert(*key, p);
             done.added += 1;
@@ -259,7 +269,10 @@ fn peers_of(s: &Shared) -> Vec<PeerStatus> {
             PeerStatus {
                 key: *k,
                 cfg: inner.cfg.clone(),
-                last_handshake: since.and_then(|d| std::time::SystemTime::now().checked_sub(d)),
+                // boringtun counts a responder's session from the initiation it answered;
+                // WireGuard (and `wg show`) only once the initiator's data proves it holds
+                // the same keys (a PSK mismatch never gets there): no data, no handshake.
+                last_handshake: since.filter(|_| rx > 0).and_then(|d| std::time::SystemTime::now().checked_sub(d)),
                 tx_bytes: tx as u64,
                 rx_bytes: rx as u64,
             }

@@ -1,0 +1,512 @@
+//! The wireguard backend for real, in the namespace test-bed. This kernel has
+//! no WireGuard, so every node runs flanneld's userspace device (a TUN
+//! interface); Debian's wireguard-go + `wg` stand in for a node we did not write.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::cluster::{Cluster, Node, PREFIX, capture, ping_mesh};
+use e2e::ns::Netns;
+use e2e::wait_until;
+
+const READY: Duration = Duration::from_secs(30);
+const PSK: &str = "ObRoIFzeh2A4HNo3XB+p3fVx4tmvZdD97R5vk8XUapM=";
+const OTHER_PSK: &str = "Q2k5X8rQmD0qzP7u5cXcYf1g1q3lZ2p9b4mH6vT0aJ8=";
+
+fn netconf(extra: &str) -> String {
+    format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard"{extra}}}}}"#)
+}
+
+/// Each node its own key file and `wg show` socket directory (the nodes share one filesystem).
+fn start(c: &mut Cluster, i: usize) {
+    let dir = c.nodes[i].dir.clone();
+    let key = dir.join("wgkey");
+    let socks = dir.join("wg");
+    c.start_agent_env(
+        i,
+        &[],
+        &[("WIREGUARD_KEY_FILE", key.to_str().unwrap()), ("FLANNEL_WG_SOCKET_DIR", socks.to_str().unwrap())],
+    );
+}
+
+/// The `get=1` answer of a node's userspace device, as `wg` would read it.
+fn uapi(node: &Node, dev: &str) -> Option<String> {
+    let mut s = UnixStream::connect(node.dir.join("wg").join(format!("{dev}.sock"))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"get=1\n\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// (public key hex, endpoint, allowed IPs) of each peer on a node's device.
+fn device_peers(node: &Node, dev: &str) -> Vec<(String, String, Vec<String>)> {
+    let mut peers: Vec<(String, String, Vec<String>)> = Vec::new();
+    for line in uapi(node, dev).unwrap_or_default().lines() {
+        let Some((k, v)) = line.split_once('=') else { continue };
+        match k {
+            "public_key" => peers.push((v.to_string(), String::new(), Vec::new())),
+            "endpoint" => peers.last_mut().expect("a peer").1 = v.to_string(),
+            "allowed_ip" => peers.last_mut().expect("a peer").2.push(v.to_string()),
+            _ => {}
+        }
+    }
+    peers
+}
+
+fn wait_meshed(c: &Cluster, dev: &str) {
+    let n = c.nodes.len();
+    for (i, node) in c.nodes.iter().enumerate() {
+        let ok = wait_until(Duration::from_secs(15), || device_peers(node, dev).len() == n - 1);
+        assert!(ok, "node{}: {dev} peers {:?}\n{}", i + 1, device_peers(node, dev), node.log());
+    }
+}
+
+fn cluster(tag: &str, n: usize, conf: &str) -> Cluster {
+    let mut c = Cluster::new(tag);
+    c.put_config(conf);
+    for i in 0..n {
+        c.add_node();
+        start(&mut c, i);
+    }
+    for i in 0..n {
+        assert!(c.wait_ready(i, READY), "node{} not ready:\n{}", i + 1, c.nodes[i].log());
+    }
+    wait_meshed(&c, "flannel-wg");
+    c
+}
+
+/// The lease value of node `i` in etcd.
+fn lease_of(c: &Cluster, i: usize) -> serde_json::Value {
+    let subnet = c.nodes[i].subnet().expect("a subnet");
+    // A dual-stack lease's key is `<v4 subnet>&<v6 subnet>`.
+    c.leases()
+        .into_iter()
+        .find(|(k, _)| k.split('&').next() == Some(subnet.as_str()))
+        .map(|(_, v)| v)
+        .expect("lease in etcd")
+}
+
+fn hex_of(base64_key: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", &format!("echo {base64_key} | base64 -d | od -An -tx1 | tr -d ' \\n'")])
+        .output()
+        .expect("base64");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// FNV-1a, to compare what was sent with what arrived.
+fn fnv(data: &[u8], mut h: u64) -> u64 {
+    for b in data {
+        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Sends `len` bytes over TCP from `from` to `to`'s `ip`; the receiver answers
+/// how many bytes arrived and their hash. Returns (sent hash, answer, seconds).
+fn transfer(from: &Netns, to: &Netns, ip: Ipv4Addr, port: u16, len: usize) -> (String, String, f64) {
+    let listener = to.tcp_listen((Ipv4Addr::UNSPECIFIED, port).into()).expect("listen");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut n, mut h) = (0usize, 0xcbf2_9ce4_8422_2325u64);
+        loop {
+            let k = s.read(&mut buf).expect("read");
+            if k == 0 {
+                break;
+            }
+            h = fnv(&buf[..k], h);
+            n += k;
+        }
+        let _ = writeln!(s, "{n} {h:x}");
+    });
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let want = format!("{len} {:x}", fnv(&data, 0xcbf2_9ce4_8422_2325));
+    let started = Instant::now();
+    let mut s = from.tcp_connect(SocketAddr::new(ip.into(), port), Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&data).expect("send");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("answer");
+    let secs = started.elapsed().as_secs_f64();
+    server.join().unwrap();
+    (want, got.trim().to_string(), secs)
+}
+
+#[test]
+fn three_nodes_reach_each_other_encrypted_and_nothing_in_clear() {
+    let mut c = cluster("wg", 3, &netconf(""));
+    for (i, n) in c.nodes.iter().enumerate() {
+        let env = n.subnet_env().unwrap();
+        assert!(env.contains("FLANNEL_MTU=1420\n"), "node{}: {env}", i + 1);
+        let link = n.ns.ip_json(&["-d", "addr", "show", "flannel-wg"]);
+        assert_eq!(link[0]["mtu"], 1420);
+        assert_eq!(link[0]["linkinfo"]["info_kind"], "tun", "the userspace device on this kernel");
+        let subnet = n.subnet().unwrap();
+        let first = subnet.split('/').next().unwrap();
+        assert_eq!(link[0]["addr_info"][0]["local"], first);
+        assert_eq!(link[0]["addr_info"][0]["prefixlen"], 32);
+        // One route for the network onto the device, as upstream.
+        let routes = n.flannel_routes();
+        assert_eq!(routes.len(), 1, "{routes:?}");
+        assert_eq!((routes[0]["dst"].as_str(), routes[0]["dev"].as_str()), (Some("10.244.0.0/16"), Some("flannel-wg")));
+        // The lease says what upstream's does: the public key of the key file, and the port.
+        let v = lease_of(&c, i);
+        assert_eq!(v["BackendType"], "wireguard");
+        assert_eq!(v["BackendData"]["Port"], 51820);
+        let key = std::fs::read_to_string(n.dir.join("wgkey")).unwrap();
+        let private_hex = hex_of(key.trim());
+        let text = uapi(n, "flannel-wg").unwrap();
+        assert!(text.contains(&format!("private_key={private_hex}\n")), "{text}");
+        assert!(text.contains("listen_port=51820\n"), "{text}");
+        // Each peer: its lease's key and address, its subnet as allowed IPs.
+        for (j, m) in c.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+            let pk = hex_of(lease_of(&c, j)["BackendData"]["PublicKey"].as_str().unwrap());
+            let peers = device_peers(n, "flannel-wg");
+            let p = peers
+                .iter()
+                .find(|p| p.0 == pk)
+                .unwrap_or_else(|| panic!("node{}: no peer node{}: {peers:?}", i + 1, j + 1));
+            assert_eq!(p.1, format!("{}:51820", m.ip));
+            assert_eq!(p.2, [m.subnet().unwrap()]);
+        }
+    }
+    for i in 0..3 {
+        c.add_pod(i);
+    }
+    let hosts: Vec<_> = c.pods.iter().map(|p| (&p.ns, p.ip, p.node)).collect();
+    let meshed = wait_until(Duration::from_secs(10), || ping_mesh(&hosts).is_ok());
+    assert!(meshed, "{:?}", ping_mesh(&hosts));
+
+    // On the underlay: only UDP between the nodes' WireGuard ports, no pod address in clear.
+    let (p0, p2) = (&c.pods[0], &c.pods[2]);
+    let mut result = None;
+    let seen = capture(&c.nodes[0].ns, "eth0", "ip and not tcp port 2379", 40, Duration::from_secs(10), || {
+        assert_eq!(p0.ns.ping(&p2.ip.to_string()), Some(62));
+        result = Some(transfer(&p0.ns, &p2.ns, p2.ip, 7001, 4 << 20));
+    });
+    let (want, got, _) = result.unwrap();
+    assert_eq!(got, want, "the TCP stream arrives intact");
+    let lines: Vec<&str> = seen.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 20, "{seen}");
+    for l in &lines {
+        assert!(!l.contains("10.244."), "a pod address in clear on the underlay: {l}");
+        assert!(l.contains(".51820 > ") && l.contains(".51820: UDP"), "not WireGuard's UDP: {l}");
+    }
+    c.assert_idle();
+}
+
+#[test]
+fn a_restart_keeps_key_and_subnet_and_a_removed_peer_leaves_the_device() {
+    let mut c = cluster("wr", 3, &netconf(",\"PersistentKeepaliveInterval\":25"));
+    c.add_pod(0);
+    c.add_pod(1);
+    let (b_ip, a_ns) = (c.pods[1].ip, c.pods[0].ns.name().to_string());
+    let a = Netns::existing(&a_ns);
+    assert!(wait_until(Duration::from_secs(10), || a.ping(&b_ip.to_string()) == Some(62)));
+    let before = lease_of(&c, 1);
+    let subnet = c.nodes[1].subnet();
+
+    // SIGTERM removes the device (as upstream); the restart makes it again with the same key.
+    let stopped = Instant::now();
+    c.stop_agent(1);
+    let exited = stopped.elapsed();
+    assert!(!c.nodes[1].ns.links().iter().any(|l| l == "flannel-wg"), "SIGTERM leaves no device");
+    start(&mut c, 1);
+    // Pings 50 ms apart, each waiting 200 ms: the gap is measured to ~0.25 s.
+    let fast_ping = || {
+        let out = a.run("ping", &["-c", "1", "-W", "0.2", &b_ip.to_string()]);
+        String::from_utf8_lossy(&out.stdout).contains("ttl=62")
+    };
+    let back = wait_until(Duration::from_secs(20), fast_ping);
+    let gap = stopped.elapsed();
+    assert!(back, "{}", c.nodes[1].log());
+    let ready = c.nodes[1].log().lines().filter(|l| l.contains("ready:")).count();
+    eprintln!(
+        "wireguard restart: flanneld exited {} ms after SIGTERM; pod traffic back {} ms after SIGTERM ({ready} ready lines)",
+        exited.as_millis(),
+        gap.as_millis()
+    );
+    assert_eq!(c.nodes[1].subnet(), subnet);
+    assert_eq!(lease_of(&c, 1)["BackendData"], before["BackendData"], "same key, same port");
+
+    // A node gone (its lease deleted) leaves the others' devices; the rest keep their sessions.
+    let pk3 = hex_of(lease_of(&c, 2)["BackendData"]["PublicKey"].as_str().unwrap());
+    let handshake = |peers: &str, pk: &str| -> Option<String> {
+        let mut lines = peers.lines().skip_while(|l| *l != format!("public_key={pk}"));
+        lines.find_map(|l| l.strip_prefix("last_handshake_time_sec=").map(str::to_string))
+    };
+    let pk2 = hex_of(lease_of(&c, 1)["BackendData"]["PublicKey"].as_str().unwrap());
+    let hs_before = handshake(&uapi(&c.nodes[0], "flannel-wg").unwrap(), &pk2);
+    c.stop_agent(2);
+    let key = format!("{PREFIX}/subnets/{}", c.nodes[2].subnet().unwrap().replace('/', "-"));
+    c.etcdctl(&["del", &key]);
+    let gone =
+        wait_until(Duration::from_secs(10), || !device_peers(&c.nodes[0], "flannel-wg").iter().any(|p| p.0 == pk3));
+    assert!(gone, "{:?}", device_peers(&c.nodes[0], "flannel-wg"));
+    assert_eq!(device_peers(&c.nodes[0], "flannel-wg").len(), 1);
+    assert_eq!(a.ping(&b_ip.to_string()), Some(62));
+    assert_eq!(handshake(&uapi(&c.nodes[0], "flannel-wg").unwrap(), &pk2), hs_before, "node2's session was not redone");
+}
+
+#[test]
+fn nodes_with_another_psk_cannot_talk() {
+    let mut c = Cluster::new("wp");
+    c.put_config(&netconf(&format!(",\"PSK\":\"{PSK}\"")));
+    for i in 0..2 {
+        c.add_node();
+        start(&mut c, i);
+    }
+    for i in 0..2 {
+        assert!(c.wait_ready(i, READY), "{}", c.nodes[i].log());
+    }
+    // Node3 starts while the config names another PSK (agents read it at start).
+    c.put_config(&netconf(&format!(",\"PSK\":\"{OTHER_PSK}\"")));
+    c.add_node();
+    start(&mut c, 2);
+    assert!(c.wait_ready(2, READY), "{}", c.nodes[2].log());
+    wait_meshed(&c, "flannel-wg");
+    for i in 0..3 {
+        c.add_pod(i);
+    }
+    let ping = |c: &Cluster, from: usize, to: usize| c.pods[from].ns.ping(&c.pods[to].ip.to_string());
+    assert!(wait_until(Duration::from_secs(10), || ping(&c, 0, 1) == Some(62)), "same PSK talks");
+    for (from, to) in [(0, 2), (2, 0), (1, 2)] {
+        assert_eq!(ping(&c, from, to), None, "node{} -> node{} across PSKs", from + 1, to + 1);
+    }
+    let text = uapi(&c.nodes[0], "flannel-wg").unwrap();
+    let pk3 = hex_of(lease_of(&c, 2)["BackendData"]["PublicKey"].as_str().unwrap());
+    let hs = text
+        .lines()
+        .skip_while(|l| *l != format!("public_key={pk3}"))
+        .find_map(|l| l.strip_prefix("last_handshake_time_sec="));
+    assert_eq!(hs, Some("0"), "no handshake with node3: {text}");
+    // The same PSK again: node3 joins.
+    c.put_config(&netconf(&format!(",\"PSK\":\"{PSK}\"")));
+    start(&mut c, 2);
+    assert!(c.wait_ready(2, READY));
+    assert!(wait_until(Duration::from_secs(15), || ping(&c, 0, 2) == Some(62)), "{}", c.nodes[2].log());
+}
+
+#[test]
+fn dual_stack_separate_devices() {
+    let mut c = Cluster::new("wd");
+    c.enable_ipv6();
+    c.put_config(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard"}}"#,
+    );
+    for i in 0..2 {
+        c.add_node();
+        start(&mut c, i);
+    }
+    for i in 0..2 {
+        assert!(c.wait_ready(i, READY), "{}", c.nodes[i].log());
+    }
+    wait_meshed(&c, "flannel-wg");
+    wait_meshed(&c, "flannel-wg-v6");
+    let n = &c.nodes[0];
+    let p6 = device_peers(n, "flannel-wg-v6");
+    assert_eq!(p6[0].1, format!("[{}]:51821", c.nodes[1].ip6.unwrap()));
+    assert_eq!(p6[0].2, [c.nodes[1].subnet6().unwrap()]);
+    assert_eq!(lease_of(&c, 1)["BackendV6Data"]["Port"], 51821);
+    let r6 = n.flannel_routes6();
+    assert!(r6.iter().any(|r| r["dst"] == "fd00:10:244::/56" && r["dev"] == "flannel-wg-v6"), "{r6:?}");
+    c.add_pod(0);
+    c.add_pod(1);
+    let b6 = c.pods[1].ip6.expect("pod IPv6").to_string();
+    let ping6 = || {
+        let out = c.pods[0].ns.run("ping", &["-6", "-c", "1", "-W", "2", &b6]);
+        String::from_utf8_lossy(&out.stdout).contains("ttl=62")
+            || String::from_utf8_lossy(&out.stdout).contains("hlim=62")
+    };
+    assert!(wait_until(Duration::from_secs(10), ping6), "IPv6 pod to pod");
+    assert_eq!(c.pods[0].ns.ping(&c.pods[1].ip.to_string()), Some(62));
+    // IPv6 rides over the IPv6 underlay only.
+    let seen = capture(&c.nodes[0].ns, "eth0", "udp port 51821", 2, Duration::from_secs(5), || {
+        ping6();
+    });
+    assert!(seen.contains("IP6 2001:db8::1.51821 > 2001:db8::2.51821"), "{seen}");
+}
+
+/// wireguard-go in a namespace of its own, configured with `wg` from the lease
+/// data our nodes publish; it publishes its own lease as an upstream node would.
+struct Reference {
+    ns: Netns,
+    child: Child,
+    dev: String,
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.dev));
+    }
+}
+
+#[test]
+fn interop_with_wireguard_go() {
+    let mut c = cluster("wi", 2, &netconf(""));
+    let i = c.add_node();
+    let node = &c.nodes[i];
+    let dev = format!("wgref{}", std::process::id() % 100_000);
+    let ns = Netns::existing(node.ns.name());
+    let child = ns
+        .command("wireguard-go")
+        .arg(&dev)
+        .env("WG_PROCESS_FOREGROUND", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wireguard-go");
+    let reference = Reference { ns, child, dev: dev.clone() };
+    assert!(wait_until(Duration::from_secs(5), || reference.ns.links().contains(&dev)), "wireguard-go made no device");
+    let run = |args: &[&str]| {
+        let out = reference.ns.run(args[0], &args[1..]);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let key_file = node.dir.join("ref.key");
+    let private = run(&["wg", "genkey"]);
+    std::fs::write(&key_file, &private).unwrap();
+    let public = {
+        let mut p = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        p.stdin.take().unwrap().write_all(private.as_bytes()).unwrap();
+        String::from_utf8(p.wait_with_output().unwrap().stdout).unwrap().trim().to_string()
+    };
+    let subnet = "10.244.200.0/24";
+    run(&["wg", "set", &dev, "private-key", key_file.to_str().unwrap(), "listen-port", "51820"]);
+    for j in 0..2 {
+        let v = lease_of(&c, j);
+        let pk = v["BackendData"]["PublicKey"].as_str().unwrap().to_string();
+        let ep = format!("{}:{}", v["PublicIP"].as_str().unwrap(), v["BackendData"]["Port"]);
+        run(&["wg", "set", &dev, "peer", &pk, "endpoint", &ep, "allowed-ips", &c.nodes[j].subnet().unwrap()]);
+    }
+    run(&["ip", "addr", "add", "10.244.200.0/32", "dev", &dev]);
+    run(&["ip", "link", "set", &dev, "mtu", "1420", "up"]);
+    run(&["ip", "route", "add", "10.244.0.0/16", "dev", &dev, "src", "10.244.200.0"]);
+    // Its lease, as an upstream wireguard node writes it.
+    let lease = serde_json::json!({
+        "PublicIP": node.ip.to_string(),
+        "BackendType": "wireguard",
+        "BackendData": {"PublicKey": public, "Port": 51820},
+    });
+    c.etcdctl(&["put", &format!("{PREFIX}/subnets/10.244.200.0-24"), &lease.to_string()]);
+    for j in 0..2 {
+        let ok = wait_until(Duration::from_secs(10), || {
+            device_peers(&c.nodes[j], "flannel-wg")
+                .iter()
+                .any(|p| p.2 == [subnet] && p.1 == format!("{}:51820", node.ip))
+        });
+        assert!(ok, "node{}: {:?}", j + 1, device_peers(&c.nodes[j], "flannel-wg"));
+    }
+    c.add_pod(0);
+    c.add_pod(1);
+    // Ours -> it: a pod pings wireguard-go's address (one router on the way: the pod's node).
+    let pod = &c.pods[0];
+    assert!(wait_until(Duration::from_secs(10), || pod.ns.ping("10.244.200.0") == Some(63)), "pod -> wireguard-go");
+    // It -> ours: wireguard-go's node pings the other node's pod, the handshake its own.
+    let other = c.pods[1].ip.to_string();
+    assert!(wait_until(Duration::from_secs(10), || reference.ns.ping(&other) == Some(63)), "wireguard-go -> pod");
+    let shown = run(&["wg", "show", &dev, "latest-handshakes"]);
+    assert_eq!(shown.lines().filter(|l| !l.ends_with("\t0")).count(), 2, "handshakes with both nodes: {shown}");
+    // TCP both ways through it.
+    let (want, got, _) = transfer(&pod.ns, &reference.ns, Ipv4Addr::new(10, 244, 200, 0), 7002, 1 << 20);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_switch_vxlan_wireguard_vxlan_on_a_running_cluster_leaves_nothing_behind() {
+    let mut c = Cluster::new("ws");
+    c.put_config(&e2e::cluster::netconf("vxlan"));
+    for i in 0..3 {
+        c.add_node();
+        start(&mut c, i);
+    }
+    for i in 0..3 {
+        assert!(c.wait_ready(i, READY), "{}", c.nodes[i].log());
+        c.add_pod(i);
+    }
+    let mesh = |c: &Cluster| {
+        let hosts: Vec<_> = c.pods.iter().map(|p| (&p.ns, p.ip, p.node)).collect();
+        wait_until(Duration::from_secs(15), || ping_mesh(&hosts).is_ok())
+    };
+    assert!(mesh(&c), "vxlan");
+    for (to, gone, kept) in [("wireguard", "flannel.1", "flannel-wg"), ("vxlan", "flannel-wg", "flannel.1")] {
+        c.put_config(&netconf("").replace("wireguard", to));
+        for i in 0..3 {
+            start(&mut c, i); // SIGTERM then start, one node at a time
+            assert!(c.wait_ready(i, READY), "node{}: {}", i + 1, c.nodes[i].log());
+        }
+        assert!(mesh(&c), "after the switch to {to}");
+        for (i, n) in c.nodes.iter().enumerate() {
+            let links = n.ns.links();
+            assert!(!links.iter().any(|l| l == gone) && links.iter().any(|l| l == kept), "node{}: {links:?}", i + 1);
+            let routes = n.flannel_routes();
+            let want = if to == "vxlan" { 2 } else { 1 };
+            assert_eq!(routes.len(), want, "node{}: {routes:?}", i + 1);
+            assert!(routes.iter().all(|r| r["dev"] == kept), "node{}: {routes:?}", i + 1);
+            if to == "wireguard" {
+                let neigh = n.ns.ip_json(&["neigh", "show", "nud", "permanent"]);
+                assert_eq!(neigh.as_array().map(Vec::len), Some(0), "node{}: {neigh:?}", i + 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_config_names_the_key_and_leaves_nothing() {
+    let mut c = Cluster::new("wb");
+    c.add_node();
+    let node_dir = c.nodes[0].dir.clone();
+    for (conf, want) in [
+        (netconf(",\"PSK\":\"not-a-key\""), "Backend.PSK"),
+        (netconf(",\"ListenPort\":70000"), "Backend.ListenPort"),
+        (netconf(",\"Mode\":\"both\""), "Backend.Mode"),
+    ] {
+        c.put_config(&conf);
+        start(&mut c, 0);
+        assert!(wait_until(Duration::from_secs(10), || !c.nodes[0].agent_running()), "{conf} accepted");
+        let log = c.nodes[0].log();
+        let last = log.lines().rev().find(|l| l.starts_with("flanneld: error:")).unwrap_or_default().to_string();
+        assert!(last.contains(want), "{conf}: {last}");
+        assert!(!last.contains("not-a-key"), "the PSK is not echoed: {last}");
+        assert!(!node_dir.join("wgkey").exists(), "no key made for a bad config");
+        std::fs::write(c.nodes[0].log_file(), "").unwrap();
+    }
+    // An unreadable key file, then a port already taken: named, and no device, no lease.
+    c.put_config(&netconf(""));
+    std::fs::create_dir_all(node_dir.join("wgkey")).unwrap();
+    let taken = c.nodes[0].ns.run("true", &[]);
+    assert!(taken.status.success());
+    for (why, want) in [("key", "private key file"), ("port", "UDP port 51820")] {
+        let _holder = if why == "port" {
+            std::fs::remove_dir_all(node_dir.join("wgkey")).unwrap();
+            Some(
+                flannel_shared::netns::run_in(&c.nodes[0].ns.open(), || std::net::UdpSocket::bind("0.0.0.0:51820"))
+                    .unwrap()
+                    .unwrap(),
+            )
+        } else {
+            None
+        };
+        start(&mut c, 0);
+        assert!(wait_until(Duration::from_secs(10), || !c.nodes[0].agent_running()), "{why}: kept running");
+        let log = c.nodes[0].log();
+        let last = log.lines().rev().find(|l| l.starts_with("flanneld: error:")).unwrap_or_default().to_string();
+        assert!(last.contains(want), "{why}: {last}");
+        assert!(!c.nodes[0].ns.links().iter().any(|l| l == "flannel-wg"), "{why}: a device was left");
+        std::fs::write(c.nodes[0].log_file(), "").unwrap();
+    }
+    assert!(c.leases().is_empty(), "a node that cannot start its tunnels claims nothing");
+}
