@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod ns;
 pub mod podman;
 pub mod tmp;
+pub mod wireguard;
 
 pub use ns::Netns;
 pub use tmp::TempDir;

@@ -19,6 +19,7 @@ mod compare;
 mod cri_bench;
 mod doctor_scale;
 mod scale;
+mod wg_bench;
 
 /// Every demo namespace starts with this, so `down` can find them.
 pub(crate) const NS_PREFIX: &str = "demo-";
@@ -246,10 +247,11 @@ fn main() {
         Some("scale") => scale::run(args),
         Some("doctor-scale") => doctor_scale::run(args),
         Some("cri-bench") => cri_bench::run(args),
+        Some("wg-bench") => wg_bench::run(args),
         Some("compare-upstream") => compare::run(args),
         _ => {
             eprintln!(
-                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube] [--churn 20 --duration 40] (more: e2e scale --help)\n       e2e doctor-scale [--peers 5000] [--runs 3]\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
+                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube] [--churn 20 --duration 40] (more: e2e scale --help)\n       e2e doctor-scale [--peers 5000] [--runs 3]\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e wg-bench [--seconds 5] [--runs 3]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
             );
             std::process::exit(2);
         }

@@ -2,15 +2,13 @@
 //! no WireGuard, so every node runs flanneld's userspace device (a TUN
 //! interface); Debian's wireguard-go + `wg` stand in for a node we did not write.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::net::UnixStream;
-use std::process::{Child, Stdio};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{Cluster, Node, PREFIX, capture, ping_mesh};
+use e2e::cluster::{Cluster, PREFIX, capture, ping_mesh};
 use e2e::ns::Netns;
 use e2e::wait_until;
+use e2e::wireguard::{WireguardGo, device_peers, hex_of, public_key, start_node as start, transfer, uapi};
 
 const READY: Duration = Duration::from_secs(30);
 const PSK: &str = "ObRoIFzeh2A4HNo3XB+p3fVx4tmvZdD97R5vk8XUapM=";
@@ -18,43 +16,6 @@ const OTHER_PSK: &str = "Q2k5X8rQmD0qzP7u5cXcYf1g1q3lZ2p9b4mH6vT0aJ8=";
 
 fn netconf(extra: &str) -> String {
     format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard"{extra}}}}}"#)
-}
-
-/// Each node its own key file and `wg show` socket directory (the nodes share one filesystem).
-fn start(c: &mut Cluster, i: usize) {
-    let dir = c.nodes[i].dir.clone();
-    let key = dir.join("wgkey");
-    let socks = dir.join("wg");
-    c.start_agent_env(
-        i,
-        &[],
-        &[("WIREGUARD_KEY_FILE", key.to_str().unwrap()), ("FLANNEL_WG_SOCKET_DIR", socks.to_str().unwrap())],
-    );
-}
-
-/// The `get=1` answer of a node's userspace device, as `wg` would read it.
-fn uapi(node: &Node, dev: &str) -> Option<String> {
-    let mut s = UnixStream::connect(node.dir.join("wg").join(format!("{dev}.sock"))).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"get=1\n\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-/// (public key hex, endpoint, allowed IPs) of each peer on a node's device.
-fn device_peers(node: &Node, dev: &str) -> Vec<(String, String, Vec<String>)> {
-    let mut peers: Vec<(String, String, Vec<String>)> = Vec::new();
-    for line in uapi(node, dev).unwrap_or_default().lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
-        match k {
-            "public_key" => peers.push((v.to_string(), String::new(), Vec::new())),
-            "endpoint" => peers.last_mut().expect("a peer").1 = v.to_string(),
-            "allowed_ip" => peers.last_mut().expect("a peer").2.push(v.to_string()),
-            _ => {}
-        }
-    }
-    peers
 }
 
 fn wait_meshed(c: &Cluster, dev: &str) {
@@ -88,54 +49,6 @@ fn lease_of(c: &Cluster, i: usize) -> serde_json::Value {
         .find(|(k, _)| k.split('&').next() == Some(subnet.as_str()))
         .map(|(_, v)| v)
         .expect("lease in etcd")
-}
-
-fn hex_of(base64_key: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", &format!("echo {base64_key} | base64 -d | od -An -tx1 | tr -d ' \\n'")])
-        .output()
-        .expect("base64");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// FNV-1a, to compare what was sent with what arrived.
-fn fnv(data: &[u8], mut h: u64) -> u64 {
-    for b in data {
-        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
-/// Sends `len` bytes over TCP from `from` to `to`'s `ip`; the receiver answers
-/// how many bytes arrived and their hash. Returns (sent hash, answer, seconds).
-fn transfer(from: &Netns, to: &Netns, ip: Ipv4Addr, port: u16, len: usize) -> (String, String, f64) {
-    let listener = to.tcp_listen((Ipv4Addr::UNSPECIFIED, port).into()).expect("listen");
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        let mut buf = vec![0u8; 1 << 16];
-        let (mut n, mut h) = (0usize, 0xcbf2_9ce4_8422_2325u64);
-        loop {
-            let k = s.read(&mut buf).expect("read");
-            if k == 0 {
-                break;
-            }
-            h = fnv(&buf[..k], h);
-            n += k;
-        }
-        let _ = writeln!(s, "{n} {h:x}");
-    });
-    let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-    let want = format!("{len} {:x}", fnv(&data, 0xcbf2_9ce4_8422_2325));
-    let started = Instant::now();
-    let mut s = from.tcp_connect(SocketAddr::new(ip.into(), port), Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(&data).expect("send");
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut got = String::new();
-    s.read_to_string(&mut got).expect("answer");
-    let secs = started.elapsed().as_secs_f64();
-    server.join().unwrap();
-    (want, got.trim().to_string(), secs)
 }
 
 #[test]
@@ -190,7 +103,7 @@ fn three_nodes_reach_each_other_encrypted_and_nothing_in_clear() {
         assert_eq!(p0.ns.ping(&p2.ip.to_string()), Some(62));
         result = Some(transfer(&p0.ns, &p2.ns, p2.ip, 7001, 4 << 20));
     });
-    let (want, got, _) = result.unwrap();
+    let (want, got) = result.unwrap();
     assert_eq!(got, want, "the TCP stream arrives intact");
     let lines: Vec<&str> = seen.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.len() >= 20, "{seen}");
@@ -333,68 +246,28 @@ fn dual_stack_separate_devices() {
     assert!(seen.contains("IP6 2001:db8::1.51821 > 2001:db8::2.51821"), "{seen}");
 }
 
-/// wireguard-go in a namespace of its own, configured with `wg` from the lease
-/// data our nodes publish; it publishes its own lease as an upstream node would.
-struct Reference {
-    ns: Netns,
-    child: Child,
-    dev: String,
-}
-
-impl Drop for Reference {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.dev));
-    }
-}
-
+/// Debian's wireguard-go in a namespace of its own, configured with `wg` from
+/// the lease data our nodes publish; it publishes its own lease as an upstream
+/// node would.
 #[test]
 fn interop_with_wireguard_go() {
     let mut c = cluster("wi", 2, &netconf(""));
     let i = c.add_node();
     let node = &c.nodes[i];
     let dev = format!("wgref{}", std::process::id() % 100_000);
-    let ns = Netns::existing(node.ns.name());
-    let child = ns
-        .command("wireguard-go")
-        .arg(&dev)
-        .env("WG_PROCESS_FOREGROUND", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("wireguard-go");
-    let reference = Reference { ns, child, dev: dev.clone() };
-    assert!(wait_until(Duration::from_secs(5), || reference.ns.links().contains(&dev)), "wireguard-go made no device");
-    let run = |args: &[&str]| {
-        let out = reference.ns.run(args[0], &args[1..]);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let reference = WireguardGo::start(node.ns.name(), &dev);
     let key_file = node.dir.join("ref.key");
-    let private = run(&["wg", "genkey"]);
+    let private = reference.run(&["wg", "genkey"]);
     std::fs::write(&key_file, &private).unwrap();
-    let public = {
-        let mut p = std::process::Command::new("wg")
-            .arg("pubkey")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        p.stdin.take().unwrap().write_all(private.as_bytes()).unwrap();
-        String::from_utf8(p.wait_with_output().unwrap().stdout).unwrap().trim().to_string()
-    };
+    let public = public_key(&private);
     let subnet = "10.244.200.0/24";
-    run(&["wg", "set", &dev, "private-key", key_file.to_str().unwrap(), "listen-port", "51820"]);
+    reference.configure(&key_file, "10.244.200.0", "10.244.0.0/16");
     for j in 0..2 {
         let v = lease_of(&c, j);
         let pk = v["BackendData"]["PublicKey"].as_str().unwrap().to_string();
         let ep = format!("{}:{}", v["PublicIP"].as_str().unwrap(), v["BackendData"]["Port"]);
-        run(&["wg", "set", &dev, "peer", &pk, "endpoint", &ep, "allowed-ips", &c.nodes[j].subnet().unwrap()]);
+        reference.add_peer(&pk, &ep, &c.nodes[j].subnet().unwrap());
     }
-    run(&["ip", "addr", "add", "10.244.200.0/32", "dev", &dev]);
-    run(&["ip", "link", "set", &dev, "mtu", "1420", "up"]);
-    run(&["ip", "route", "add", "10.244.0.0/16", "dev", &dev, "src", "10.244.200.0"]);
     // Its lease, as an upstream wireguard node writes it.
     let lease = serde_json::json!({
         "PublicIP": node.ip.to_string(),
@@ -418,10 +291,10 @@ fn interop_with_wireguard_go() {
     // It -> ours: wireguard-go's node pings the other node's pod, the handshake its own.
     let other = c.pods[1].ip.to_string();
     assert!(wait_until(Duration::from_secs(10), || reference.ns.ping(&other) == Some(63)), "wireguard-go -> pod");
-    let shown = run(&["wg", "show", &dev, "latest-handshakes"]);
+    let shown = reference.run(&["wg", "show", &dev, "latest-handshakes"]);
     assert_eq!(shown.lines().filter(|l| !l.ends_with("\t0")).count(), 2, "handshakes with both nodes: {shown}");
-    // TCP both ways through it.
-    let (want, got, _) = transfer(&pod.ns, &reference.ns, Ipv4Addr::new(10, 244, 200, 0), 7002, 1 << 20);
+    // A TCP stream through it arrives intact.
+    let (want, got) = transfer(&pod.ns, &reference.ns, Ipv4Addr::new(10, 244, 200, 0), 7002, 1 << 20);
     assert_eq!(got, want);
 }
 

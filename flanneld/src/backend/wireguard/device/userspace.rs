@@ -33,8 +33,8 @@ use crate::backend::wireguard::key::Key;
 
 /// Handshake initiations a second before cookies are asked for (WireGuard's own figure).
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
-/// How often peers' timers run (WireGuard's timers have 250 ms resolution or coarser).
-const TICK: Duration = Duration::from_millis(100);
+/// How often peers' timers run (WireGuard's own timers are no finer than this).
+const TICK: Duration = Duration::from_millis(250);
 const BUF: usize = 65_535 + 148;
 
 struct PeerState {
@@ -393,7 +393,7 @@ fn timer_loop(s: &Shared) {
     while !s.stopped.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
         ticks += 1;
-        if ticks.is_multiple_of(10) {
+        if ticks.is_multiple_of(4) {
             s.rate.reset_count();
         }
         let peers = s.peers.read().unwrap();
