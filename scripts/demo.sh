@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine (root, Debian 12): installs what the demo
 # needs, builds the release binaries and runs the multi-node demo.
-# Arguments go to the demo: --backend vxlan|host-gw, --nodes N, --keep.
+# Arguments go to the demo: --backend vxlan|host-gw|wireguard, --nodes N, --keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then

@@ -56,8 +56,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if a.backend != "vxlan" && a.backend != "host-gw" {
-        return Err(format!("--backend {}: must be vxlan or host-gw", a.backend));
+    if !["vxlan", "host-gw", "wireguard"].contains(&a.backend.as_str()) {
+        return Err(format!("--backend {}: must be vxlan, host-gw or wireguard", a.backend));
     }
     if !(2..=20).contains(&a.nodes) {
         return Err("--nodes: between 2 and 20".into());
@@ -67,6 +67,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 
 fn demo(args: Args) {
     let vxlan = args.backend == "vxlan";
+    let wireguard = args.backend == "wireguard";
     step(&format!(
         "underlay bridge 192.0.2.0/24 with etcd on 192.0.2.254 ({} nodes, backend {})",
         args.nodes, args.backend
@@ -79,7 +80,12 @@ fn demo(args: Args) {
     step("flanneld on every node");
     for i in 0..args.nodes {
         c.add_node();
-        c.start_agent(i, &[]);
+        if wireguard {
+            // Each node its own key file and `wg show` socket (the demo's nodes share a filesystem).
+            e2e::wireguard::start_node(&mut c, i);
+        } else {
+            c.start_agent(i, &[]);
+        }
     }
     for i in 0..args.nodes {
         if !c.wait_ready(i, Duration::from_secs(30)) {
@@ -119,11 +125,22 @@ fn demo(args: Args) {
             &e2e::cluster::run_in(&c.nodes[0].ns, "bridge", &["fdb", "show", "dev", "flannel.1"]),
         );
     }
+    if wireguard {
+        show("ip -d link show flannel-wg", &c.nodes[0].ns.ip(&["-d", "link", "show", "flannel-wg"]));
+        // What `wg show flannel-wg` reads (the private key left out).
+        let uapi = e2e::wireguard::uapi(&c.nodes[0], "flannel-wg").unwrap_or_default();
+        let shown: Vec<&str> = uapi.lines().filter(|l| !l.starts_with("private_key=")).collect();
+        show("wg show flannel-wg   # its userspace API: peers, endpoints, allowed IPs", &shown.join("\n"));
+    }
 
     let (a, b) = (0, 2); // first pod on node1, first pod on node2
     let dst = c.pods[b].ip.to_string();
     step(&format!("ping from a pod on node1 ({}) to a pod on node2 ({dst}), tcpdump on node1's eth0", c.pods[a].ip));
-    let filter = if vxlan { "udp port 8472" } else { "icmp" };
+    let filter = match args.backend.as_str() {
+        "vxlan" => "udp port 8472",
+        "wireguard" => "udp port 51820",
+        _ => "icmp",
+    };
     let mut ping = String::new();
     let dump = capture(&c.nodes[0].ns, "eth0", filter, 4, Duration::from_secs(5), || {
         ping = String::from_utf8_lossy(&c.pods[a].ns.run("ping", &["-c", "3", "-i", "0.3", &dst]).stdout).into_owned();
@@ -132,6 +149,8 @@ fn demo(args: Args) {
     show(&format!("tcpdump -nn -i eth0 {filter}"), &dump);
     if vxlan {
         println!("  (ICMP between pods inside VXLAN, UDP 8472, VNI 1: the overlay)");
+    } else if wireguard {
+        println!("  (only WireGuard's encrypted UDP 51820 on the wire: no pod address in clear)");
     } else {
         println!("  (plain pod-to-pod ICMP on the wire: host-gw routes via the peer node)");
     }
@@ -251,7 +270,7 @@ fn main() {
         Some("compare-upstream") => compare::run(args),
         _ => {
             eprintln!(
-                "usage: e2e demo [--backend vxlan|host-gw] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube] [--churn 20 --duration 40] (more: e2e scale --help)\n       e2e doctor-scale [--peers 5000] [--runs 3]\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e wg-bench [--seconds 5] [--runs 3]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
+                "usage: e2e demo [--backend vxlan|host-gw|wireguard] [--nodes N] [--keep]\n       e2e down\n       e2e scale [--peers 1000,5000] [--idle 60] [--kube] [--churn 20 --duration 40] (more: e2e scale --help)\n       e2e doctor-scale [--peers 5000] [--runs 3]\n       e2e cri-bench [--sequential 50] [--concurrent 20]\n       e2e wg-bench [--seconds 5] [--runs 3]\n       e2e compare-upstream --upstream-dir DIR [--case NAME,...] [--readme README.md]"
             );
             std::process::exit(2);
         }

@@ -95,6 +95,12 @@ fn three_nodes_reach_each_other_encrypted_and_nothing_in_clear() {
     let hosts: Vec<_> = c.pods.iter().map(|p| (&p.ns, p.ip, p.node)).collect();
     let meshed = wait_until(Duration::from_secs(10), || ping_mesh(&hosts).is_ok());
     assert!(meshed, "{:?}", ping_mesh(&hosts));
+    // Every session confirmed, as `wg show` reports it.
+    for n in &c.nodes {
+        let text = uapi(n, "flannel-wg").unwrap();
+        let handshakes: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("last_handshake_time_sec=")).collect();
+        assert!(handshakes.len() == 2 && handshakes.iter().all(|h| *h != "0"), "{text}");
+    }
 
     // On the underlay: only UDP between the nodes' WireGuard ports, no pod address in clear.
     let (p0, p2) = (&c.pods[0], &c.pods[2]);

@@ -45,6 +45,11 @@ struct PeerState {
 struct Inner {
     tunn: Tunn,
     cfg: PeerConfig,
+    /// Whether the peer has proved it holds the session's keys: a handshake
+    /// response or data from it decrypted. boringtun counts a responder's session
+    /// from the initiation it answered, which a PSK mismatch never completes;
+    /// WireGuard (and `wg show`) reports a handshake only once confirmed.
+    confirmed: bool,
 }
 
 #[derive(Default)]
@@ -193,7 +198,7 @@ impl Device {
                 index,
                 Some(s.rate.clone()),
             );
-            let mut inner = Inner { tunn, cfg: cfg.clone() };
+            let mut inner = Inner { tunn, cfg: cfg.clone(), confirmed: false };
             // Handshake at once rather than on the first packet: a peer that kept a session
             // with our previous run (we restarted) would otherwise send into it, unanswered,
             // until its own rekey timeout (~15 s); our initiation replaces that session now.
@@ -269,10 +274,9 @@ fn peers_of(s: &Shared) -> Vec<PeerStatus> {
             PeerStatus {
                 key: *k,
                 cfg: inner.cfg.clone(),
-                // boringtun counts a responder's session from the initiation it answered;
-                // WireGuard (and `wg show`) only once the initiator's data proves it holds
-                // the same keys (a PSK mismatch never gets there): no data, no handshake.
-                last_handshake: since.filter(|_| rx > 0).and_then(|d| std::time::SystemTime::now().checked_sub(d)),
+                last_handshake: since
+                    .filter(|_| inner.confirmed)
+                    .and_then(|d| std::time::SystemTime::now().checked_sub(d)),
                 tx_bytes: tx as u64,
                 rx_bytes: rx as u64,
             }
@@ -353,6 +357,8 @@ fn udp_loop(s: &Shared) {
             Err(_) => None,
         };
         let Some(p) = peer else { continue };
+        // Only a response or data proves the peer holds the keys (see `Inner::confirmed`).
+        let proves = matches!(datagram.first(), Some(2 | 4));
         let mut inner = p.inner.lock().unwrap();
         let mut flush = false;
         match inner.tunn.decapsulate(Some(from.ip()), datagram, &mut out) {
@@ -376,6 +382,7 @@ fn udp_loop(s: &Shared) {
             }
             TunnResult::Done => {}
         }
+        inner.confirmed |= proves;
         if flush {
             // Packets queued while the handshake was under way.
             while let TunnResult::WriteToNetwork(b) = inner.tunn.decapsulate(None, &[], &mut out) {
@@ -420,7 +427,7 @@ mod tests {
             let key = x25519::StaticSecret::from([i as u8; 32]);
             let tunn = Tunn::new(key, x25519::PublicKey::from([9u8; 32]), None, None, i, None);
             let cfg = PeerConfig { endpoint: None, allowed: nets.iter().map(|n| n.parse().unwrap()).collect() };
-            Arc::new(PeerState { index: i, inner: Mutex::new(Inner { tunn, cfg }) })
+            Arc::new(PeerState { index: i, inner: Mutex::new(Inner { tunn, cfg, confirmed: false }) })
         };
         peers.by_key.insert(Key([1; 32]), mk(1, &["10.244.1.0/24", "fd00:1::/64"]));
         peers.by_key.insert(Key([2; 32]), mk(2, &["10.244.0.0/16"]));
