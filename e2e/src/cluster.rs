@@ -617,6 +617,11 @@ impl Cluster {
     /// Runs `flanneld doctor --json` in node `i` with the flags its agent gets
     /// (plus `extra`); returns the exit code and the JSON report.
     pub fn doctor(&self, i: usize, extra: &[&str]) -> (i32, Value) {
+        self.doctor_env(i, extra, &[])
+    }
+
+    /// [`Cluster::doctor`] with extra environment variables (the agent's, e.g. `FLANNEL_WG_SOCKET_DIR`).
+    pub fn doctor_env(&self, i: usize, extra: &[&str], env: &[(&str, &str)]) -> (i32, Value) {
         let node = &self.nodes[i];
         let out = node
             .ns
@@ -630,6 +635,7 @@ impl Cluster {
             .args(["--ip-masq", "--iptables-resync=1"])
             .arg(format!("--ipam-dir={}", node.dir.join("ipam/cbr0").display()))
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .output()
             .expect("run flanneld doctor");

@@ -25,6 +25,12 @@ pub fn start_node(c: &mut Cluster, i: usize) {
     );
 }
 
+/// `flanneld doctor --json` on node `i`, reading the device as its agent serves it.
+pub fn doctor(c: &Cluster, i: usize) -> (i32, serde_json::Value) {
+    let socks = c.nodes[i].dir.join("wg");
+    c.doctor_env(i, &[], &[("FLANNEL_WG_SOCKET_DIR", socks.to_str().unwrap())])
+}
+
 /// The `get=1` answer of a node's userspace device, as `wg` would read it.
 pub fn uapi(node: &Node, dev: &str) -> Option<String> {
     let mut s = UnixStream::connect(node.dir.join("wg").join(format!("{dev}.sock"))).ok()?;

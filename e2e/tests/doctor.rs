@@ -413,3 +413,50 @@ fn ipv6_only_peers_are_probed() {
     let r = expect(&c, 0, "FAIL", &format!("({n2_ip6}): no answer through the VXLAN tunnel"));
     assert_eq!(r["peers_ok"], 0, "{r:#}");
 }
+
+#[test]
+fn wireguard_healthy_then_a_dead_peer_and_a_missing_device() {
+    use e2e::wireguard::{device_peers, doctor, start_node};
+    let mut c = Cluster::new("dw");
+    c.put_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#);
+    for i in 0..3 {
+        c.add_node();
+        start_node(&mut c, i);
+    }
+    for i in 0..3 {
+        assert!(c.wait_ready(i, READY), "node{}: {}", i + 1, c.nodes[i].log());
+        let meshed = e2e::wait_until(READY, || device_peers(&c.nodes[i], "flannel-wg").len() == 2);
+        assert!(meshed, "node{}: {}", i + 1, c.nodes[i].log());
+    }
+    for i in 0..3 {
+        c.add_pod(i);
+    }
+    for i in 0..3 {
+        let (code, r) = doctor(&c, i);
+        assert_eq!(code, 0, "node{}: {:?} {:?}\n{r:#}", i + 1, at(&r, "FAIL"), at(&r, "WARN"));
+        assert_eq!((r["peers"].as_u64(), r["peers_ok"].as_u64()), (Some(2), Some(2)), "{r:#}");
+        let dev = finding(&r, "WireGuard flannel-wg");
+        assert_eq!(dev["evidence"], "userspace (TUN), UDP port 51820, MTU 1420, up, 2 peers", "{dev:#}");
+    }
+    // Node3's agent killed: its userspace device goes with it; node1 names the peer.
+    c.kill_agent(2);
+    let subnet3 = c.nodes[2].subnet().unwrap();
+    let ok = e2e::wait_until(Duration::from_secs(15), || {
+        let (code, r) = doctor(&c, 0);
+        code == 2
+            && at(&r, "FAIL")
+                .iter()
+                .any(|l| l.contains(&subnet3) && l.contains("no answer through the WireGuard tunnel"))
+    });
+    assert!(ok, "{:#}", doctor(&c, 0).1);
+    // And node3 says why: no agent, no device.
+    let (code, r) = doctor(&c, 2);
+    assert_eq!(code, 2);
+    let fails = at(&r, "FAIL");
+    assert!(fails.iter().any(|l| l.starts_with("WireGuard flannel-wg: missing")), "{fails:?}");
+    // Back: healthy again.
+    start_node(&mut c, 2);
+    assert!(c.wait_ready(2, READY));
+    let ok = e2e::wait_until(Duration::from_secs(15), || doctor(&c, 0).0 == 0);
+    assert!(ok, "{:#}", doctor(&c, 0).1);
+}

@@ -10,6 +10,7 @@ mod node;
 mod peer;
 mod probe;
 pub mod report;
+mod wireguard;
 
 use std::path::Path;
 use std::time::Duration;
@@ -181,10 +182,20 @@ pub async fn diagnose(opts: &Opts, ipam_dir: &Path, proc: &Path) -> Report {
             vteps[usize::from(v6)] = node::vtep(&mut r, &nl, &cfg, &uplink, v6).await;
         }
     }
+    let wg = if cfg.backend.kind == <crate::backend::wireguard::WireGuard as crate::backend::Backend>::TYPE {
+        wireguard::devices(&mut r, &nl, &cfg, &uplink).await
+    } else {
+        [None, None]
+    };
     let mut devices = vec![uplink.name.as_str(), "cni0"];
     if let Some(v) = &vteps[0] {
         node::checksum_offload(&mut r, &v.name);
         devices.push(&v.name);
+    }
+    for d in wg.iter().flatten() {
+        if !devices.contains(&d.name) {
+            devices.push(d.name);
+        }
     }
     node::kernel(&mut r, proc, &cfg, &devices);
     let links = nl.links().await.unwrap_or_default();
@@ -193,7 +204,9 @@ pub async fn diagnose(opts: &Opts, ipam_dir: &Path, proc: &Path) -> Report {
     node::ip_store(&mut r, ipam_dir, &env, &links);
     node::firewall(&mut r, &cfg, opts);
 
-    peer::check(&mut r, &nl, &cfg, &uplink, &env, [vteps[0].as_ref(), vteps[1].as_ref()], leases).await;
+    let devs =
+        peer::Devices { vteps: [vteps[0].as_ref(), vteps[1].as_ref()], wireguard: [wg[0].as_ref(), wg[1].as_ref()] };
+    peer::check(&mut r, &nl, &cfg, &uplink, &env, devs, leases).await;
     r.conclude();
     r
 }

@@ -18,7 +18,7 @@ use super::probe::{self, Target};
 use super::report::{self, Level, PeerProblem, Report};
 use crate::backend::hostgw;
 use crate::backend::hostgw::HostGw;
-use crate::backend::{Backend, FamilyNet, Uplink, vxlan};
+use crate::backend::{Backend, FamilyNet, Uplink, vxlan, wireguard};
 use crate::peers::PeerTable;
 use crate::reconcile::{self, Desired, Peer, RTPROT_FLANNEL};
 use crate::subnet::LeaseEvent;
@@ -29,6 +29,7 @@ use crate::subnet::LeaseEvent;
 enum Mode {
     Vxlan { vtep: u32, uplink: u32, direct_on: Option<IpNet> },
     HostGw { uplink: u32 },
+    WireGuard { dev: u32, network: IpNet },
 }
 
 impl Mode {
@@ -36,6 +37,11 @@ impl Mode {
         match *self {
             Mode::Vxlan { vtep, uplink, direct_on } => vxlan::desired(vtep, uplink, direct_on, peers),
             Mode::HostGw { uplink } => hostgw::desired(uplink, peers),
+            Mode::WireGuard { dev, network } => {
+                let mut d = Desired::on(None);
+                d.routes.push(wireguard::network_route(network, dev));
+                d
+            }
         }
     }
 }
@@ -48,17 +54,28 @@ struct Family {
     state: Kernel,
 }
 
-/// `vteps`: the VXLAN devices by family (`[IPv4, IPv6]`) when the backend is vxlan.
+/// The backend's devices doctor found, by family (`[IPv4, IPv6]`).
+pub struct Devices<'a> {
+    /// The VXLAN devices when the backend is vxlan.
+    pub vteps: [Option<&'a Link>; 2],
+    /// The WireGuard devices when the backend is wireguard.
+    pub wireguard: [Option<&'a super::wireguard::Device>; 2],
+}
+
 pub async fn check(
     r: &mut Report,
     nl: &Netlink,
     cfg: &NetConfig,
     uplink: &Uplink,
     env: &SubnetEnv,
-    vteps: [Option<&Link>; 2],
+    devs: Devices<'_>,
     leases: Vec<Lease>,
 ) {
+    let vteps = devs.vteps;
     let vxlan = cfg.backend.kind == vxlan::Vxlan::TYPE;
+    let is_wg = cfg.backend.kind == <wireguard::WireGuard as Backend>::TYPE;
+    let wg_cfg = super::wireguard::config(cfg);
+    let wg_keys = if is_wg { super::wireguard::keys(&leases) } else { HashMap::new() };
     let own: HashSet<IpNet> = [env.subnet, env.ipv6_subnet].into_iter().flatten().map(|s| s.network()).collect();
     // Each family's subnet of a lease -> the lease (the peer node) it belongs to.
     let mut node_of: HashMap<IpNet, IpNet> = HashMap::new();
@@ -99,9 +116,14 @@ pub async fn check(
             },
             // The VTEP check has said why.
             (true, None) => continue,
+            (false, _) if is_wg => match devs.wireguard[usize::from(v6)] {
+                Some(d) => Mode::WireGuard { dev: d.link.index, network: fam.config.network },
+                // The device check has said why.
+                None => continue,
+            },
             (false, _) => Mode::HostGw { uplink: uplink.index },
         };
-        let refuse = |ip: IpAddr| if vxlan { None } else { HostGw.refuse(&fam, uplink, ip) };
+        let refuse = |ip: IpAddr| if vxlan || is_wg { None } else { HostGw.refuse(&fam, uplink, ip) };
         let (mut peers, skipped) = table.for_family(&fam, &cfg.backend.kind, refuse);
         peers.retain(|p| !own.contains(&p.subnet));
         for (subnet, why) in skipped.iter().filter(|(s, _)| !own.contains(s)) {
@@ -176,7 +198,17 @@ pub async fn check(
                     fix,
                 })
             };
-            let wrong = f.state.mismatches(&f.mode, p);
+            let mut wrong = f.state.mismatches(&f.mode, p);
+            if let (Mode::WireGuard { .. }, Some(dev)) = (&f.mode, devs.wireguard[usize::from(f.v6)]) {
+                let own_port = wireguard::port_for(&wg_cfg, f.v6);
+                wrong.extend(super::wireguard::mismatches(
+                    dev,
+                    wg_keys.get(&p.subnet),
+                    p.subnet,
+                    p.public_ip,
+                    own_port,
+                ));
+            }
             if !wrong.is_empty() {
                 push(
                     "kernel entries do not match its lease",
@@ -192,6 +224,15 @@ pub async fn check(
                     (
                         "no answer through the VXLAN tunnel",
                         format!("allow UDP {port} between the nodes (both ways); run flanneld doctor on {ip}"),
+                    )
+                } else if matches!(f.mode, Mode::WireGuard { .. }) {
+                    let port =
+                        wg_keys.get(&p.subnet).and_then(|k| k.port).unwrap_or(wireguard::port_for(&wg_cfg, f.v6));
+                    (
+                        "no answer through the WireGuard tunnel",
+                        format!(
+                            "allow UDP {port} between the nodes (both ways) and give every node the same PSK (a mismatch never completes a handshake); run flanneld doctor on {ip}"
+                        ),
                     )
                 } else {
                     (
@@ -209,7 +250,11 @@ pub async fn check(
                 push(
                     &format!("{}-byte packets with DF do not arrive", env.mtu),
                     format!("{why}; small ones do ({ping} {t})"),
-                    "set Backend.MTU in net-conf.json to the underlay's real MTU (the VTEP gets MTU - 50, - 70 over IPv6) and restart the agents, or raise the underlay's MTU".into(),
+                    if matches!(f.mode, Mode::WireGuard { .. }) {
+                        "set Backend.MTU in net-conf.json to the underlay's real MTU (the WireGuard device gets MTU - 80) and restart the agents, or raise the underlay's MTU".into()
+                    } else {
+                        "set Backend.MTU in net-conf.json to the underlay's real MTU (the VTEP gets MTU - 50, - 70 over IPv6) and restart the agents, or raise the underlay's MTU".into()
+                    },
                 );
             }
         }
@@ -223,10 +268,12 @@ fn direct(mode: &Mode, p: &Peer<Mac>) -> bool {
 }
 
 /// Where a peer answers through our data path: its VTEP's `<subnet>.0`
-/// (`<subnet>::` over IPv6) over VXLAN, its cni0 gateway `<subnet>.1`
-/// (`<subnet>::1`) over a plain route.
+/// (`<subnet>::` over IPv6) over VXLAN, its WireGuard device's (the same
+/// address) over WireGuard, its cni0 gateway `<subnet>.1` (`<subnet>::1`) over
+/// a plain route.
 fn probe_target(mode: &Mode, p: &Peer<Mac>) -> IpAddr {
-    let off = if matches!(mode, Mode::Vxlan { .. }) && !direct(mode, p) { 0 } else { 1 };
+    let tunnel = matches!(mode, Mode::Vxlan { .. }) && !direct(mode, p) || matches!(mode, Mode::WireGuard { .. });
+    let off = if tunnel { 0 } else { 1 };
     p.subnet.nth(off).unwrap_or(p.subnet.network_addr())
 }
 

@@ -40,6 +40,18 @@ impl Key {
         Key(x25519::PublicKey::from(&x25519::StaticSecret::from(self.0)).to_bytes())
     }
 
+    /// A key as WireGuard's userspace API writes it (64 hex digits).
+    pub fn from_hex(s: &str) -> Option<Key> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut k = [0u8; 32];
+        for (i, b) in k.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Key(k))
+    }
+
     pub fn hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -117,6 +129,8 @@ mod tests {
         let public = private.public();
         assert_eq!(public.hex(), "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
         assert_eq!(Key::parse(&public.to_string()).unwrap(), public);
+        assert_eq!(Key::from_hex(&public.hex()), Some(public));
+        assert_eq!(Key::from_hex("12"), None);
         assert!(Key::parse("c2hvcnQ=").unwrap_err().contains("is 5 bytes"));
         assert!(Key::parse("not base64!").unwrap_err().contains("not base64"));
         assert_ne!(Key::generate().unwrap(), Key::generate().unwrap());

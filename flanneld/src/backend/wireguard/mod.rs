@@ -145,7 +145,7 @@ impl<G: Genl> WireGuard<G> {
 
     /// The UDP port a family's peers are told (BackendData's `Port`): the port of the device carrying it.
     fn family_port(&self, v6: bool) -> u16 {
-        if self.slot(v6) == 1 { self.cfg.listen_port_v6 } else { self.cfg.listen_port }
+        port_for(&self.cfg, v6)
     }
 
     fn key(&mut self) -> Result<Key, BackendError> {
@@ -409,12 +409,26 @@ async fn ensure<G: Genl, K: Kernel>(
 fn desired<G: Genl>(wg: &WireGuard<G>, fam: &FamilyNet, peers: &[Peer<WgPeer>]) -> Option<Desired> {
     let dev = wg.devs[wg.slot(fam.v6)].as_ref()?;
     let mut d = Desired::on(None);
-    // The whole pod network onto the device; WireGuard picks the peer by its allowed IPs.
-    d.routes.push(Route::new(fam.config.network).dev(dev.index).scope_link().protocol(RTPROT_FLANNEL));
+    d.routes.push(network_route(fam.config.network, dev.index));
     for p in peers.iter().filter(|p| p.data.is_none()) {
         d.skipped.push((p.subnet, "lease has no WireGuard PublicKey".to_string()));
     }
     Some(d)
+}
+
+/// The whole pod network onto the device (upstream's one route); WireGuard picks the peer by its allowed IPs.
+pub fn network_route(network: IpNet, dev: u32) -> Route {
+    Route::new(network).dev(dev).scope_link().protocol(RTPROT_FLANNEL)
+}
+
+/// The device carrying a family, by name.
+pub fn device_for(mode: Mode, v6: bool) -> &'static str {
+    if v6 && mode == Mode::Separate { DEVICE_V6 } else { DEVICE }
+}
+
+/// The UDP port the device carrying a family listens on.
+pub fn port_for(cfg: &Config, v6: bool) -> u16 {
+    if v6 && cfg.mode == Mode::Separate { cfg.listen_port_v6 } else { cfg.listen_port }
 }
 
 async fn sync_peers<G: Genl>(

@@ -10,7 +10,8 @@ use std::time::UNIX_EPOCH;
 
 use tracing::{debug, warn};
 
-use super::{PeerStatus, Settings};
+use super::{PeerConfig, PeerSet, PeerStatus, Settings};
+use crate::backend::wireguard::key::Key;
 
 /// Where `wg` looks for userspace devices' sockets; `FLANNEL_WG_SOCKET_DIR`
 /// moves it (tests run several nodes on one filesystem).
@@ -49,6 +50,45 @@ pub fn format_get(settings: &Settings, port: u16, peers: &[PeerStatus]) -> Strin
     }
     s += "protocol_version=1\nerrno=0\n\n";
     s
+}
+
+/// Reads a `get=1` answer back: the listen port and the peers (what `wg show`
+/// shows). `None` when it is no answer (no `errno=0`).
+pub fn parse_get(text: &str) -> Option<(u16, PeerSet)> {
+    let mut port = 0;
+    let mut peers = PeerSet::new();
+    let mut current: Option<Key> = None;
+    let mut ok = false;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else { continue };
+        match k {
+            "listen_port" => port = v.parse().ok()?,
+            "public_key" => {
+                let key = Key::from_hex(v)?;
+                peers.insert(key, PeerConfig { endpoint: None, allowed: Vec::new() });
+                current = Some(key);
+            }
+            "endpoint" => peers.get_mut(current.as_ref()?)?.endpoint = v.parse().ok(),
+            "allowed_ip" => peers.get_mut(current.as_ref()?)?.allowed.push(v.parse().ok()?),
+            "errno" => ok = v == "0",
+            _ => {}
+        }
+    }
+    for p in peers.values_mut() {
+        p.allowed.sort();
+    }
+    ok.then_some((port, peers))
+}
+
+/// Asks a userspace device (ours or wireguard-go) on its socket.
+pub fn get(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    s.write_all(b"get=1\n\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 /// Serves `get=1` on the device's socket until the device is gone; `status`
@@ -104,8 +144,7 @@ pub fn serve_or_warn(path: PathBuf, status: impl Fn() -> Option<String> + Send +
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::wireguard::device::{Bind, PeerConfig};
-    use crate::backend::wireguard::key::Key;
+    use crate::backend::wireguard::device::Bind;
 
     #[test]
     fn get_answers_as_the_cross_platform_api_spells_it() {
@@ -128,6 +167,10 @@ mod tests {
             rx_bytes: 20,
         }];
         let got = format_get(&settings, 51820, &peers);
+        let (port, back) = parse_get(&got).unwrap();
+        assert_eq!((port, back.len()), (51820, 1));
+        assert_eq!(back[&Key([2; 32])], peers[0].cfg);
+        assert_eq!(parse_get("errno=1\n\n"), None);
         assert_eq!(
             got,
             format!(
