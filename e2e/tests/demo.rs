@@ -45,5 +45,5 @@ fn demo_shows_the_cluster_and_cleans_up() {
 
     let bad = Command::new(e2e::cluster::bin_path("e2e")).args(["demo", "--backend", "udp"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--backend udp: must be vxlan or host-gw"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--backend udp: must be vxlan, host-gw or wireguard"));
 }

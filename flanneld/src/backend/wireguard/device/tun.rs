@@ -7,6 +7,22 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUN: &str = "/dev/net/tun";
+
+fn make_tun_node() -> std::io::Result<()> {
+    std::fs::create_dir_all("/dev/net")?;
+    let path = std::ffi::CString::new(TUN).expect("no NUL");
+    // SAFETY: a NUL-terminated path; mknod(2) has no other preconditions.
+    let rc = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(10, 200)) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(std::io::Error::new(e.kind(), format!("{TUN} is missing and cannot be made: {e}")));
+        }
+    }
+    tracing::info!("made {TUN} (char 10:200): this container has none");
+    Ok(())
+}
 
 #[repr(C)]
 struct IfReq {
@@ -21,7 +37,16 @@ pub fn open(name: &str) -> std::io::Result<File> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
     }
-    let f = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    let f = match OpenOptions::new().read(true).write(true).open(TUN) {
+        // A container without the host's /dev (the manifest's, as upstream's, is not
+        // privileged) has no /dev/net/tun; the device cgroup allows it (10:200, as
+        // runc's defaults do) and CAP_MKNOD makes it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            make_tun_node()?;
+            OpenOptions::new().read(true).write(true).open(TUN)?
+        }
+        other => other?,
+    };
     let mut req =
         IfReq { name: [0; libc::IFNAMSIZ], flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short, _pad: [0; 22] };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
