@@ -171,6 +171,13 @@ fn a_restart_keeps_key_and_subnet_and_a_removed_peer_leaves_the_device() {
     assert_eq!(device_peers(&c.nodes[0], "flannel-wg").len(), 1);
     assert_eq!(a.ping(&b_ip.to_string()), Some(62));
     assert_eq!(handshake(&uapi(&c.nodes[0], "flannel-wg").unwrap(), &pk2), hs_before, "node2's session was not redone");
+
+    // The device deleted under a running agent: rebuilt on the same port, peers replayed.
+    c.nodes[0].ns.ip(&["link", "del", "flannel-wg"]);
+    let back = wait_until(Duration::from_secs(10), || a.ping(&b_ip.to_string()) == Some(62));
+    assert!(back, "{}", c.nodes[0].log());
+    assert!(c.nodes[0].log().contains("flannel-wg was missing and has been rebuilt"), "{}", c.nodes[0].log());
+    assert_eq!(device_peers(&c.nodes[0], "flannel-wg").len(), 1);
 }
 
 #[test]
@@ -212,13 +219,13 @@ fn nodes_with_another_psk_cannot_talk() {
     assert!(wait_until(Duration::from_secs(15), || ping(&c, 0, 2) == Some(62)), "{}", c.nodes[2].log());
 }
 
-#[test]
-fn dual_stack_separate_devices() {
-    let mut c = Cluster::new("wd");
+/// Two dual-stack nodes (IPv4 and IPv6 underlay) on the wireguard backend with `mode`.
+fn dual_stack(tag: &str, mode: &str) -> Cluster {
+    let mut c = Cluster::new(tag);
     c.enable_ipv6();
-    c.put_config(
-        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard"}}"#,
-    );
+    c.put_config(&format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"wireguard","Mode":"{mode}"}}}}"#
+    ));
     for i in 0..2 {
         c.add_node();
         start(&mut c, i);
@@ -227,6 +234,12 @@ fn dual_stack_separate_devices() {
         assert!(c.wait_ready(i, READY), "{}", c.nodes[i].log());
     }
     wait_meshed(&c, "flannel-wg");
+    c
+}
+
+#[test]
+fn dual_stack_separate_devices() {
+    let mut c = dual_stack("wd", "separate");
     wait_meshed(&c, "flannel-wg-v6");
     let n = &c.nodes[0];
     let p6 = device_peers(n, "flannel-wg-v6");
@@ -388,4 +401,37 @@ fn bad_config_names_the_key_and_leaves_nothing() {
         std::fs::write(c.nodes[0].log_file(), "").unwrap();
     }
     assert!(c.leases().is_empty(), "a node that cannot start its tunnels claims nothing");
+}
+
+/// `Mode: ipv6`: one `flannel-wg` for both families, every peer reached over the
+/// IPv6 underlay, its IPv4 and IPv6 subnets both its allowed IPs.
+#[test]
+fn dual_stack_one_device_over_ipv6() {
+    let mut c = dual_stack("w6", "ipv6");
+    let n = &c.nodes[0];
+    assert!(!n.ns.links().iter().any(|l| l == "flannel-wg-v6"), "{:?}", n.ns.links());
+    let p = device_peers(n, "flannel-wg");
+    assert_eq!(p[0].1, format!("[{}]:51820", c.nodes[1].ip6.unwrap()));
+    let mut want = vec![c.nodes[1].subnet().unwrap(), c.nodes[1].subnet6().unwrap()];
+    want.sort();
+    let mut got = p[0].2.clone();
+    got.sort();
+    assert_eq!(got, want);
+    let r6 = n.flannel_routes6();
+    assert!(r6.iter().any(|r| r["dst"] == "fd00:10:244::/56" && r["dev"] == "flannel-wg"), "{r6:?}");
+    c.add_pod(0);
+    c.add_pod(1);
+    let (b4, b6) = (c.pods[1].ip.to_string(), c.pods[1].ip6.expect("pod IPv6").to_string());
+    let pods = &c.pods;
+    let ping6 = || {
+        let out = pods[0].ns.run("ping", &["-6", "-c", "1", "-W", "2", &b6]);
+        String::from_utf8_lossy(&out.stdout).contains("ttl=62")
+    };
+    assert!(wait_until(Duration::from_secs(10), ping6), "IPv6 pod to pod");
+    // IPv4 pod traffic rides the IPv6 underlay too.
+    let seen = capture(&c.nodes[0].ns, "eth0", "udp port 51820", 2, Duration::from_secs(5), || {
+        assert_eq!(pods[0].ns.ping(&b4), Some(62));
+    });
+    assert!(seen.contains("IP6 2001:db8::1.51820 > 2001:db8::2.51820"), "{seen}");
+    assert!(!seen.contains("IP 192.0.2"), "{seen}");
 }

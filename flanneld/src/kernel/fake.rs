@@ -107,25 +107,6 @@ impl FakeKernel {
     }
 
     /// Deletes a link and what hangs off it, as `ip link del` would.
-    /// A TUN interface as a userspace WireGuard device opens it (tests' stand-in for `/dev/net/tun`).
-    pub fn add_tun(&self, name: &str) {
-        let mut s = self.state.borrow_mut();
-        s.next_index += 1;
-        let index = s.next_index;
-        s.links.push(Link {
-            index,
-            name: name.to_string(),
-            mac: None,
-            mtu: 1500,
-            up: false,
-            promisc: false,
-            master: None,
-            kind: Some("tun".into()),
-            hairpin: None,
-            vxlan: None,
-        });
-    }
-
     pub fn remove_link(&self, name: &str) {
         let mut s = self.state.borrow_mut();
         if let Some(i) = s.links.iter().position(|l| l.name == name) {

@@ -450,6 +450,11 @@ async fn sync_peers<G: Genl>(
         })
         .collect();
     let slot = wg.slot(fam.v6);
+    // One device for both families: the IPv6 pass (the second) writes it, with both
+    // families' peers known, so no peer starts on an endpoint of the wrong family.
+    if wg.cfg.mode != Mode::Separate && !fam.v6 && wg.own_public[1].is_some() {
+        return Ok(());
+    }
     let set = wg.peer_set(slot);
     let Some(dev) = &wg.devs[slot] else { return Ok(()) };
     let done = dev.set_peers(&set, prune).await?;

@@ -54,5 +54,17 @@ pub fn open(name: &str) -> std::io::Result<File> {
     if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // Non-blocking, so the reader can look up from an idle device (see `wait_readable`).
+    // SAFETY: fcntl(2) on a descriptor we own.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(f)
+}
+
+/// Waits until `f` has a packet to read, or `timeout` passed (or it is gone).
+pub fn wait_readable(f: &File, timeout: std::time::Duration) {
+    let mut p = libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
 }

@@ -110,16 +110,21 @@ struct Shared {
     settings: Settings,
     rate: Arc<RateLimiter>,
     peers: RwLock<Peers>,
-    udp: std::net::UdpSocket,
+    /// socket2's, not std's: a receive woken by shutdown (the device dropped)
+    /// returns no address, on which std's `recv_from` panics.
+    udp: Socket,
     tun: File,
     stopped: AtomicBool,
 }
 
 pub struct Device {
     shared: Arc<Shared>,
+    /// Its threads (TUN, UDP, timers), joined on drop: the socket closes with the
+    /// last of them, so the port is free for a rebuilt device.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn bind(b: Bind, port: u16) -> std::io::Result<std::net::UdpSocket> {
+fn bind(b: Bind, port: u16) -> std::io::Result<Socket> {
     let (domain, addr): (Domain, SocketAddr) = match b {
         Bind::V4 => (Domain::IPV4, (std::net::Ipv4Addr::UNSPECIFIED, port).into()),
         Bind::V6 | Bind::Dual => (Domain::IPV6, (std::net::Ipv6Addr::UNSPECIFIED, port).into()),
@@ -132,7 +137,7 @@ fn bind(b: Bind, port: u16) -> std::io::Result<std::net::UdpSocket> {
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
     s.bind(&addr.into())?;
-    Ok(s.into())
+    Ok(s)
 }
 
 /// A v4 endpoint as a dual-stack socket sends to it.
@@ -162,11 +167,12 @@ impl Device {
             tun,
             stopped: AtomicBool::new(false),
         });
+        let mut threads = Vec::new();
         for (what, f) in [("tun", tun_loop as fn(&Shared)), ("udp", udp_loop), ("timers", timer_loop)] {
             let s = shared.clone();
-            std::thread::Builder::new().name(format!("{}-{what}", s.name)).spawn(move || f(&s))?;
+            threads.push(std::thread::Builder::new().name(format!("{}-{what}", s.name)).spawn(move || f(&s))?);
         }
-        Ok(Device { shared })
+        Ok(Device { shared, threads })
     }
 
     pub fn listen_port(&self) -> u16 {
@@ -253,14 +259,26 @@ impl Device {
     }
 }
 
+/// Stops and joins the threads: the UDP one woken by a shutdown of its socket,
+/// the timers by an unpark, the TUN one within a poll period (at once when its
+/// interface is gone). The socket closes with the last, freeing the port.
 impl Drop for Device {
     fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
         self.shared.stopped.store(true, Ordering::Relaxed);
+        // SAFETY: shutdown(2) on a socket this device owns and has not closed.
+        unsafe { libc::shutdown(self.shared.udp.as_raw_fd(), libc::SHUT_RDWR) };
+        for t in &self.threads {
+            t.thread().unpark();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
 fn listen_port(s: &Shared) -> u16 {
-    s.udp.local_addr().map_or(0, |a| a.port())
+    s.udp.local_addr().ok().and_then(|a| a.as_socket()).map_or(0, |a| a.port())
 }
 
 fn peers_of(s: &Shared) -> Vec<PeerStatus> {
@@ -287,7 +305,7 @@ fn peers_of(s: &Shared) -> Vec<PeerStatus> {
 }
 
 fn send(s: &Shared, to: SocketAddr, pkt: &[u8]) {
-    if let Err(e) = s.udp.send_to(pkt, for_socket(s.settings.bind, to)) {
+    if let Err(e) = s.udp.send_to(pkt, &for_socket(s.settings.bind, to).into()) {
         debug!("{}: sending to {to}: {e}", s.name);
     }
 }
@@ -300,6 +318,11 @@ fn tun_loop(s: &Shared) {
         let n = match tun.read(&mut pkt) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Idle: wait for a packet, looking at `stopped` every poll period.
+                super::tun::wait_readable(&s.tun, TICK);
+                continue;
+            }
             Err(e) => {
                 // The interface was deleted (SIGTERM's teardown, a switch): this device is done.
                 debug!("{}: reading the TUN: {e}; stopping", s.name);
@@ -324,9 +347,18 @@ fn udp_loop(s: &Shared) {
     let mut out = vec![0u8; BUF];
     let mut tun = &s.tun;
     while !s.stopped.load(Ordering::Relaxed) {
-        let (n, from) = match s.udp.recv_from(&mut pkt) {
-            Ok(r) => r,
+        // SAFETY: recv_from writes only initialised bytes into the buffer, which is
+        // initialised already; the cast only widens what it may be given.
+        let buf = unsafe { &mut *(&mut pkt[..] as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+        let (n, from) = match s.udp.recv_from(buf) {
+            Ok((n, a)) => match a.as_socket() {
+                Some(from) => (n, from),
+                // Shut down (no sender): the device is being dropped.
+                None if s.stopped.load(Ordering::Relaxed) => return,
+                None => continue,
+            },
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) if s.stopped.load(Ordering::Relaxed) => return,
             Err(e) => {
                 warn!("{}: reading the UDP socket: {e}; stopping", s.name);
                 return;
@@ -398,7 +430,7 @@ fn timer_loop(s: &Shared) {
     let mut out = vec![0u8; BUF];
     let mut ticks = 0u64;
     while !s.stopped.load(Ordering::Relaxed) {
-        std::thread::sleep(TICK);
+        std::thread::park_timeout(TICK);
         ticks += 1;
         if ticks.is_multiple_of(4) {
             s.rate.reset_count();
