@@ -199,3 +199,69 @@ fn ipv6_only_from_pod_cidrs() {
     assert!(c.nodes[0].subnet_env().unwrap().contains("FLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64"));
     ipv6_pods_reach_each_other(&mut c);
 }
+
+/// The wireguard backend in Kubernetes mode: the annotations carry the key as
+/// upstream's do, peers come and go on the device with their Nodes.
+#[test]
+fn wireguard_in_kube_mode() {
+    use e2e::wireguard::device_peers;
+    let api = FakeApi::default();
+    api.put_node("n1", "10.244.1.0/24", json!({}));
+    api.put_node("n2", "10.244.2.0/24", json!({}));
+    let mut c = Cluster::new("kw");
+    let netconf = c.dir().join("net-conf.json");
+    std::fs::write(&netconf, r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#).unwrap();
+    let kubeconfig = e2e::kube_api::kubeconfig(c.dir());
+    for (i, name) in ["n1", "n2"].iter().enumerate() {
+        c.add_node();
+        api.serve(c.nodes[i].ns.tcp_listen(e2e::kube_api::ADDR.parse().unwrap()).unwrap());
+        let dir = c.nodes[i].dir.clone();
+        let (key, socks) = (dir.join("wgkey"), dir.join("wg"));
+        c.start_agent_env(
+            i,
+            &[
+                "--kube-subnet-mgr",
+                &format!("--kubeconfig-file={}", kubeconfig.display()),
+                &format!("--net-config-path={}", netconf.display()),
+            ],
+            &[
+                ("NODE_NAME", name),
+                ("WIREGUARD_KEY_FILE", key.to_str().unwrap()),
+                ("FLANNEL_WG_SOCKET_DIR", socks.to_str().unwrap()),
+            ],
+        );
+    }
+    for i in 0..2 {
+        assert!(c.wait_ready(i, Duration::from_secs(30)), "{}", c.nodes[i].log());
+    }
+    let ann = api.node("n1")["metadata"]["annotations"].clone();
+    assert_eq!(ann[format!("{P}/backend-type")], "wireguard");
+    let data: Value = serde_json::from_str(ann[format!("{P}/backend-data")].as_str().unwrap()).unwrap();
+    let key = std::fs::read_to_string(c.nodes[0].dir.join("wgkey")).unwrap();
+    assert_eq!(data, json!({"PublicKey": e2e::wireguard::public_key(&key), "Port": 51820}));
+    assert!(wait_until(Duration::from_secs(10), || device_peers(&c.nodes[0], "flannel-wg").len() == 1));
+    c.add_pod(0);
+    let b = c.add_pod(1).ip.to_string();
+    assert!(wait_until(Duration::from_secs(10), || c.pods[0].ns.ping(&b) == Some(62)));
+    c.assert_idle();
+
+    // A Node annotated by an upstream v0.21 wireguard agent (no Port) joins, then leaves.
+    let pk = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    api.put_node(
+        "n3",
+        "10.244.3.0/24",
+        json!({
+            format!("{P}/backend-type"): "wireguard",
+            format!("{P}/backend-data"): format!(r#"{{"PublicKey":"{pk}"}}"#),
+            format!("{P}/public-ip"): "192.0.2.3",
+            format!("{P}/kube-subnet-manager"): "true",
+        }),
+    );
+    let n = &c.nodes[0];
+    let joined = wait_until(Duration::from_secs(10), || {
+        device_peers(n, "flannel-wg").iter().any(|p| p.1 == "192.0.2.3:51820" && p.2 == ["10.244.3.0/24"])
+    });
+    assert!(joined, "{:?}", device_peers(n, "flannel-wg"));
+    api.delete_node("n3");
+    assert!(wait_until(Duration::from_secs(10), || device_peers(n, "flannel-wg").len() == 1));
+}
