@@ -43,10 +43,18 @@ fn cluster_with_apiserver(tag: &str) -> (Cluster, KubeApiServer) {
 /// Starts flanneld in node `i` as the manifest's ServiceAccount, for the Node `name`,
 /// with the manifest's net-conf.json.
 fn start_kube_agent(c: &mut Cluster, api: &KubeApiServer, i: usize, name: &str) {
-    let netconf = c.dir().join("net-conf.json");
     let ds = DaemonSet::load();
-    std::fs::write(&netconf, ds.config_file("net-conf.json").expect("manifest net-conf.json")).unwrap();
+    let conf = ds.config_file("net-conf.json").expect("manifest net-conf.json").to_string();
+    start_kube_agent_with(c, api, i, name, &conf, &[]);
+}
+
+/// [`start_kube_agent`] with another net-conf.json and more environment.
+fn start_kube_agent_with(c: &mut Cluster, api: &KubeApiServer, i: usize, name: &str, conf: &str, env: &[(&str, &str)]) {
+    let netconf = c.dir().join(format!("net-conf-{name}.json"));
+    std::fs::write(&netconf, conf).unwrap();
     let kubeconfig = api.kubeconfig(Identity::Flannel);
+    let mut all = vec![("NODE_NAME", name)];
+    all.extend_from_slice(env);
     c.start_agent_env(
         i,
         &[
@@ -54,7 +62,7 @@ fn start_kube_agent(c: &mut Cluster, api: &KubeApiServer, i: usize, name: &str) 
             &format!("--kubeconfig-file={}", kubeconfig.display()),
             &format!("--net-config-path={}", netconf.display()),
         ],
-        &[("NODE_NAME", name)],
+        &all,
     );
 }
 
@@ -185,4 +193,36 @@ fn node_public_ip_annotation_picks_the_interface() {
     let link = &c.nodes[0].ns.ip_json(&["-d", "link", "show", "flannel.1"])[0];
     assert_eq!(link["linkinfo"]["info_data"]["local"], "198.51.100.7", "{link}");
     assert_eq!(link["linkinfo"]["info_data"]["link"], "pub0", "{link}");
+}
+
+#[test]
+#[ignore = "needs ../shared/reference/kubernetes: bash scripts/test-kube-apiserver.sh"]
+fn wireguard_nodes_through_the_real_apiserver() {
+    use e2e::wireguard::{device_peers, public_key};
+    let (mut c, api) = cluster_with_apiserver("kaw");
+    let conf = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#;
+    for (i, (name, cidr)) in [("node-a", "10.244.1.0/24"), ("node-b", "10.244.2.0/24")].into_iter().enumerate() {
+        api.create_node(name, cidr, json!({})).unwrap();
+        c.add_node();
+        let dir = c.nodes[i].dir.clone();
+        let (key, socks) = (dir.join("wgkey"), dir.join("wg"));
+        let env = [("WIREGUARD_KEY_FILE", key.to_str().unwrap()), ("FLANNEL_WG_SOCKET_DIR", socks.to_str().unwrap())];
+        start_kube_agent_with(&mut c, &api, i, name, conf, &env);
+    }
+    for i in 0..2 {
+        assert!(c.wait_ready(i, READY), "node{}:\n{}", i + 1, c.nodes[i].log());
+    }
+    for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
+        let node = api.node(name).unwrap();
+        assert_eq!(annotation(&node, "backend-type").as_deref(), Some("wireguard"));
+        let data: Value = serde_json::from_str(&annotation(&node, "backend-data").unwrap()).unwrap();
+        let key = std::fs::read_to_string(c.nodes[i].dir.join("wgkey")).unwrap();
+        assert_eq!(data, json!({"PublicKey": public_key(&key), "Port": 51820}));
+        let meshed = wait_until(Duration::from_secs(10), || device_peers(&c.nodes[i], "flannel-wg").len() == 1);
+        assert!(meshed, "{name}: {:?}\n{}", device_peers(&c.nodes[i], "flannel-wg"), c.nodes[i].log());
+    }
+    c.add_pod(0);
+    let b = c.add_pod(1).ip.to_string();
+    assert!(wait_until(Duration::from_secs(10), || c.pods[0].ns.ping(&b) == Some(62)), "pod to pod over wireguard");
+    c.assert_idle();
 }
