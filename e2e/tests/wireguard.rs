@@ -101,6 +101,31 @@ fn three_nodes_reach_each_other_encrypted_and_nothing_in_clear() {
         let handshakes: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("last_handshake_time_sec=")).collect();
         assert!(handshakes.len() == 2 && handshakes.iter().all(|h| *h != "0"), "{text}");
     }
+    // Debian's `wg` reads the device: its socket under a unique name where `wg` looks.
+    let shown = {
+        struct Link(std::path::PathBuf);
+        impl Drop for Link {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let name = format!("flwg{}", std::process::id() % 100_000);
+        std::fs::create_dir_all("/var/run/wireguard").unwrap();
+        let link = Link(format!("/var/run/wireguard/{name}.sock").into());
+        std::os::unix::fs::symlink(c.nodes[0].dir.join("wg/flannel-wg.sock"), &link.0).unwrap();
+        let out = std::process::Command::new("wg").args(["show", &name, "dump"]).output().expect("wg");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 3, "the device and two peers: {shown}");
+    for (j, m) in c.nodes.iter().enumerate().skip(1) {
+        let pk = lease_of(&c, j)["BackendData"]["PublicKey"].as_str().unwrap().to_string();
+        let row = lines.iter().find(|l| l.starts_with(&pk)).unwrap_or_else(|| panic!("no {pk}: {shown}"));
+        let f: Vec<&str> = row.split('\t').collect();
+        assert_eq!((f[2], f[3]), (format!("{}:51820", m.ip).as_str(), m.subnet().unwrap().as_str()), "{row}");
+        assert_ne!(f[4], "0", "a handshake: {row}");
+    }
 
     // On the underlay: only UDP between the nodes' WireGuard ports, no pod address in clear.
     let (p0, p2) = (&c.pods[0], &c.pods[2]);
