@@ -2,10 +2,12 @@
 //! no WireGuard, so every node runs flanneld's userspace device (a TUN
 //! interface); Debian's wireguard-go + `wg` stand in for a node we did not write.
 
+use std::io::Write;
 use std::net::Ipv4Addr;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{Cluster, PREFIX, capture, ping_mesh};
+use e2e::cluster::{Cluster, ETCD_URL, PREFIX, capture, ping_mesh};
 use e2e::ns::Netns;
 use e2e::wait_until;
 use e2e::wireguard::{WireguardGo, device_peers, hex_of, public_key, start_node as start, transfer, uapi};
@@ -459,4 +461,86 @@ fn dual_stack_one_device_over_ipv6() {
     });
     assert!(seen.contains("IP6 2001:db8::1.51820 > 2001:db8::2.51820"), "{seen}");
     assert!(!seen.contains("IP 192.0.2"), "{seen}");
+}
+
+/// Standard base64 of a key (the test crate has no base64 of its own).
+fn b64(b: &[u8; 32]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        s.push(T[(n >> 18) as usize & 63] as char);
+        s.push(T[(n >> 12) as usize & 63] as char);
+        s.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
+        s.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+    }
+    s
+}
+
+/// (utime + stime in seconds, the VmHWM line) of a process.
+fn cpu_and_peak(pid: u32) -> (f64, String) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = s.rsplit_once(") ").unwrap().1.split_whitespace().collect();
+    let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0;
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm = st.lines().find(|l| l.starts_with("VmHWM")).unwrap().to_string();
+    (cpu, hwm)
+}
+
+/// A measurement, not run by default: one node's agent on PEERS (5,000) fake
+/// wireguard leases (keys made up, public IPs in 198.18.0.0/15 that nothing
+/// holds): the time to ready and to every peer on the device, peak RSS, and
+/// the CPU it burns over 10 s once WAIT (100) seconds have passed, when its
+/// handshakes to the silent peers have given up (WireGuard's 90 s).
+/// `cargo test --release -p e2e --test wireguard -- --ignored many_peers --nocapture`
+#[test]
+#[ignore = "a measurement: cargo test --release -p e2e --test wireguard -- --ignored many_peers --nocapture"]
+fn many_peers_start_and_idle() {
+    let n: usize = std::env::var("PEERS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let mut c = Cluster::new("wgs");
+    c.put_config(r#"{"Network":"10.0.0.0/8","Backend":{"Type":"wireguard"}}"#);
+    let puts: Vec<String> = (0..n)
+        .map(|i| {
+            let k = i + 1;
+            let mut key = [7u8; 32];
+            key[..8].copy_from_slice(&(k as u64).to_le_bytes());
+            format!(
+                r#"put {PREFIX}/subnets/10.{}.{}.0-24 {{"PublicIP":"198.18.{}.{}","BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
+                k / 256, k % 256, k / 256, k % 256, b64(&key)
+            )
+        })
+        .collect();
+    for chunk in puts.chunks(128) {
+        let body = format!("\n{}\n\n\n", chunk.join("\n"));
+        let mut child = c
+            .underlay
+            .command("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", ETCD_URL, "txn"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    let i = c.add_node();
+    let t = Instant::now();
+    start(&mut c, i);
+    assert!(c.wait_ready(i, Duration::from_secs(60)), "{}", c.nodes[i].log());
+    let ready = t.elapsed();
+    assert!(e2e::wait_until(Duration::from_secs(60), || device_peers(&c.nodes[i], "flannel-wg").len() == n));
+    let all = t.elapsed();
+    let pid = c.nodes[i].agent_pid().unwrap();
+    let wait: u64 = std::env::var("WAIT").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    std::thread::sleep(Duration::from_secs(wait));
+    let (cpu0, hwm) = cpu_and_peak(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    let (cpu1, _) = cpu_and_peak(pid);
+    eprintln!(
+        "{n} wireguard peers: ready {:.2} s, all on the device {:.2} s, {hwm}, idle CPU {:.2} s over 10 s",
+        ready.as_secs_f64(),
+        all.as_secs_f64(),
+        cpu1 - cpu0
+    );
 }

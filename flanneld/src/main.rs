@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tracing::{error, info};
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -56,9 +56,14 @@ fn main() -> ExitCode {
         _ => tracing::Level::TRACE,
     };
     // Our own crates at the chosen level; libraries (gRPC, HTTP/2) only when they warn.
+    // boringtun (the userspace WireGuard) only at -v=3 and up: it warns and errs per
+    // peer and per handshake timeout (a node that is down: one line per 5 s each),
+    // where flanneld says what matters once.
+    let boringtun = if opts.verbosity >= 3 { LevelFilter::TRACE } else { LevelFilter::OFF };
     let filter = Targets::new()
         .with_target("flanneld", level)
         .with_target("flannel_shared", level)
+        .with_target("boringtun", boringtun)
         .with_default(tracing::Level::WARN);
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -439,8 +440,16 @@ fn timer_loop(s: &Shared) {
         for p in peers.by_key.values() {
             let mut inner = p.inner.lock().unwrap();
             let Some(endpoint) = inner.cfg.endpoint else { continue };
+            // Given up on (no traffic for minutes, or never reached): nothing is due until
+            // a packet for it or from it wakes it, so the idle cost follows the active peers.
+            if inner.tunn.is_expired() {
+                continue;
+            }
             match inner.tunn.update_timers(&mut out) {
                 TunnResult::WriteToNetwork(b) => send(s, endpoint, b),
+                // A peer without traffic for a while: its session and handshake gave up,
+                // the idle state (and every tick's answer for it until it talks again).
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 TunnResult::Err(e) => debug!("{}: timers: {e:?}", s.name),
                 _ => {}
             }
