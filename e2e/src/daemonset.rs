@@ -131,10 +131,18 @@ impl Kubelet<'_> {
     /// manifest adds (every other one dropped) and `args` as its arguments;
     /// returns the container's name.
     pub fn start_agent(&self, node: &Node, args: &[String]) -> String {
+        self.start_agent_with(node, args, &[])
+    }
+
+    /// [`Kubelet::start_agent`] with `runtime_caps` from the runtime's default set
+    /// kept as well (what a kubelet on containerd keeps: every test here drops
+    /// the rest to prove the manifest's are enough, where that is the question).
+    pub fn start_agent_with(&self, node: &Node, args: &[String], runtime_caps: &[&str]) -> String {
         let c = &self.ds.agent;
         let mut a = vec!["run".to_string(), "--detach".into(), "--cap-drop=all".into()];
-        if !c.cap_add.is_empty() {
-            a.push(format!("--cap-add={}", c.cap_add.join(",")));
+        let caps: Vec<&str> = c.cap_add.iter().map(String::as_str).chain(runtime_caps.iter().copied()).collect();
+        if !caps.is_empty() {
+            a.push(format!("--cap-add={}", caps.join(",")));
         }
         a.extend(self.run_flags(c, node));
         a.push(c.image.clone());

@@ -194,6 +194,66 @@ fn daemonset_from_the_image_host_gw() {
     daemonset_on("host-gw", false);
 }
 
+/// The wireguard backend from the image: no kernel WireGuard here, so each agent
+/// container runs the userspace device, making `/dev/net/tun` itself (the
+/// container has none) with CAP_MKNOD, which a kubelet on containerd keeps
+/// from the runtime's default set beside the manifest's NET_ADMIN and NET_RAW.
+#[test]
+fn daemonset_from_the_image_wireguard() {
+    let ds = DaemonSet::load();
+    let mut net_conf: Value =
+        serde_json::from_str(ds.config_file("net-conf.json").expect("net-conf.json")).expect("JSON");
+    net_conf["Backend"] = serde_json::json!({"Type": "wireguard"});
+    let plugin_dst = copy_destination(init_copying_into(&ds, CNI_BIN_DIR)).to_string();
+    let conflist_dst = copy_destination(init_copying_into(&ds, CNI_CONF_DIR)).to_string();
+    let mut c = Cluster::new("dw");
+    c.put_config(&net_conf.to_string());
+    let podman = Podman::new("dw-podman");
+    podman.load(&podman::image_archive());
+    let kubelet = Kubelet { podman: &podman, ds: &ds };
+    let args = agent_args(&ds, &c.endpoint());
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        c.add_node();
+        let node = &c.nodes[i];
+        kubelet.run_init(node);
+        std::os::unix::fs::symlink(host_path(node, "/run/flannel/subnet.env"), node.subnet_file()).unwrap();
+        run_in(&node.ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        if i == 0 {
+            // With the manifest's capabilities alone (a policy dropping the runtime's),
+            // the agent stops and says what is missing.
+            let name = kubelet.start_agent(node, &args);
+            let stopped = wait_until(READY, || podman.state(&name).as_deref() == Some("exited"));
+            let log = podman.logs(&name);
+            assert!(stopped && log.contains("/dev/net/tun is missing and cannot be made"), "{log}");
+            podman.check(&["rm", "-f", &name]);
+        }
+        agents.push(kubelet.start_agent_with(node, &args, &["MKNOD"]));
+    }
+    for (i, name) in agents.iter().enumerate() {
+        assert!(probes_pass(&ds, &c.nodes[i], READY), "{name} not ready:\n{}", podman.logs(name));
+        let log = podman.logs(name);
+        assert!(log.contains("made /dev/net/tun") && log.contains("userspace (boringtun over TUN) WireGuard"), "{log}");
+        // The key lives in the hostPath /run/flannel, so a restarted container keeps it.
+        assert!(host_path(&c.nodes[i], "/run/flannel/wgkey").is_file(), "{log}");
+        let dev = c.nodes[i].ns.ip_json(&["-d", "link", "show", "flannel-wg"]);
+        assert_eq!(dev[0]["mtu"], 1420, "{dev}");
+    }
+    for i in 0..2 {
+        let plugin = host_path(&c.nodes[i], &plugin_dst);
+        let (_, conf) = daemonset::installed_flannel_conf(&c.nodes[i], &conflist_dst);
+        c.add_pod_with(i, &plugin, &conf);
+    }
+    let hosts: Vec<_> = c.pods.iter().map(|p| (&p.ns, p.ip, p.node)).collect();
+    let ok = wait_until(Duration::from_secs(15), || e2e::cluster::ping_mesh(&hosts).is_ok());
+    if !ok {
+        for n in &agents {
+            eprintln!("---- {n} ----\n{}", podman.logs(n));
+        }
+        panic!("{:?}", e2e::cluster::ping_mesh(&hosts));
+    }
+}
+
 /// The offline build (scripts/image.sh) and the registry build
 /// (manifests/Containerfile) install the same package list and put the binaries
 /// where the manifest runs them. No root needed.
