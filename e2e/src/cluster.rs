@@ -779,3 +779,29 @@ pub fn capture(ns: &Netns, iface: &str, filter: &str, count: u32, timeout: Durat
     let out = child.wait_with_output().expect("tcpdump output");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `etcdctl txn` of `puts` (key, value) in the underlay, 128 at a time (etcd's default --max-txn-ops).
+pub fn etcd_puts(underlay: &Netns, puts: &[(String, String)]) -> Result<(), String> {
+    for chunk in puts.chunks(128) {
+        let mut body = String::from("\n");
+        for (k, v) in chunk {
+            body.push_str(&format!("put {k} {v}\n"));
+        }
+        body.push_str("\n\n");
+        let mut child = underlay
+            .command("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", ETCD_URL, "txn"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("etcdctl txn: {e}"))?;
+        child.stdin.take().ok_or("etcdctl stdin")?.write_all(body.as_bytes()).map_err(|e| format!("txn: {e}"))?;
+        let out = child.wait_with_output().map_err(|e| format!("etcdctl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("etcdctl txn failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+    }
+    Ok(())
+}

@@ -9,11 +9,10 @@
 //! hook of `main` removes the `demo-` namespaces and what runs in them).
 //! Nothing here asserts a time: the figures are for reading.
 
-use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{Cluster, ETCD_URL, HEALTHZ_PORT, PREFIX, bin_path};
+use e2e::cluster::{Cluster, HEALTHZ_PORT, PREFIX, bin_path};
 use serde_json::Value;
 
 const NETCONF: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#;
@@ -31,28 +30,18 @@ fn peer(i: usize) -> (String, String, String) {
 
 /// Puts the `n` leases with `etcdctl txn`, 128 at a time (etcd's default --max-txn-ops).
 fn write_leases(c: &Cluster, n: usize) {
-    let puts: Vec<String> = (0..n)
+    let puts: Vec<(String, String)> = (0..n)
         .map(|i| {
             let (subnet, public, mac) = peer(i);
-            format!(
-                r#"put {PREFIX}/subnets/{subnet}-24 {{"PublicIP":"{public}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+            (
+                format!("{PREFIX}/subnets/{subnet}-24"),
+                format!(
+                    r#"{{"PublicIP":"{public}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+                ),
             )
         })
         .collect();
-    for chunk in puts.chunks(128) {
-        let body = format!("\n{}\n\n\n", chunk.join("\n"));
-        let mut child = c
-            .underlay
-            .command("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", ETCD_URL, "txn"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("etcdctl txn");
-        child.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("txn body");
-        assert!(child.wait().expect("etcdctl").success(), "etcdctl txn failed");
-    }
+    e2e::cluster::etcd_puts(&c.underlay, &puts).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<(usize, usize), String> {

@@ -30,7 +30,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use e2e::Netns;
-use e2e::cluster::{Cluster, ETCD_IP, ETCD_URL, HEALTHZ_PORT, Node, PREFIX};
+use e2e::cluster::{Cluster, ETCD_IP, ETCD_URL, HEALTHZ_PORT, Node, PREFIX, etcd_puts};
 use e2e::kube_api::{self, FakeApi};
 use e2e::kube_apiserver::{Identity, KubeApiServer};
 use flannel_shared::Mac;
@@ -79,32 +79,6 @@ fn lease_key(i: usize) -> String {
 fn lease_value(i: usize, mac: &str) -> String {
     let public = peer(i).1;
     format!(r#"{{"PublicIP":"{public}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#)
-}
-
-/// `etcdctl txn` of `puts` (key, value) in the underlay, 128 at a time (etcd's default --max-txn-ops).
-fn etcd_puts(underlay: &Netns, puts: &[(String, String)]) -> Result<(), String> {
-    for chunk in puts.chunks(128) {
-        let mut body = String::from("\n");
-        for (k, v) in chunk {
-            body.push_str(&format!("put {k} {v}\n"));
-        }
-        body.push_str("\n\n");
-        let mut child = underlay
-            .command("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", ETCD_URL, "txn"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("etcdctl txn: {e}"))?;
-        child.stdin.take().ok_or("etcdctl stdin")?.write_all(body.as_bytes()).map_err(|e| format!("txn: {e}"))?;
-        let out = child.wait_with_output().map_err(|e| format!("etcdctl: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("etcdctl txn failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-    }
-    Ok(())
 }
 
 fn write_leases(c: &Cluster, n: usize) {

@@ -2,12 +2,10 @@
 //! no WireGuard, so every node runs flanneld's userspace device (a TUN
 //! interface); Debian's wireguard-go + `wg` stand in for a node we did not write.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{Cluster, ETCD_URL, PREFIX, capture, ping_mesh};
+use e2e::cluster::{Cluster, PREFIX, capture, ping_mesh};
 use e2e::ns::Netns;
 use e2e::wait_until;
 use e2e::wireguard::{WireguardGo, device_peers, hex_of, public_key, start_node as start, transfer, uapi};
@@ -499,31 +497,23 @@ fn many_peers_start_and_idle() {
     let n: usize = std::env::var("PEERS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
     let mut c = Cluster::new("wgs");
     c.put_config(r#"{"Network":"10.0.0.0/8","Backend":{"Type":"wireguard"}}"#);
-    let puts: Vec<String> = (0..n)
+    let puts: Vec<(String, String)> = (0..n)
         .map(|i| {
             let k = i + 1;
             let mut key = [7u8; 32];
             key[..8].copy_from_slice(&(k as u64).to_le_bytes());
-            format!(
-                r#"put {PREFIX}/subnets/10.{}.{}.0-24 {{"PublicIP":"198.18.{}.{}","BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
-                k / 256, k % 256, k / 256, k % 256, b64(&key)
+            (
+                format!("{PREFIX}/subnets/10.{}.{}.0-24", k / 256, k % 256),
+                format!(
+                    r#"{{"PublicIP":"198.18.{}.{}","BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
+                    k / 256,
+                    k % 256,
+                    b64(&key)
+                ),
             )
         })
         .collect();
-    for chunk in puts.chunks(128) {
-        let body = format!("\n{}\n\n\n", chunk.join("\n"));
-        let mut child = c
-            .underlay
-            .command("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", ETCD_URL, "txn"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
-    }
+    e2e::cluster::etcd_puts(&c.underlay, &puts).unwrap_or_else(|e| panic!("{e}"));
     let i = c.add_node();
     let t = Instant::now();
     start(&mut c, i);
