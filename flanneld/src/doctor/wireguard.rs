@@ -79,7 +79,7 @@ pub async fn devices(r: &mut Report, nl: &Netlink, cfg: &NetConfig, uplink: &Upl
             }
         };
         let mut wrong = Vec::new();
-        let want_mtu = wc.mtu.unwrap_or(uplink.mtu).saturating_sub(OVERHEAD);
+        let want_mtu = wireguard::device_mtu(&wc, uplink);
         if link.mtu != want_mtu {
             wrong.push(format!("MTU {} (want {want_mtu} = underlay {} - {OVERHEAD})", link.mtu, want_mtu + OVERHEAD));
         }

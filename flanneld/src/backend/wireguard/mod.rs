@@ -165,12 +165,9 @@ impl<G: Genl> WireGuard<G> {
     async fn create<K: Kernel>(&mut self, k: &K, slot: usize, uplink: &Uplink) -> Result<(), BackendError> {
         let name = if slot == 1 { DEVICE_V6 } else { DEVICE };
         let private = self.key()?;
-        let mtu = self.cfg.mtu.unwrap_or(uplink.mtu).saturating_sub(OVERHEAD);
-        if let Some(old) = self.devs[slot].take()
-            && let Imp::User(d) = old.imp
-        {
-            drop(d);
-        }
+        let mtu = device_mtu(&self.cfg, uplink);
+        // The old device first: a userspace one gives its UDP port back when dropped.
+        self.devs[slot] = None;
         if let Some(l) = k.link_by_name(name).await? {
             warn!("{name} already exists; recreating it");
             k.del_link(l.index).await.ignore_not_found()?;
@@ -183,7 +180,7 @@ impl<G: Genl> WireGuard<G> {
         let settings = Settings {
             name: name.to_string(),
             private,
-            port: if slot == 1 { self.cfg.listen_port_v6 } else { self.cfg.listen_port },
+            port: port_for(&self.cfg, slot == 1),
             psk: self.cfg.psk,
             keepalive: self.cfg.keepalive,
             bind,
@@ -312,7 +309,7 @@ impl<G: Genl + Default> Backend for WireGuard<G> {
     }
 
     fn mtu(&self, _fam: &FamilyNet, uplink: &Uplink) -> u32 {
-        self.cfg.mtu.unwrap_or(uplink.mtu).saturating_sub(OVERHEAD)
+        device_mtu(&self.cfg, uplink)
     }
 
     fn desired(&self, fam: &FamilyNet, _uplink: &Uplink, peers: &[Peer<WgPeer>]) -> Option<Desired> {
@@ -419,6 +416,11 @@ fn desired<G: Genl>(wg: &WireGuard<G>, fam: &FamilyNet, peers: &[Peer<WgPeer>]) 
 /// The whole pod network onto the device (upstream's one route); WireGuard picks the peer by its allowed IPs.
 pub fn network_route(network: IpNet, dev: u32) -> Route {
     Route::new(network).dev(dev).scope_link().protocol(RTPROT_FLANNEL)
+}
+
+/// The devices' MTU: the underlay's (`MTU`, else the uplink's) less WireGuard's overhead.
+pub fn device_mtu(cfg: &Config, uplink: &Uplink) -> u32 {
+    cfg.mtu.unwrap_or(uplink.mtu).saturating_sub(OVERHEAD)
 }
 
 /// The device carrying a family, by name.
